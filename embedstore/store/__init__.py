@@ -1,0 +1,10 @@
+"""The embedding store: Arrow shards + LMDB catalog, memory-mapped, crash-safe."""
+from .labels import import_labels
+from .maintenance import compact, delete
+from .meta import StoreMeta
+from .reader import Bag, Store, ViewBank, open_store
+from .verify import VerifyReport, verify_store
+from .writer import StoreWriter, create_store
+
+__all__ = ["StoreMeta", "Store", "Bag", "ViewBank", "open_store", "StoreWriter", "create_store",
+           "import_labels", "delete", "compact", "verify_store", "VerifyReport"]

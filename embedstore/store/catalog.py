@@ -1,0 +1,175 @@
+"""The LMDB catalog: tile key -> id, committed shards, finished units, slides, labels,
+tombstones, errors and the writers that own temporary files.
+
+One environment per store directory and per process (LMDB forbids opening it twice in a
+process, and an environment must never cross a fork: it is reopened in the child).
+Write transactions that fill the map grow it and retry; a map grown by another process is
+adopted on the next transaction.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+__all__ = ["Catalog", "open_catalog", "u64", "from_u64"]
+
+T = TypeVar("T")
+DBS = ("meta", "keys", "shards", "order", "units", "slides", "labels", "tasks",
+       "deleted", "errors", "writers")
+MAX_KEY_BYTES = 500  # LMDB's key limit is 511 bytes
+INITIAL_MAP = int(os.environ.get("EMBEDSTORE_LMDB_MAP", 64 << 20))
+
+
+def u64(i: int) -> bytes:
+    """Big-endian so that LMDB's byte order is numeric order."""
+    return struct.pack(">Q", i)
+
+
+def from_u64(b: bytes) -> int:
+    return struct.unpack(">Q", b)[0]
+
+
+def _j(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _uj(b: bytes | memoryview) -> Any:
+    return json.loads(bytes(b))
+
+
+_ENVS: dict[tuple[int, str, bool], "Catalog"] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def open_catalog(path: Path, *, create: bool = False, lock: bool = True) -> "Catalog":
+    """The process-wide catalog of the store at ``path`` (reopened after a fork)."""
+    real = os.path.realpath(path)
+    k = (os.getpid(), real, lock)
+    with _ENVS_LOCK:
+        cat = _ENVS.get(k)
+        if cat is None:
+            cat = _ENVS[k] = Catalog(Path(real), create=create, lock=lock)
+        return cat
+
+
+class Catalog:
+    def __init__(self, store_dir: Path, *, create: bool, lock: bool = True) -> None:
+        d = store_dir / "catalog"
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        self.readonly = not lock
+        # lock=False: LMDB's lock-free read-only mode, for a store nothing is writing
+        # (for instance on a network filesystem read from another machine).
+        self.env = lmdb.open(str(d), map_size=INITIAL_MAP, max_dbs=len(DBS) + 2, subdir=True,
+                             create=create, readonly=self.readonly, lock=lock,
+                             max_readers=1024, readahead=False)
+        self.db = {n: self.env.open_db(n.encode(), create=not self.readonly) for n in DBS}
+        self._lock = threading.RLock()
+        self.pid = os.getpid()
+
+    # -- transactions -------------------------------------------------------------------
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        for _ in range(3):
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:  # another process grew the map
+                self.env.set_mapsize(0)
+        return self.env.begin(write=write)
+
+    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        with self._lock:
+            txn = self._begin(False)
+            try:
+                return fn(txn)
+            finally:
+                txn.abort()
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in one write transaction; a full map is doubled and ``fn`` retried."""
+        if self.readonly:
+            raise PermissionError("catalog opened read-only (lock=False); cannot write")
+        with self._lock:
+            while True:
+                txn = self._begin(True)
+                try:
+                    out = fn(txn)
+                    txn.commit()
+                    return out
+                except lmdb.MapFullError:
+                    txn.abort()
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except BaseException:
+                    txn.abort()
+                    raise
+
+    # -- counters -----------------------------------------------------------------------
+    def counter(self, txn: lmdb.Transaction, name: str) -> int:
+        v = txn.get(name.encode(), db=self.db["meta"])
+        return from_u64(v) if v else 0
+
+    def bump(self, txn: lmdb.Transaction, name: str, by: int = 1) -> int:
+        """Add ``by`` to a counter; returns its value before."""
+        old = self.counter(txn, name)
+        txn.put(name.encode(), u64(old + by), db=self.db["meta"])
+        return old
+
+    # -- snapshots ----------------------------------------------------------------------
+    def shards_in_order(self, txn: lmdb.Transaction) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        sh = self.db["shards"]
+        for _, name in txn.cursor(db=self.db["order"]):
+            out.append((bytes(name).decode(), _uj(txn.get(name, db=sh))))
+        return out
+
+    def deleted_ids(self, txn: lmdb.Transaction) -> list[int]:
+        return [from_u64(k) for k in txn.cursor(db=self.db["deleted"]).iternext(values=False)]
+
+    def items(self, txn: lmdb.Transaction, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        cur = txn.cursor(db=self.db[db])
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            if not k.startswith(prefix):
+                break
+            yield bytes(k), bytes(v)
+
+    def get_json(self, txn: lmdb.Transaction, db: str, key: str | bytes) -> Any:
+        v = txn.get(key.encode() if isinstance(key, str) else key, db=self.db[db])
+        return None if v is None else _uj(v)
+
+    def put_json(self, txn: lmdb.Transaction, db: str, key: str | bytes, value: Any) -> None:
+        txn.put(key.encode() if isinstance(key, str) else key, _j(value), db=self.db[db])
+
+    # -- keys ---------------------------------------------------------------------------
+    @staticmethod
+    def key_bytes(key: str) -> bytes:
+        b = key.encode()
+        if len(b) > MAX_KEY_BYTES:
+            raise ValueError(f"tile key longer than {MAX_KEY_BYTES} bytes: {key[:60]!r}...")
+        return b
+
+    def lookup_ids(self, txn: lmdb.Transaction, keys: Iterable[str]) -> list[int | None]:
+        db = self.db["keys"]
+        out: list[int | None] = []
+        for k in keys:
+            v = txn.get(self.key_bytes(k), db=db)
+            out.append(from_u64(v) if v is not None else None)
+        return out
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def label_key(task: str, key: str) -> bytes:
+    return task.encode() + b"\x00" + key.encode()
+
+
+def slide_key(slide: str, first_id: int) -> bytes:
+    return slide.encode() + b"\x00" + u64(first_id)

@@ -1,0 +1,135 @@
+"""Interop with per-slide HDF5 feature files in the layout TRIDENT and CLAM write.
+
+One file per slide: dataset ``features`` (N, D), dataset ``coords`` (N, 2) level-0 x, y, with
+attributes (TRIDENT puts patch_size, patch_size_level0, level0_magnification,
+target_magnification, name on ``coords``). The encoder is read from an ``encoder`` attribute
+(root, ``features`` or ``coords``) or given by the caller. Import is resumable: each file is a
+unit, so a re-run skips the files already imported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DimensionMismatchError, SourceError
+from .meta import StoreMeta
+from .writer import StoreWriter
+
+__all__ = ["import_h5", "export_h5"]
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _encoder_of(f: Any) -> str | None:
+    for obj in (f, f.get("features"), f.get("coords")):
+        if obj is not None and "encoder" in obj.attrs:
+            return str(_attr(obj.attrs["encoder"]))
+    return None
+
+
+def import_h5(src: Path | str, store: Path | str, *, backbone_name: str | None = None,
+              dtype: str = "float16", progress: bool = True) -> dict[str, Any]:
+    """Import every ``*.h5`` under ``src`` (recursively) into ``store``. Returns counts."""
+    import h5py
+    from tqdm import tqdm
+    src = Path(src)
+    if not src.is_dir():
+        raise SourceError(f"{src} is not a directory of .h5 feature files")
+    files = sorted(src.rglob("*.h5"))
+    if not files:
+        raise SourceError(f"no .h5 files under {src}")
+    with h5py.File(files[0], "r") as f:
+        if "features" not in f or "coords" not in f:
+            raise SourceError(f"{files[0]} lacks the 'features' and 'coords' datasets "
+                              "(TRIDENT/CLAM layout)")
+        dim = int(f["features"].shape[-1])
+        encoder = _encoder_of(f)
+        coord_attrs = {k: _attr(v) for k, v in f["coords"].attrs.items()}
+    name = backbone_name or encoder
+    if not name:
+        raise SourceError(f"{files[0]} has no 'encoder' attribute; pass --backbone-name NAME "
+                          "to record which backbone made these features")
+    tile = {k: coord_attrs[k] for k in ("patch_size", "patch_size_level0", "level0_magnification",
+                                       "target_magnification") if k in coord_attrs}
+    meta = StoreMeta(dim=dim, dtype=dtype, backbone={"name": name, "kind": "imported"},
+                     tile=tile)
+    done_files = 0
+    rows = 0
+    with StoreWriter(store, meta) as w:
+        done = w.units_done()
+        for path in tqdm(files, desc="import-h5", unit="slide", disable=not progress):
+            rel = path.relative_to(src).as_posix()
+            unit = "h5:" + rel
+            if unit in done:
+                continue
+            with h5py.File(path, "r") as f:
+                if "features" not in f or "coords" not in f:
+                    raise SourceError(f"{path} lacks 'features' or 'coords'")
+                feats = np.asarray(f["features"][()])
+                coords = np.asarray(f["coords"][()])
+                slide = str(_attr(f.attrs.get("slide_id", rel[:-3])))
+                enc = _encoder_of(f)
+            if feats.ndim == 3:  # CLAM sometimes writes (1, N, D)
+                feats = feats.reshape(-1, feats.shape[-1])
+            if feats.shape[1] != dim:
+                raise DimensionMismatchError(f"{path}: features are {feats.shape[1]}-d, "
+                                             f"the first file's are {dim}-d")
+            if enc and backbone_name is None and enc != name:
+                raise SourceError(f"{path}: encoder {enc!r} differs from {name!r} of the first file")
+            if coords.shape != (feats.shape[0], 2):
+                raise SourceError(f"{path}: coords {coords.shape} do not match features {feats.shape}")
+            x, y = coords[:, 0].astype(np.int64), coords[:, 1].astype(np.int64)
+            keys = [f"{slide}/{a}_{b}" for a, b in zip(x.tolist(), y.tolist())]
+            if feats.shape[0]:
+                w.add(feats, keys, unit=unit, slide=slide, source=str(src), x=x, y=y,
+                      tile_size=tile.get("patch_size"))
+            w.end_unit(unit)
+            done_files += 1
+            rows += feats.shape[0]
+    return {"files": done_files, "rows": rows, "skipped": len(files) - done_files}
+
+
+def export_h5(store: Any, out: Path | str, *, progress: bool = True) -> dict[str, Any]:
+    """Write one TRIDENT-layout ``.h5`` per slide of ``store`` (a :class:`Store`)."""
+    import h5py
+    from tqdm import tqdm
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = (store.meta.backbone or {}).get("name") or "unknown"
+    tile = store.meta.tile or {}
+    slides = store.slides()
+    if not slides:
+        raise SourceError(f"{store.path} has no slides to export (tiles without a slide)")
+    rows = 0
+    for s in tqdm(slides, desc="export-h5", unit="slide", disable=not progress):
+        bag = store.slide(s)
+        stem = s.rsplit(".", 1)[0] if s.lower().endswith((".svs", ".tif", ".tiff", ".ndpi", ".mrxs")) else s
+        path = out / f"{stem}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["encoder"] = encoder
+            f.attrs["slide_id"] = s
+            d = f.create_dataset("features", data=bag.emb.astype(np.float32))
+            d.attrs["encoder"] = encoder
+            d.attrs["name"] = stem
+            c = f.create_dataset("coords", data=bag.coords.astype(np.int64))
+            c.attrs["name"] = stem
+            for k, v in tile.items():
+                if isinstance(v, (int, float, str)):
+                    c.attrs[k] = v
+            if "patch_size" not in c.attrs and tile.get("tile_size"):
+                c.attrs["patch_size"] = int(tile["tile_size"])
+        tmp.replace(path)
+        rows += len(bag.ids)
+    return {"files": len(slides), "rows": rows}

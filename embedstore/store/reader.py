@@ -1,0 +1,438 @@
+"""Reading a store: ``open_store(path)`` -> :class:`Store`.
+
+A store opened for reading sees the shards committed when it opened (a snapshot) until
+``refresh()``. Tombstones are different: every call checks a counter in the catalog and honours
+deletions at once. Nothing loads the embedding matrix unless asked.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import NotAStoreError, StoreNotFoundError, UnknownKeyError
+from .catalog import _uj, from_u64, label_key, open_catalog
+from .layout import Layout
+from .matrix import MappedShard, Matrix, Piece, embedding_view
+from .meta import StoreMeta, read_meta
+
+__all__ = ["Store", "Bag", "ViewBank", "open_store"]
+
+LABEL_FIELDS = ("label", "split", "group")
+
+
+@dataclass(frozen=True)
+class Bag:
+    """All live tiles of one slide, in id order (a MIL bag)."""
+    slide: str
+    ids: np.ndarray        # (n,) int64
+    keys: list[str]        # (n,)
+    coords: np.ndarray     # (n, 2) int64 level-0 x, y (-1 where unknown)
+    emb: np.ndarray        # (n, dim) store dtype
+
+
+@dataclass(frozen=True)
+class ViewBank:
+    """Augmented views of tiles: row j is view ``view[j]`` of the tile with id ``ids[j]``."""
+    ids: np.ndarray        # (m,) int64 base tile ids
+    view: np.ndarray       # (m,) uint8 view number 1..K
+    emb: Matrix            # (m', dim) view embeddings; row j of the bank is ``emb[rows[j]]``
+    rows: np.ndarray       # (m,) int64 rows of ``emb``
+
+    def gather(self, j: np.ndarray) -> np.ndarray:
+        return self.emb.take(self.rows[np.asarray(j)])
+
+
+def open_store(path: Path | str, *, lock: bool = True) -> "Store":
+    """Open a store for reading. ``lock=False`` uses LMDB's lock-free read-only mode, for a
+    store that nothing is writing (e.g. on a network filesystem, read from another machine)."""
+    return Store(path, lock=lock)
+
+
+class Store:
+    def __init__(self, path: Path | str, *, lock: bool = True) -> None:
+        self.path = Path(path)
+        self.lay = Layout(self.path)
+        if not self.path.exists():
+            raise StoreNotFoundError(f"store {self.path} does not exist")
+        if not self.path.is_dir():
+            raise NotAStoreError(f"{self.path} is a file, not a store directory")
+        self.meta: StoreMeta = read_meta(self.path)
+        if not self.lay.catalog.is_dir():
+            raise NotAStoreError(f"{self.path} has STORE.json but no catalog/; it is damaged")
+        self.cat = open_catalog(self.path, lock=lock)
+        self.dim, self.dtype = self.meta.dim, np.dtype(self.meta.dtype)
+        self._mapped: dict[str, MappedShard] = {}
+        self.refresh()
+
+    # -- snapshot -----------------------------------------------------------------------
+    def refresh(self) -> "Store":
+        """Take a new snapshot of the committed shards (and tombstones)."""
+        cat = self.cat
+
+        def snap(t: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
+            base = cat.shards_in_order(t)
+            views = [(bytes(k).decode(), _uj(v)) for k, v in t.cursor(db=cat.db["shards"])
+                     if b'"kind":"view"' in bytes(v)]
+            return base, views
+
+        self.meta = read_meta(self.path)
+        base, views = cat.read(snap)
+        mapped: dict[str, MappedShard] = {}
+        pieces, ids, pos = [], [], 0
+        self._shard_first: dict[str, int] = {}
+        self._shard_start: dict[str, int] = {}
+        for name, rec in base:
+            sh = self._mapped.get(name) or MappedShard(self.lay.shard(name), rec["size"])
+            mapped[name] = sh
+            self._shard_first[name] = rec["first_id"]
+            self._shard_start[name] = pos
+            for b in sh.batches:
+                pieces.append(Piece(pos, embedding_view(b, self.dim), b, sh))
+                pos += b.num_rows
+            if "id" in sh.schema.names:
+                ids.append(np.concatenate([b.column("id").to_numpy() for b in sh.batches])
+                           if sh.batches else np.empty(0, np.int64))
+            else:
+                ids.append(np.arange(rec["first_id"], rec["first_id"] + sh.rows, dtype=np.int64))
+        self.embeddings = Matrix(pieces, self.dim, self.dtype)
+        self._row_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        n = len(self._row_ids)
+        self._identity = n == 0 or (self._row_ids[0] == 0 and self._row_ids[-1] == n - 1)
+        # views
+        vpieces, vids, vnum, vpos = [], [], [], 0
+        for name, rec in sorted(views, key=lambda x: (self._shard_start.get(x[1].get("base") or "", -1), x[0])):
+            base_name = rec.get("base")
+            if base_name is not None and base_name not in self._shard_first:
+                continue  # its base shard is not in this snapshot
+            sh = self._mapped.get(name) or MappedShard(self.lay.shard(name), rec["size"])
+            mapped[name] = sh
+            for b in sh.batches:
+                vpieces.append(Piece(vpos, embedding_view(b, self.dim), b, sh))
+                vpos += b.num_rows
+                if "id" in b.schema.names:
+                    vids.append(b.column("id").to_numpy())
+                else:
+                    base_pos = self._shard_start[base_name] + b.column("base_row").to_numpy().astype(np.int64)
+                    vids.append(self._row_ids[base_pos])
+                vnum.append(b.column("view").to_numpy())
+        self._views = Matrix(vpieces, self.dim, self.dtype)
+        self._view_ids = np.concatenate(vids) if vids else np.empty(0, np.int64)
+        self._view_num = np.concatenate(vnum) if vnum else np.empty(0, np.uint8)
+        self._mapped = mapped
+        self._tomb_gen = -1
+        self._check_tombstones()
+        return self
+
+    def _check_tombstones(self) -> None:
+        gen = self.cat.read(lambda t: self.cat.counter(t, "tomb_gen"))
+        if gen == self._tomb_gen:
+            return
+        dead = np.array(self.cat.read(self.cat.deleted_ids), dtype=np.int64)
+        pos, ok = self._positions(dead)
+        self._dead_pos = np.sort(pos[ok])
+        self._live: np.ndarray | None = None
+        self._tomb_gen = gen
+
+    @property
+    def live_mask(self) -> np.ndarray:
+        """(n_rows_committed,) bool: False for tombstoned rows."""
+        self._check_tombstones()
+        if self._live is None:
+            live = np.ones(len(self._row_ids), bool)
+            live[self._dead_pos] = False
+            self._live = live
+        return self._live
+
+    def _positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(self._row_ids)
+        if self._identity and n:
+            pos = ids - self._row_ids[0]
+            ok = (pos >= 0) & (pos < n)
+            return np.where(ok, pos, 0), ok
+        pos = np.searchsorted(self._row_ids, ids)
+        pos = np.minimum(pos, max(n - 1, 0))
+        ok = (self._row_ids[pos] == ids) if n else np.zeros(ids.shape, bool)
+        return pos, ok
+
+    def _live_positions(self, ids: np.ndarray) -> np.ndarray:
+        pos, ok = self._positions(ids)
+        if ok.all():
+            live = self.live_mask[pos] if self._dead_pos.size else ok
+        else:
+            live = ok
+        if not np.all(live):
+            bad = np.asarray(ids)[~np.asarray(live, bool)]
+            raise UnknownKeyError(f"{bad.size} id(s) not in {self.path} (deleted or never "
+                                  f"committed), first: {int(bad[0])}")
+        return pos
+
+    # -- size and ids -------------------------------------------------------------------
+    @property
+    def n_rows_committed(self) -> int:
+        """Rows in the snapshot, tombstoned ones included (what an index must cover)."""
+        return len(self._row_ids)
+
+    def __len__(self) -> int:
+        self._check_tombstones()
+        return len(self._row_ids) - len(self._dead_pos)
+
+    def all_ids(self) -> np.ndarray:
+        """(n,) int64: live ids in increasing order."""
+        self._check_tombstones()
+        return self._row_ids if not self._dead_pos.size else self._row_ids[self.live_mask]
+
+    def ids(self, keys: Sequence[str]) -> np.ndarray:
+        """(n,) int64 ids of ``keys``; an unknown or deleted key raises UnknownKeyError."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        found = self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
+        missing = [k for k, i in zip(keys, found) if i is None]
+        if missing:
+            raise UnknownKeyError(f"{len(missing)} key(s) not in {self.path}, first: {missing[0]!r}")
+        ids = np.array(found, dtype=np.int64)
+        pos, ok = self._positions(ids)
+        if not ok.all():  # committed after this snapshot
+            k = keys[int(np.argmin(ok))]
+            raise UnknownKeyError(f"key {k!r} was committed after this store was opened; call refresh()")
+        return ids
+
+    def keys(self) -> list[str]:
+        """Live tile keys in id order."""
+        out: list[str] = []
+        live = self.live_mask if self._dead_pos.size else None
+        for p in self.embeddings.pieces:
+            ks = p.batch.column("key").to_pylist()
+            if live is not None:
+                m = live[p.start:p.stop]
+                ks = [k for k, keep in zip(ks, m) if keep]
+            out.extend(ks)
+        return out
+
+    def keys_of(self, ids: np.ndarray) -> list[str]:
+        return list(self.metadata(ids, ("key",))["key"])
+
+    # -- embeddings -----------------------------------------------------------------------
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), dim) in the store dtype, in the order given."""
+        return self.embeddings.take(self._live_positions(ids))
+
+    def get(self, keys: Sequence[str]) -> np.ndarray:
+        return self.gather(self.ids(keys))
+
+    def scan(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids (b,) int64, emb (b, dim)) over live rows in id order; blocks are
+        zero-copy views unless a tombstone falls inside them."""
+        live = self.live_mask if self._dead_pos.size else None
+        for s, block in self.embeddings.batches(batch_size):
+            ids = self._row_ids[s:s + len(block)]
+            if live is not None:
+                m = live[s:s + len(block)]
+                if not m.all():
+                    ids, block = ids[m], block[m]
+                    if not len(ids):
+                        continue
+            yield ids, block
+
+    def to_numpy(self, dtype: Any = None) -> np.ndarray:
+        """Load every live row: (n, dim). Only when asked: this reads the whole matrix."""
+        parts = [b for _, b in self.scan()]
+        out = np.concatenate(parts) if parts else np.empty((0, self.dim), self.dtype)
+        return out.astype(dtype) if dtype is not None else out
+
+    # -- metadata -----------------------------------------------------------------------
+    def metadata(self, ids: np.ndarray,
+                 columns: Sequence[str] = ("key", "slide", "x", "y", "label")) -> dict[str, np.ndarray]:
+        """Columns for ``ids`` (in the order given): strings as object arrays (None = null),
+        integers with -1 for null, mpp as float with NaN."""
+        pos = self._live_positions(ids)
+        return self._columns_at(pos, columns)
+
+    def _columns_at(self, pos: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        m = self.embeddings
+        order, spos, bounds, piece = m.locate(np.asarray(pos, dtype=np.int64))
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a == b:
+                continue
+            p = m.pieces[piece[a]]
+            local = pa.array(spos[a:b] - p.start)
+            for c in columns:
+                parts[c].append(_to_numpy(p.batch.column(c).take(local)))
+        out = {}
+        for c in columns:
+            arr = np.concatenate(parts[c]) if parts[c] else np.empty(0, object)
+            if order is not None:
+                res = np.empty_like(arr)
+                res[order] = arr
+                arr = res
+            out[c] = arr
+        return out
+
+    # -- slides ---------------------------------------------------------------------------
+    def _slide_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        def read(t: Any) -> dict[str, list[tuple[int, int]]]:
+            out: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            for k, v in t.cursor(db=self.cat.db["slides"]):
+                k = bytes(k)
+                name, first = k[:-9].decode(), from_u64(k[-8:])
+                out[name].append((first, from_u64(v)))
+            return out
+        return self.cat.read(read)
+
+    def slides(self) -> list[str]:
+        """Names of slides with at least one live tile in this snapshot."""
+        out = []
+        for name, ranges in self._slide_ranges().items():
+            ids = np.concatenate([np.arange(a, a + c) for a, c in ranges])
+            pos, ok = self._positions(ids)
+            if ok.any() and self.live_mask[pos[ok]].any():
+                out.append(name)
+        return sorted(out)
+
+    def slide(self, name: str) -> Bag:
+        """All live tiles of slide ``name``: embeddings, level-0 coordinates, keys, ids."""
+        ranges = self._slide_ranges().get(name)
+        if not ranges:
+            raise UnknownKeyError(f"slide {name!r} not in {self.path}")
+        embs, poss = [], []
+        for first, count in sorted(ranges):
+            pos, ok = self._positions(np.arange(first, first + count, dtype=np.int64))
+            pos = pos[ok]
+            pos = pos[self.live_mask[pos]]
+            if not pos.size:
+                continue
+            contiguous = pos[-1] - pos[0] == pos.size - 1
+            embs.append(self.embeddings[int(pos[0]):int(pos[-1]) + 1] if contiguous else self.embeddings.take(pos))
+            poss.append(pos)
+        if not poss:
+            raise UnknownKeyError(f"slide {name!r} has no live tiles in {self.path}")
+        pos = np.concatenate(poss)
+        meta = self._columns_at(pos, ("key", "x", "y"))
+        emb = embs[0] if len(embs) == 1 else np.concatenate(embs)
+        return Bag(name, self._row_ids[pos], list(meta["key"]),
+                   np.stack([meta["x"], meta["y"]], axis=1).astype(np.int64), emb)
+
+    # -- views ----------------------------------------------------------------------------
+    def views(self) -> ViewBank:
+        """The bank of augmented views of live tiles (empty when the store has none)."""
+        rows = np.arange(len(self._views), dtype=np.int64)
+        ids, num = self._view_ids, self._view_num
+        if self._dead_pos.size and len(ids):
+            pos, ok = self._positions(ids)
+            keep = ok & self.live_mask[pos]
+            rows, ids, num = rows[keep], ids[keep], num[keep]
+        return ViewBank(ids, num, self._views, rows)
+
+    # -- labels -----------------------------------------------------------------------
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "tasks")})
+
+    def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray:
+        """Labels of ``keys`` as an object array (None where unlabelled). ``task=None`` reads
+        the label recorded at extraction (class folder, CSV column)."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if task is None:
+            return self.metadata(self.ids(keys), ("label",))["label"]
+        self._require_task(task)
+
+        def read(t: Any) -> list[Any]:
+            db = self.cat.db["labels"]
+            out = []
+            for k in keys:
+                v = t.get(label_key(task, k), db=db)
+                out.append(None if v is None else _uj(v)[0])
+            return out
+        return np.array(self.cat.read(read), dtype=object)
+
+    def labels_by_id(self, ids: np.ndarray, task: str | None = None) -> np.ndarray:
+        return self.labels(self.keys_of(ids), task)
+
+    def _require_task(self, task: str) -> None:
+        tasks = self.tasks()
+        if task not in tasks:
+            import difflib
+            close = difflib.get_close_matches(task, list(tasks), n=3)
+            raise UnknownKeyError(f"task {task!r} not in {self.path}; tasks: {sorted(tasks) or 'none'}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+    def task_table(self, task: str | None) -> dict[str, Any]:
+        """Every live labelled tile of a task: keys, ids, label, split, group (object arrays;
+        split/group None when the task has no such column). ``task=None``: labels recorded at
+        extraction."""
+        if task is None:
+            ids = self.all_ids()
+            meta = self.metadata(ids, ("key", "label"))
+            m = np.array([x is not None for x in meta["label"]], bool)
+            return {"keys": list(meta["key"][m]), "ids": ids[m], "label": meta["label"][m],
+                    "split": None, "group": None}
+        self._require_task(task)
+        prefix = task.encode() + b"\x00"
+        rows = self.cat.read(lambda t: [(k[len(prefix):].decode(), _uj(v))
+                                        for k, v in self.cat.items(t, "labels", prefix)])
+        keys = [k for k, _ in rows]
+        found = self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
+        keep = [i for i, f in enumerate(found) if f is not None]
+        ids = np.array([found[i] for i in keep], dtype=np.int64)
+        pos, ok = self._positions(ids)
+        ok &= self.live_mask[pos] if len(pos) else ok
+        sel = [keep[j] for j in np.flatnonzero(ok)]
+        info = self.tasks()[task]
+        order = np.argsort(ids[ok], kind="stable")
+        sel = [sel[j] for j in order]
+        col = lambda i: np.array([rows[j][1][i] for j in sel], dtype=object)  # noqa: E731
+        return {"keys": [keys[j] for j in sel], "ids": ids[ok][order], "label": col(0),
+                "split": col(1) if info.get("has_split") else None,
+                "group": col(2) if info.get("has_group") else None}
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def units_done(self) -> set[str]:
+        return self.cat.read(lambda t: {bytes(k).decode() for k in
+                                        t.cursor(db=self.cat.db["units"]).iternext(values=False)})
+
+    def errors(self) -> dict[str, dict[str, Any]]:
+        return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "errors")})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines the embedding space (backbone spec, weights, transform, dim)."""
+        return self.meta.space()
+
+    def shard_files(self) -> list[Path]:
+        return [self.lay.shard(n) for n in self._mapped]
+
+    def info(self) -> dict[str, Any]:
+        size = sum(f.stat().st_size for f in self.shard_files() if f.exists())
+        bb = self.meta.backbone or {}
+        return {
+            "path": str(self.path), "rows": len(self), "rows_committed": self.n_rows_committed,
+            "deleted": int(len(self._dead_pos)), "dim": self.dim, "dtype": self.meta.dtype,
+            "backbone": bb.get("name") or bb.get("model_id") or "unknown",
+            "weights_sha256": self.meta.weights_sha256,
+            "tile": self.meta.tile, "views": len(self._views), "view_recipe": self.meta.views,
+            "shards": sum(1 for p in self._mapped if not p.endswith(".v.arrow")),
+            "view_shards": sum(1 for p in self._mapped if p.endswith(".v.arrow")),
+            "bytes": size, "units_done": len(self.units_done()), "slides": len(self._slide_ranges()),
+            "tasks": {k: v.get("n", 0) for k, v in self.tasks().items()},
+            "errors": len(self.errors()),
+        }
+
+    def writer(self, **kw: Any) -> Any:
+        from .writer import StoreWriter
+        return StoreWriter(self.path, **kw)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, rows={len(self)}, dim={self.dim}, dtype={self.meta.dtype})"
+
+
+def _to_numpy(arr: pa.Array) -> np.ndarray:
+    t = arr.type
+    if pa.types.is_integer(t):
+        return arr.fill_null(-1).to_numpy()
+    if pa.types.is_floating(t):
+        return arr.to_numpy(zero_copy_only=False)
+    return np.array(arr.to_pylist(), dtype=object)

@@ -1,0 +1,115 @@
+"""``verify``: every shard's checksum, and agreement between the catalog and the shards."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CorruptShardError
+from .catalog import _uj, from_u64, open_catalog
+from .layout import PARTIAL, Layout
+from .matrix import MappedShard
+
+__all__ = ["VerifyReport", "verify_store"]
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)   # mismatches: verification fails
+    notes: list[str] = field(default_factory=list)      # leftovers of live writers etc.
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        head = (f"OK: {self.shards} shards, {self.rows} rows verified" if self.ok else
+                f"FAILED: {len(self.problems)} problem(s) in {self.shards} shards")
+        return "\n".join([head] + [f"  problem: {p}" for p in self.problems] +
+                         [f"  note: {n}" for n in self.notes])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_store(path: Path | str) -> VerifyReport:
+    lay = Layout(Path(path))
+    from .reader import Store
+    Store(lay.root)  # raises on a missing/foreign directory
+    cat = open_catalog(lay.root)
+    rep = VerifyReport()
+
+    def snap(t: Any) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, int]]:
+        shards = [(bytes(k).decode(), _uj(v)) for k, v in t.cursor(db=cat.db["shards"])]
+        keys = {bytes(k).decode(): from_u64(v) for k, v in t.cursor(db=cat.db["keys"])}
+        return shards, keys
+    shards, keymap = cat.read(snap)
+    deleted = set(cat.read(cat.deleted_ids))
+    order = [n for n, _ in cat.read(cat.shards_in_order)]
+    by_name = dict(shards)
+    seen_ids: dict[int, str] = {}
+    for name, rec in shards:
+        rep.shards += 1
+        f = lay.shard(name)
+        if not f.exists():
+            rep.problems.append(f"{name}: listed in the catalog but the file is missing")
+            continue
+        if f.stat().st_size != rec["size"]:
+            rep.problems.append(f"{name}: {f.stat().st_size} bytes on disk, catalog says {rec['size']}")
+            continue
+        if _sha256(f) != rec["sha256"]:
+            rep.problems.append(f"{name}: sha256 differs from the catalog (corrupted)")
+            continue
+        try:
+            sh = MappedShard(f, rec["size"])
+        except CorruptShardError as e:
+            rep.problems.append(str(e))
+            continue
+        if sh.rows != rec["rows"]:
+            rep.problems.append(f"{name}: {sh.rows} rows, catalog says {rec['rows']}")
+            continue
+        if rec.get("kind") == "view":
+            if rec.get("base") and rec["base"] not in by_name:
+                rep.problems.append(f"{name}: view shard of unknown base shard {rec['base']}")
+            continue
+        rep.rows += sh.rows
+        if name not in order:
+            rep.problems.append(f"{name}: base shard missing from the commit order")
+        keys = [k for b in sh.batches for k in b.column("key").to_pylist()]
+        if "id" in sh.schema.names:
+            ids = np.concatenate([b.column("id").to_numpy() for b in sh.batches]) if sh.batches else np.empty(0, np.int64)
+        else:
+            ids = np.arange(rec["first_id"], rec["first_id"] + sh.rows)
+        for k, i in zip(keys, ids.tolist()):
+            if i in seen_ids:
+                rep.problems.append(f"{name}: id {i} also in {seen_ids[i]}")
+                break
+            seen_ids[i] = name
+            if i in deleted:
+                continue
+            got = keymap.get(k)
+            if got != i:
+                rep.problems.append(f"{name}: key {k!r} has id {i} in the shard, {got} in the catalog")
+                break
+    live_ids = set(seen_ids) - deleted
+    for k, i in keymap.items():
+        if i not in live_ids:
+            rep.problems.append(f"catalog key {k!r} -> id {i} which no shard holds")
+            break
+    for d in (lay.tmp, lay.shards):
+        if d.exists():
+            for f in d.iterdir():
+                if f.name.endswith(PARTIAL) or (d == lay.shards and f.name not in by_name):
+                    rep.notes.append(f"uncommitted file {f.relative_to(lay.root)} (removed when "
+                                     "its writer is dead and the store is next opened for writing)")
+    return rep

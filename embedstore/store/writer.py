@@ -1,0 +1,509 @@
+"""Appending tiles to a store: the commit protocol.
+
+Rows arrive grouped in *units* (a slide, a chunk of files). A unit's rows are buffered until the
+unit ends, then written to the open shard file under ``tmp/`` (a unit too large for memory
+spills into it early). When the open file holds only finished units and is big enough, it is
+sealed: fsync, rename into ``shards/``, then **one** LMDB transaction assigns its ids,
+registers it, and marks its units done. A crash at any point leaves a committed shard or
+nothing visible; the next writer to open the store removes the dead writer's leftovers.
+
+Ids are only known at commit, so view shards written beside a base shard refer to their tiles
+by ``base_row`` (the row in that base shard) and by key.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import DimensionMismatchError, DuplicateKeyError, EmbedstoreError, StoreExistsError
+from . import _atomic
+from .catalog import Catalog, label_key, open_catalog, slide_key, u64
+from .layout import Layout, owner_of, shard_name
+from .meta import StoreMeta, check_compatible, read_meta, write_meta
+from .schema import META_COLUMNS, base_schema, view_schema
+
+__all__ = ["StoreWriter", "create_store", "clean_leftovers"]
+
+
+class WriterError(EmbedstoreError, RuntimeError):
+    """An error in the background writer, re-raised in the caller with what it concerned."""
+
+
+def create_store(path: Path | str, meta: StoreMeta) -> None:
+    lay = Layout(Path(path))
+    if lay.meta.exists():
+        raise StoreExistsError(f"{path} already holds a store; open it instead")
+    if lay.root.exists() and any(lay.root.iterdir()):
+        raise StoreExistsError(f"{path} exists and is not empty; choose a new directory")
+    lay.make_dirs()
+    open_catalog(lay.root, create=True)
+    if not meta.created:
+        from dataclasses import replace
+        meta = replace(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_meta(lay.root, meta)
+    _atomic.fsync_dir(lay.root)
+
+
+def clean_leftovers(lay: Layout, cat: Catalog) -> list[str]:
+    """Remove temporary and uncommitted shard files of writers that are dead.
+
+    A live writer's files (same host, pid alive with the same start time) are never touched;
+    files of writers on other hosts are left alone (their liveness cannot be known here).
+    """
+    writers = cat.read(lambda t: {k.decode(): _json(v) for k, v in cat.items(t, "writers")})
+    committed = cat.read(lambda t: {bytes(k).decode() for k in
+                                    t.cursor(db=cat.db["shards"]).iternext(values=False)})
+    dead: dict[str, bool] = {}
+
+    def is_dead(token: str) -> bool:
+        if token not in dead:
+            ident = writers.get(token)
+            dead[token] = ident is None or _atomic.process_alive(ident) is False
+        return dead[token]
+
+    removed = []
+    for d, is_tmp in ((lay.tmp, True), (lay.shards, False)):
+        if not d.exists():
+            continue
+        for f in d.iterdir():
+            if not is_tmp and f.name in committed:
+                continue
+            if is_dead(owner_of(f.name)):
+                f.unlink(missing_ok=True)
+                removed.append(f.name)
+    gone = [t for t, v in dead.items() if v and t in writers]
+    if gone:
+        cat.write(lambda t: [t.delete(x.encode(), db=cat.db["writers"]) for x in gone])
+    return removed
+
+
+def _json(b: bytes) -> Any:
+    import json
+    return json.loads(b)
+
+
+@dataclass
+class _Pending:
+    """Rows of one unit not yet written to a file."""
+    cols: dict[str, list[Any]] = field(default_factory=dict)
+    emb: list[np.ndarray] = field(default_factory=list)
+    views: list[np.ndarray] = field(default_factory=list)   # (n, K, dim) per add
+    rows: int = 0
+
+
+@dataclass
+class _OpenFile:
+    name: str
+    writer: pa.ipc.RecordBatchFileWriter
+    sink: _atomic.HashingFile
+    schema: pa.Schema
+    rows: int = 0
+    units: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    slide_runs: list[list[Any]] = field(default_factory=list)   # [slide, start_row, count]
+    view: "_OpenFile | None" = None
+
+
+class StoreWriter:
+    """Append tiles to a store (creating it with ``meta`` if missing). A context manager.
+
+    Several processes may write one store at once, each with its own writer (and shards).
+    ``add`` is cheap for the caller; shard writing, hashing, fsync and the catalog commit run
+    in a background thread. An error there is re-raised at the next call, naming the file.
+    """
+
+    def __init__(self, path: Path | str, meta: StoreMeta | None = None, *,
+                 rows_per_shard: int = 65536, spill_rows: int = 65536, batch_rows: int = 16384,
+                 on_duplicate: str = "error", background: bool = True) -> None:
+        self.lay = Layout(Path(path))
+        if not self.lay.meta.exists():
+            if meta is None:
+                raise StoreExistsError(f"{path} holds no store and no metadata was given to create one")
+            try:
+                create_store(self.lay.root, meta)
+            except StoreExistsError:
+                if not self.lay.meta.exists():
+                    raise
+        self.meta = read_meta(self.lay.root)
+        if meta is not None:
+            check_compatible(self.meta, meta, self.lay.root)
+        if on_duplicate not in ("error", "skip"):
+            raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        self.on_duplicate = on_duplicate
+        self.dim, self.dtype = self.meta.dim, np.dtype(self.meta.dtype)
+        self.rows_per_shard, self.spill_rows, self.batch_rows = rows_per_shard, spill_rows, batch_rows
+        self.lay.make_dirs()
+        self._lockf = open(self.lay.lockfile, "a+")
+        fcntl.flock(self._lockf, fcntl.LOCK_SH)      # compaction takes it exclusively
+        self.cat = open_catalog(self.lay.root, create=True)
+        self.token = secrets.token_hex(6)
+        ident = _atomic.process_identity()
+        self.cat.write(lambda t: self.cat.put_json(t, "writers", self.token, ident))
+        clean_leftovers(self.lay, self.cat)
+        self._seq = 0
+        self._pending: dict[str | None, _Pending] = {}
+        self._pending_keys: set[str] = set()
+        self._ended: set[str] = set()           # units ended whose rows are in the open file
+        self._spilled: set[str] = set()         # units with rows in the open file, not ended
+        self._errors: list[tuple[str, str]] = []
+        self._file: _OpenFile | None = None
+        self._exc: BaseException | None = None
+        self.rows_committed = 0
+        self.stats = {"write_s": 0.0, "commit_s": 0.0, "shards": 0}
+        self._q: queue.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._q = queue.Queue(maxsize=4)
+            self._thread = threading.Thread(target=self._run, name="embedstore-writer", daemon=True)
+            self._thread.start()
+        self._closed = False
+
+    # -- public -----------------------------------------------------------------------
+    def units_done(self) -> set[str]:
+        return self.cat.read(lambda t: {bytes(k).decode() for k in
+                                        t.cursor(db=self.cat.db["units"]).iternext(values=False)})
+
+    def add(self, emb: np.ndarray, keys: Sequence[str], *, unit: str | None = None,
+            views: np.ndarray | None = None, **meta: Any) -> None:
+        """Buffer rows. ``emb``: (n, dim); ``views``: (n, K, dim) augmented views or None;
+        ``meta``: columns of META_COLUMNS (slide, source, x, y, level, tile_size, mpp, label),
+        each a scalar for all rows or a sequence of n."""
+        self._raise_pending()
+        emb = np.asarray(emb)
+        n = len(keys)
+        if emb.ndim != 2 or emb.shape[1] != self.dim or emb.shape[0] != n:
+            raise DimensionMismatchError(
+                f"{self.lay.root}: embeddings must be (n={n}, {self.dim}), got {emb.shape}")
+        if not np.issubdtype(emb.dtype, np.floating):
+            raise DimensionMismatchError(f"embeddings must be floating point, got {emb.dtype}")
+        if views is not None:
+            views = np.asarray(views)
+            if views.ndim != 3 or views.shape[0] != n or views.shape[2] != self.dim:
+                raise DimensionMismatchError(
+                    f"views must be (n={n}, K, {self.dim}), got {views.shape}")
+        unknown = set(meta) - set(META_COLUMNS)
+        if unknown:
+            raise TypeError(f"unknown metadata columns {sorted(unknown)}; "
+                            f"known: {sorted(META_COLUMNS)[1:]}")
+        keys = [str(k) for k in keys]
+        keep = self._check_duplicates(keys)
+        if keep is not None:
+            if not keep.any():
+                return
+            emb = emb[keep]
+            views = views[keep] if views is not None else None
+            meta = {c: (np.asarray(v, dtype=object)[keep].tolist() if _is_seq(v) else v)
+                    for c, v in meta.items()}
+            keys = [k for k, m in zip(keys, keep) if m]
+            n = len(keys)
+        p = self._pending.setdefault(unit, _Pending())
+        for c in META_COLUMNS:
+            if c == "key":
+                continue
+            v = meta.get(c)
+            vals = list(v) if _is_seq(v) else [v] * n
+            if len(vals) != n:
+                raise ValueError(f"metadata column {c!r} has {len(vals)} values for {n} rows")
+            p.cols.setdefault(c, []).extend(vals)
+        p.cols.setdefault("key", []).extend(keys)
+        p.emb.append(emb.astype(self.dtype, copy=True))
+        if views is not None:
+            p.views.append(views.astype(self.dtype, copy=True))
+        elif p.views:
+            raise ValueError(f"unit {unit!r}: views given for some rows and not others")
+        p.rows += n
+        self._pending_keys.update(keys)
+        if unit is None:
+            self.end_unit(None)
+        elif p.rows >= self.spill_rows:
+            self._submit(("spill", unit, self._pending.pop(unit)))
+            self._spilled.add(unit)
+
+    def end_unit(self, unit: str | None) -> None:
+        """Declare ``unit`` complete: its rows may now be committed."""
+        self._raise_pending()
+        p = self._pending.pop(unit, None)
+        self._submit(("end", unit, p))
+
+    def add_error(self, unit: str, reason: str, **info: Any) -> None:
+        """Record that ``unit`` failed (committed with the next shard, or at close)."""
+        self._errors.append((unit, reason + ("" if not info else "")))
+        self._submit(("error", unit, {"reason": reason, **info}))
+
+    def flush(self) -> None:
+        """Commit every finished unit now and wait for it."""
+        self._submit(("flush", None, None))
+        self._wait()
+
+    def close(self, abort: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not abort and self._exc is None:
+                if None in self._pending:
+                    self._submit(("end", None, self._pending.pop(None)))
+                self._submit(("flush", None, None))
+        finally:
+            if self._q is not None:
+                self._q.put(("stop", None, None))
+            if self._thread is not None:
+                self._thread.join()
+            self._discard_open_file()
+            self._release()
+        self._raise_pending()
+
+    def _release(self) -> None:
+        try:
+            self.cat.write(lambda t: t.delete(self.token.encode(), db=self.cat.db["writers"]))
+        finally:
+            fcntl.flock(self._lockf, fcntl.LOCK_UN)
+            self._lockf.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        # On an error or Ctrl-C: units already ended are still committed; partial ones are not.
+        if et is not None and self._exc is None:
+            self._pending.clear()
+        self.close(abort=False)
+
+    # -- internals --------------------------------------------------------------------
+    def _check_duplicates(self, keys: list[str]) -> np.ndarray | None:
+        seen: set[str] = set()
+        dup_in = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
+        if dup_in:
+            raise DuplicateKeyError(f"duplicate tile key {dup_in[0]!r} within one add() call")
+        ids = self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
+        dup = np.array([(i is not None) or (k in self._pending_keys) for k, i in zip(keys, ids)])
+        if not dup.any():
+            return None
+        if self.on_duplicate == "error":
+            k = keys[int(np.argmax(dup))]
+            raise DuplicateKeyError(f"tile key {k!r} is already in {self.lay.root} "
+                                    "(keys are unique; delete it first or pass on_duplicate='skip')")
+        return ~dup
+
+    def _submit(self, op: tuple[str, Any, Any]) -> None:
+        if self._q is None:
+            self._do(op)
+            return
+        while True:
+            self._raise_pending()
+            try:
+                self._q.put(op, timeout=0.5)
+                return
+            except queue.Full:
+                if self._thread is not None and not self._thread.is_alive():
+                    self._raise_pending()
+                    raise WriterError("background writer stopped unexpectedly")
+
+    def _wait(self) -> None:
+        if self._q is not None:
+            done = threading.Event()
+            self._submit(("sync", None, done))
+            while not done.wait(0.5):
+                if self._thread is not None and not self._thread.is_alive():
+                    break
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._exc is not None:
+            e, self._exc = self._exc, None
+            self._closed = True
+            raise WriterError(str(e)) from e
+
+    def _run(self) -> None:
+        assert self._q is not None
+        while True:
+            op = self._q.get()
+            if op[0] == "stop":
+                return
+            if self._exc is not None:
+                if op[0] == "sync":
+                    op[2].set()
+                continue
+            try:
+                self._do(op)
+            except BaseException as e:  # re-raised in the caller
+                self._exc = e
+
+    def _do(self, op: tuple[str, Any, Any]) -> None:
+        kind, unit, arg = op
+        if kind == "spill":
+            self._write_rows(arg)
+        elif kind == "end":
+            if arg is not None and arg.rows:
+                self._write_rows(arg)
+            if unit is not None or arg is not None:
+                self._spilled.discard(unit)
+                if self._file is not None and unit is not None:
+                    self._file.units.append(unit)
+                elif unit is not None:
+                    self._commit(None, [unit])   # a unit without rows (e.g. no tissue)
+            if self._file is not None and not self._spilled and self._file.rows >= self.rows_per_shard:
+                self._seal_and_commit()
+        elif kind == "error":
+            self._record_error(unit, arg)
+        elif kind == "flush":
+            if self._file is not None and not self._spilled:
+                self._seal_and_commit()
+        elif kind == "sync":
+            arg.set()
+        elif kind == "stop":
+            pass
+
+    def _new_file(self, view: bool) -> _OpenFile:
+        name = shard_name(self.token, self._seq, view=view)  # a view file shares its base's seq
+        sink = _atomic.HashingFile(self.lay.partial(name))
+        schema = view_schema(self.dim, self.meta.dtype) if view else base_schema(self.dim, self.meta.dtype)
+        w = pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema)
+        return _OpenFile(name=name, writer=w, sink=sink, schema=schema)
+
+    def _write_rows(self, p: _Pending) -> None:
+        t0 = time.perf_counter()
+        if self._file is None:
+            self._file = self._new_file(view=False)
+        f = self._file
+        emb = np.concatenate(p.emb) if len(p.emb) > 1 else p.emb[0]
+        views = (np.concatenate(p.views) if len(p.views) > 1 else p.views[0]) if p.views else None
+        if views is not None and f.view is None:
+            if f.rows:
+                raise ValueError("views given for some units and not others in one shard")
+            f.view = self._new_file(view=True)
+        elif views is None and f.view is not None:
+            raise ValueError("views given for some units and not others in one shard")
+        for a in range(0, p.rows, self.batch_rows):
+            b = min(a + self.batch_rows, p.rows)
+            arrays = [pa.array(p.cols["key"][a:b], pa.string())]
+            for c, t in list(META_COLUMNS.items())[1:]:
+                arrays.append(pa.array(p.cols[c][a:b], t))
+            arrays.append(_fixed_list(emb[a:b]))
+            try:
+                f.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=f.schema))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise WriterError(f"{f.name} rows {f.rows + a}..{f.rows + b}: bad metadata ({e})") from e
+            if views is not None and f.view is not None:
+                vb = views[a:b]
+                n, k = vb.shape[0], vb.shape[1]
+                rows = np.repeat(np.arange(f.rows + a, f.rows + b, dtype=np.int32), k)
+                vkeys = np.repeat(np.array(p.cols["key"][a:b], dtype=object), k)
+                vnum = np.tile(np.arange(1, k + 1, dtype=np.uint8), n)
+                f.view.writer.write_batch(pa.RecordBatch.from_arrays(
+                    [pa.array(vkeys, pa.string()), pa.array(rows), pa.array(vnum),
+                     _fixed_list(vb.reshape(n * k, self.dim))], schema=f.view.schema))
+                f.view.rows += n * k
+        slides = p.cols["slide"]
+        for i, s in enumerate(slides):
+            if s is None:
+                continue
+            if f.slide_runs and f.slide_runs[-1][0] == s and f.slide_runs[-1][1] + f.slide_runs[-1][2] == f.rows + i:
+                f.slide_runs[-1][2] += 1
+            else:
+                f.slide_runs.append([s, f.rows + i, 1])
+        f.keys.extend(p.cols["key"])
+        f.rows += p.rows
+        self.stats["write_s"] += time.perf_counter() - t0
+
+    def _seal(self, f: _OpenFile) -> dict[str, Any]:
+        f.writer.close()
+        f.sink.fsync_close()
+        _atomic.crash_point("after_fsync")
+        rec = {"rows": f.rows, "sha256": f.sink.sha.hexdigest(), "size": f.sink.size}
+        os.replace(self.lay.partial(f.name), self.lay.shard(f.name))
+        return rec
+
+    def _seal_and_commit(self) -> None:
+        f = self._file
+        assert f is not None
+        t0 = time.perf_counter()
+        _atomic.crash_point("after_write")
+        recs = {f.name: self._seal(f)}
+        if f.view is not None:
+            recs[f.view.name] = self._seal(f.view)
+        _atomic.fsync_dir(self.lay.shards)
+        _atomic.crash_point("after_rename")
+        self._file = None
+        self._seq += 1
+        self._commit(f, f.units, recs)
+        self.stats["commit_s"] += time.perf_counter() - t0
+        self.stats["shards"] += 1
+
+    def _commit(self, f: _OpenFile | None, units: list[str],
+                recs: dict[str, dict[str, Any]] | None = None) -> None:
+        cat = self.cat
+        now = time.time()
+
+        def txn_fn(t: Any) -> int:
+            _atomic.crash_point("in_txn")
+            first = cat.counter(t, "next_id")
+            if f is not None and recs is not None:
+                cat.bump(t, "next_id", f.rows)
+                seq = cat.bump(t, "next_seq")
+                kdb, ddb = cat.db["keys"], cat.db["deleted"]
+                dups = 0
+                for i, k in enumerate(f.keys):
+                    if not t.put(k.encode(), u64(first + i), db=kdb, overwrite=False):
+                        t.put(u64(first + i), b'{"reason":"duplicate"}', db=ddb)
+                        dups += 1
+                if dups:
+                    cat.bump(t, "tomb_gen")
+                base = dict(recs[f.name], kind="base", first_id=first, seq=seq, units=units,
+                            writer=self.token, time=now)
+                cat.put_json(t, "shards", f.name, base)
+                t.put(u64(seq), f.name.encode(), db=cat.db["order"])
+                if f.view is not None:
+                    cat.put_json(t, "shards", f.view.name,
+                                 dict(recs[f.view.name], kind="view", base=f.name, time=now))
+                for s, start, count in f.slide_runs:
+                    t.put(slide_key(s, first + start), u64(count), db=cat.db["slides"])
+            for u in units:
+                cat.put_json(t, "units", u, {"shard": f.name if f else None, "time": now})
+                t.delete(u.encode(), db=cat.db["errors"])
+            return first
+
+        cat.write(txn_fn)
+        if f is not None:
+            self.rows_committed += f.rows
+            self._pending_keys.difference_update(f.keys)
+
+    def _record_error(self, unit: str, info: dict[str, Any]) -> None:
+        info = dict(info, time=time.time())
+        self.cat.write(lambda t: self.cat.put_json(t, "errors", unit, info))
+
+    def _discard_open_file(self) -> None:
+        f = self._file
+        if f is None:
+            return
+        for g in (f, f.view):
+            if g is None:
+                continue
+            try:
+                g.writer.close()
+            except Exception:
+                pass
+            g.sink.fsync_close()
+            self.lay.partial(g.name).unlink(missing_ok=True)
+        self._file = None
+        self._seq += 1
+
+
+def _is_seq(v: Any) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray, pa.Array))
+
+
+def _fixed_list(emb: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(emb).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
