@@ -1,0 +1,377 @@
+"""Whole-slide tiling: pure planning on synthetic masks, then real slides.
+
+The shipped CMU-1 small region is always there; the other slides live in ../shared/data/wsi and
+their tests skip without it.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedstore.errors import SlideError, SourceError
+from embedstore.extract import wsi
+from embedstore.extract.wsi import (SlideReader, TileGrid, best_level, otsu_threshold,
+                                    parse_tile_key, plan_grid, plan_slide, read_tile,
+                                    slide_id, slide_identity, tile_key, tissue_mask)
+
+REPO = Path(__file__).resolve().parents[1]
+CMU = REPO / "sample_data" / "wsi" / "CMU-1-Small-Region.svs"
+SHARED_WSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
+needs_shared = pytest.mark.skipif(not SHARED_WSI.is_dir(), reason="../shared/data/wsi absent")
+
+
+def _keys(grid: TileGrid) -> set[tuple[int, int]]:
+    return set(zip(grid.x.tolist(), grid.y.tolist()))
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# --------------------------------------------------------------------------- pure planning
+
+def test_plan_grid_without_mask_is_full_row_major_lattice():
+    g = plan_grid((1000, 700), slide_mpp=0.5, target_mpp=0.5, tile_size=100)
+    assert len(g) == 10 * 7                      # partial tiles at the right/bottom are dropped
+    assert g.x.dtype == np.int64 and g.y.dtype == np.int64
+    assert g.x[:10].tolist() == list(range(0, 1000, 100)) and set(g.y[:10].tolist()) == {0}
+    order = np.lexsort((g.x, g.y))                 # row-major: by y, then x
+    assert np.array_equal(order, np.arange(len(g)))
+    assert (g.level, g.read_size, g.tile_size, g.tile_l0) == (0, 100, 100, 100.0)
+    assert np.all(g.tissue == 1.0)
+
+
+def test_plan_grid_mpp_math_and_level_choice():
+    # 40x slide, tiles at 0.5 um/px: each tile spans 448 level-0 px
+    g = plan_grid((5000, 5000), 0.25, 0.5, 224, level_downsamples=(1.0, 4.0, 16.0))
+    assert g.tile_l0 == pytest.approx(448.0)
+    assert (g.level, g.read_size) == (0, 448)     # downsample 4 is coarser than the 2 needed
+    g = plan_grid((5000, 5000), 0.25, 0.5, 224, level_downsamples=(1.0, 2.0, 8.0))
+    assert (g.level, g.downsample, g.read_size) == (1, 2.0, 224)
+    assert g.x[1] == 448 and len(g) == 11 * 11
+    # a level a hair coarser than needed (rounded pyramid sizes) is accepted, 2 % is not
+    g = plan_grid((5000, 5000), 0.25, 1.0, 224, level_downsamples=(1.0, 4.003, 16.0))
+    assert (g.level, g.read_size) == (1, 224)
+    g = plan_grid((5000, 5000), 0.25, 1.0, 224, level_downsamples=(1.0, 4.08, 16.0))
+    assert (g.level, g.read_size) == (0, 896)
+    # 0.499 um/px slide at 0.5 um/px: tiles of 224.45 level-0 px, read as 224, no drift
+    g = plan_grid((2220, 2967), 0.499, 0.5, 224)
+    assert g.tile_l0 == pytest.approx(224 * 0.5 / 0.499)
+    assert g.read_size == 224
+    assert g.x[:9].tolist() == [int(np.floor(i * g.tile_l0 + 0.5)) for i in range(9)]
+    assert len(g) == 9 * 13
+    # upsampling: a 0.5 um/px slide tiled at 0.25 um/px reads half-size regions
+    g = plan_grid((1000, 1000), 0.5, 0.25, 224)
+    assert (g.level, g.read_size, g.tile_l0) == (0, 112, 112.0)
+
+
+def test_best_level():
+    ds = [1.0, 4.0, 16.0, 32.0]
+    assert best_level(ds, 1.0) == 0
+    assert best_level(ds, 3.9) == 0
+    assert best_level(ds, 4.0) == 1
+    assert best_level(ds, 15.0) == 1
+    assert best_level(ds, 15.9) == 2          # 16 is within 1 % of 15.9
+    assert best_level(ds, 100.0) == 3
+    assert best_level(ds, 0.5) == 0           # finer than level 0: level 0 (then upsampled)
+    assert best_level([1.0, 2.0005], 2.0) == 1
+
+
+def test_plan_grid_keeps_tiles_by_tissue_fraction():
+    dims = (800, 600)
+    mask = np.zeros((75, 100), bool)          # 1/8 scale
+    mask[:, :50] = True                       # tissue in level-0 x < 400
+    mask[:, 50:56] = True                     # and x < 448: the tile at x=400 is 48 % tissue
+    g = plan_grid(dims, 1.0, 1.0, 100, mask, min_tissue=0.25)
+    assert sorted(set(g.x.tolist())) == [0, 100, 200, 300, 400]
+    assert len(g) == 5 * 6
+    np.testing.assert_allclose(g.tissue[g.x == 400], 0.48, atol=1e-6)
+    np.testing.assert_allclose(g.tissue[g.x < 400], 1.0)
+    g = plan_grid(dims, 1.0, 1.0, 100, mask, min_tissue=0.5)
+    assert sorted(set(g.x.tolist())) == [0, 100, 200, 300]
+    assert len(plan_grid(dims, 1.0, 1.0, 100, np.zeros((3, 4), bool))) == 0
+
+
+def test_tissue_fraction_is_exact_for_coarse_masks():
+    mask = np.zeros((3, 3), bool)
+    mask[1, 1] = True                         # level-0 square [100, 200)^2 on a 300 px slide
+    g = plan_grid((300, 300), 1.0, 1.0, 150, mask, min_tissue=0.0)
+    # each 150 px tile overlaps the tissue square by 50x50 px
+    np.testing.assert_allclose(g.tissue, [50 * 50 / 150 ** 2] * 4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(slide_mpp=0.0), dict(target_mpp=-1.0),
+                                    dict(tile_size=0), dict(min_tissue=1.5)])
+def test_plan_grid_rejects_bad_values(kwargs):
+    args = dict(dims=(100, 100), slide_mpp=0.5, target_mpp=0.5, tile_size=10) | kwargs
+    with pytest.raises(SlideError):
+        plan_grid(**args)
+
+
+def test_grid_json_round_trip(tmp_path):
+    mask = np.random.default_rng(0).random((30, 40)) > 0.5
+    g = plan_grid((4000, 3000), 0.25, 0.5, 224, mask, level_downsamples=(1.0, 4.0))
+    g.save_json(tmp_path / "g.json")
+    h = TileGrid.load_json(tmp_path / "g.json")
+    assert np.array_equal(g.x, h.x) and np.array_equal(g.y, h.y)
+    np.testing.assert_allclose(g.tissue, h.tissue, atol=1e-4)
+    assert (h.dims, h.level, h.read_size, h.tile_l0, h.slide_mpp) == \
+        (g.dims, g.level, g.read_size, g.tile_l0, g.slide_mpp)
+
+
+# --------------------------------------------------------------------------- tissue mask
+
+def test_otsu_splits_two_modes():
+    rng = np.random.default_rng(1)
+    v = np.concatenate([rng.normal(20, 4, 5000), rng.normal(180, 10, 3000)])
+    t = otsu_threshold(np.clip(v, 0, 255).astype(np.uint8))
+    assert 30 < t < 150
+    assert (v[:5000] <= t).mean() > 0.99 and (v[5000:] > t).mean() > 0.99
+
+
+def _reference_morph(mask, r, grow):
+    padded = np.pad(mask, r, constant_values=not grow)
+    h, w = mask.shape
+    stack = [padded[dy:dy + h, dx:dx + w] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
+    return np.any(stack, axis=0) if grow else np.all(stack, axis=0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+def test_morphology_matches_brute_force(r):
+    mask = np.random.default_rng(r).random((37, 53)) > 0.7
+    for grow in (True, False):
+        assert np.array_equal(wsi._morph(mask, r, grow), _reference_morph(mask, r, grow))
+
+
+def test_tissue_mask_finds_stain_and_drops_dust():
+    img = np.full((200, 300, 3), 240, np.uint8)
+    yy, xx = np.mgrid[:200, :300]
+    disc = (yy - 100) ** 2 + (xx - 120) ** 2 < 60 ** 2
+    img[disc] = (200, 120, 170)                     # eosin-pink tissue
+    img[20:22, 260:262] = (90, 40, 120)             # a 2x2 dust speck
+    mask = tissue_mask(img, close_px=2, open_px=2)
+    assert mask[100, 120] and not mask[5, 5] and not mask[21, 261]
+    assert abs(mask.sum() / disc.sum() - 1) < 0.05
+
+
+# --------------------------------------------------------------------------- keys and identity
+
+def test_slide_ids_and_tile_keys(tmp_path):
+    assert slide_id(tmp_path / "a" / "x.svs", tmp_path) == "a/x.svs"
+    assert slide_id(tmp_path / "b" / "x.svs", tmp_path) == "b/x.svs"
+    assert slide_id(tmp_path / "x.ome.tiff", tmp_path) == "x.ome.tiff"
+    with pytest.raises(SourceError):
+        slide_id(tmp_path.parent / "elsewhere.svs", tmp_path)
+    key = tile_key("a/x.svs", np.int64(448), 896)
+    assert key == "a/x.svs/448_896"
+    assert parse_tile_key(key) == ("a/x.svs", 448, 896)
+
+
+def test_slide_identity_notices_changed_bytes(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(0).integers(0, 256, 3 << 20, np.uint8).tobytes())
+    base = slide_identity(big)
+    assert base["size"] == 3 << 20 and slide_identity(big) == base
+    for pos in (10, (3 << 20) - 10):                # in the first and in the last MiB
+        data = bytearray(big.read_bytes())
+        data[pos] ^= 0xFF
+        changed = tmp_path / f"changed{pos}.bin"
+        changed.write_bytes(bytes(data))
+        assert slide_identity(changed)["sha256_head_tail"] != base["sha256_head_tail"]
+    copy = tmp_path / "CMU.svs"
+    shutil.copyfile(CMU, copy)
+    ident = slide_identity(copy)
+    with open(copy, "r+b") as f:                   # a small slide is hashed whole
+        f.seek(1_000_000)
+        b = f.read(1)
+        f.seek(1_000_000)
+        f.write(bytes([b[0] ^ 1]))
+    assert slide_identity(copy) != ident and slide_identity(copy)["size"] == ident["size"]
+
+
+# --------------------------------------------------------------------------- the shipped slide
+
+@pytest.fixture(scope="module")
+def cmu():
+    with SlideReader(CMU) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def cmu_plan(cmu):
+    return plan_slide(cmu, 0.5, 224)
+
+
+def test_cmu_metadata_and_regions(cmu):
+    assert cmu.backend == "openslide"
+    assert cmu.dimensions == (2220, 2967)
+    assert cmu.level_dimensions == [(2220, 2967)] and cmu.level_downsamples == [1.0]
+    assert cmu.mpp == pytest.approx(0.499)
+    region = cmu.read_region(1000, 1500, 0, 300, 200)
+    assert region.shape == (200, 300, 3) and region.dtype == np.uint8
+    assert np.all(cmu.read_region(-500, -500, 0, 100, 100) == 255)   # outside: white
+    edge = cmu.read_region(2200, 0, 0, 50, 10)
+    assert np.all(edge[:, 20:] == 255)
+    thumb = cmu.thumbnail(512)
+    assert thumb.shape == (512, round(2220 * 512 / 2967), 3) and thumb.dtype == np.uint8
+
+
+def test_cmu_plan_at_half_micron(cmu, cmu_plan, tmp_path):
+    plan = cmu_plan
+    frac = plan.mask.mean()
+    assert 0.25 < frac < 0.55, frac        # a tissue strip with glass on both sides
+    assert plan.mask_mpp == pytest.approx(2.0, rel=0.01)
+    g = plan.grid
+    assert g.tile_l0 == pytest.approx(224.45, abs=0.01) and g.read_size == 224
+    assert g.level == 0 and g.slide_mpp == pytest.approx(0.499)
+    assert 40 <= len(g) < 9 * 13           # only tissue tiles of the 117-tile lattice
+    tiles = np.stack([read_tile(cmu, g, i) for i in range(len(g))])
+    assert tiles.shape == (len(g), 224, 224, 3) and tiles.dtype == np.uint8
+    assert np.all(tiles.reshape(len(g), -1).mean(1) < 235)   # no blank tile kept
+    # dropped lattice tiles are mostly glass
+    full = plan_grid(g.dims, g.slide_mpp, 0.5, 224)
+    dropped = sorted(_keys(full) - _keys(g))
+    white = [cmu.read_region(x, y, 0, 224, 224).mean() for x, y in dropped[:20]]
+    assert np.mean(white) > np.mean(tiles.mean((1, 2, 3)))
+    paths = plan.save(tmp_path, "cmu")
+    from PIL import Image
+    with Image.open(paths["overlay"]) as im:
+        assert im.size == (plan.thumbnail.shape[1], plan.thumbnail.shape[0])
+    with Image.open(paths["mask"]) as im:
+        assert (np.asarray(im) > 0).mean() == pytest.approx(frac)
+    assert np.array_equal(TileGrid.load_json(paths["grid"]).x, g.x)
+
+
+def test_cmu_one_micron_tiles(cmu, cmu_plan):
+    g = plan_grid(cmu.dimensions, cmu.mpp, 1.0, 224, cmu_plan.mask,
+                  level_downsamples=cmu.level_downsamples)
+    assert (g.level, g.read_size) == (0, 449)        # single level: read 449 px, downsample
+    t = read_tile(cmu, g, len(g) // 2)
+    assert t.shape == (224, 224, 3) and t.dtype == np.uint8 and t.std() > 10
+
+
+def test_tifffile_reader_matches_openslide(cmu, cmu_plan):
+    g = cmu_plan.grid
+    with SlideReader(CMU, backend="tifffile") as tr:
+        assert tr.backend == "tifffile" and tr.mpp == pytest.approx(0.499)
+        assert tr.level_dimensions == cmu.level_dimensions
+        for i in range(0, len(g), 7):
+            assert _mad(read_tile(tr, g, i), read_tile(cmu, g, i)) < 0.5
+        assert _mad(tr.read_region(-30, 2900, 0, 100, 100),
+                    cmu.read_region(-30, 2900, 0, 100, 100)) < 0.5
+
+
+def test_tiff_chunk_reads_equal_whole_level_reads():
+    regions = [(0, 0, 300, 200), (100, 1000, 481, 999), (-50, -60, 200, 200),
+               (2100, 2900, 300, 300), (239, 239, 2, 2)]
+    with SlideReader(CMU, backend="tifffile") as whole, \
+            SlideReader(CMU, backend="tifffile", cache_mb=2) as chunked:
+        for x, y, w, h in regions:
+            assert np.array_equal(whole.read_region(x, y, 0, w, h),
+                                  chunked.read_region(x, y, 0, w, h))
+
+
+def test_render_in_blocks_matches_one_block(cmu, monkeypatch):
+    one = cmu.render(4.0)
+    monkeypatch.setattr(wsi, "_RENDER_BLOCK", 300)
+    blocks = cmu.render(4.0)
+    assert blocks.shape == one.shape == (round(2967 / 4), round(2220 / 4), 3)
+    assert _mad(blocks, one) < 2.0
+
+
+def _read_in_child(reader, grid, queue):
+    queue.put(read_tile(reader, grid, 3))
+
+
+def test_reader_pickles_as_path_and_survives_fork(cmu_plan):
+    g = cmu_plan.grid
+    with SlideReader(CMU, backend="tifffile") as r:
+        expected = read_tile(r, g, 3)
+        state = pickle.dumps(r)
+        assert len(state) < 500                     # the path, not the decoded cache
+        with pickle.loads(state) as r2:
+            assert np.array_equal(read_tile(r2, g, 3), expected)
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_read_in_child, args=(r, g, q))
+        p.start()
+        got = q.get(timeout=30)
+        p.join(30)
+        assert p.exitcode == 0 and np.array_equal(got, expected)
+        assert np.array_equal(read_tile(r, g, 3), expected)   # the parent's handle still works
+
+
+def test_unreadable_slides_raise_slide_error(tmp_path):
+    with pytest.raises(SlideError, match="not found"):
+        SlideReader(tmp_path / "missing.svs")
+    junk = tmp_path / "junk.svs"
+    junk.write_text("not a slide")
+    with pytest.raises(SlideError, match="junk.svs"):
+        SlideReader(junk)
+
+
+# --------------------------------------------------------------------------- ../shared slides
+
+@needs_shared
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_tcga_without_mpp_needs_a_user_mpp(backend):
+    path = SHARED_WSI / "TCGA-CR-7395-01A-01-TS1.svs"
+    with SlideReader(path, backend=backend) as r:
+        assert r.mpp is None and len(r.level_dimensions) == 2
+        with pytest.raises(SlideError, match="--slide-mpp") as err:
+            plan_slide(r, 0.5, 224)
+        assert "TCGA-CR-7395-01A-01-TS1.svs" in str(err.value) and "\n" not in str(err.value)
+        plan = plan_slide(r, 1.0, 224, slide_mpp=0.5)   # JPEG 2000 tiles decode
+        g = plan.grid
+        assert (g.level, g.read_size) == (1, 224) and len(g) > 20
+        tiles = [read_tile(r, g, i) for i in range(0, len(g), max(1, len(g) // 8))]
+        assert all(t.shape == (224, 224, 3) and t.mean() < 230 for t in tiles)
+
+
+@needs_shared
+def test_tcga_jpeg2000_same_pixels_in_both_readers():
+    path = SHARED_WSI / "TCGA-CR-7395-01A-01-TS1.svs"
+    with SlideReader(path, backend="openslide") as a, \
+            SlideReader(path, backend="tifffile", cache_mb=8) as b:
+        assert _mad(a.read_region(1000, 1000, 0, 500, 400),
+                    b.read_region(1000, 1000, 0, 500, 400)) < 0.5
+
+
+@needs_shared
+def test_derived_tiffs_match_the_svs(cmu, cmu_plan):
+    svs_grid = cmu_plan.grid
+    for name, backend in [("CMU-1-Small-Region.pyramid.tiff", "openslide"),
+                          ("CMU-1-Small-Region.ome.tiff", "tifffile")]:
+        with SlideReader(SHARED_WSI / name) as r:
+            assert r.backend == backend and len(r.level_dimensions) == 4
+            assert r.dimensions == cmu.dimensions and r.mpp == pytest.approx(0.499)
+            g = plan_slide(r, 0.5, 224).grid
+            assert (g.level, g.read_size, g.tile_l0) == \
+                (svs_grid.level, svs_grid.read_size, svs_grid.tile_l0)
+            # masks come from recompressed thumbnails: a tile at the threshold may flip
+            common = _keys(g) & _keys(svs_grid)
+            assert len(_keys(g) ^ _keys(svs_grid)) <= 2 and len(common) >= 0.95 * len(g)
+            tx = {k: i for i, k in enumerate(zip(g.x.tolist(), g.y.tolist()))}
+            sx = {k: i for i, k in enumerate(zip(svs_grid.x.tolist(), svs_grid.y.tolist()))}
+            diffs = [_mad(read_tile(r, g, tx[k]), read_tile(cmu, svs_grid, sx[k]))
+                     for k in sorted(common)]
+            # measured ~5.5 mean, ~7.7 max: 4:2:0 JPEG recompression of busy tissue, no shift
+            assert np.mean(diffs) < 7 and max(diffs) < 10
+            g1 = plan_grid(r.dimensions, r.mpp, 1.0, 224, level_downsamples=r.level_downsamples)
+            assert (g1.level, g1.read_size) == (1, 224)     # read from the 2x level
+            s1 = plan_grid(cmu.dimensions, cmu.mpp, 1.0, 224)
+            assert np.array_equal(g1.x, s1.x) and np.array_equal(g1.y, s1.y)
+            d1 = [_mad(read_tile(r, g1, i), read_tile(cmu, s1, i)) for i in range(len(g1))]
+            assert np.mean(d1) < 9        # ~6: level 1 was resampled, then recompressed
+
+
+@needs_shared
+def test_ome_tiff_mpp_when_opened_with_openslide():
+    with SlideReader(SHARED_WSI / "CMU-1-Small-Region.ome.tiff", backend="openslide") as r:
+        assert len(r.level_dimensions) == 1          # OpenSlide misses the SubIFD pyramid
+        assert r.mpp == pytest.approx(0.499)          # taken from the OME XML
