@@ -45,7 +45,38 @@ def _uj(b: bytes | memoryview) -> Any:
 
 
 _ENVS: dict[tuple[int, str, bool], "Catalog"] = {}
-_ENVS_LOCK = threading.Lock()
+_ENVS_LOCK = threading.RLock()
+
+
+def _before_fork() -> None:
+    # No transaction may be in flight across a fork: hold every catalog's lock while forking.
+    _ENVS_LOCK.acquire()
+    for c in _ENVS.values():
+        c._lock.acquire()
+
+
+def _after_fork_parent() -> None:
+    for c in _ENVS.values():
+        c._lock.release()
+    _ENVS_LOCK.release()
+
+
+def _after_fork_child() -> None:
+    # The inherited environments must not be used here. Closing them is safe (no transaction
+    # is open, and this pid owns no reader slots or file locks); it frees the path so the
+    # child can open its own environment.
+    for k, c in list(_ENVS.items()):
+        c._lock.release()
+        try:
+            c.env.close()
+        except Exception:
+            pass
+        del _ENVS[k]
+    _ENVS_LOCK.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                    after_in_child=_after_fork_child)
 
 
 def open_catalog(path: Path, *, create: bool = False, lock: bool = True) -> "Catalog":

@@ -65,10 +65,15 @@ class Store:
         self.meta: StoreMeta = read_meta(self.path)
         if not self.lay.catalog.is_dir():
             raise NotAStoreError(f"{self.path} has STORE.json but no catalog/; it is damaged")
-        self.cat = open_catalog(self.path, lock=lock)
+        self._lock_mode = lock
         self.dim, self.dtype = self.meta.dim, np.dtype(self.meta.dtype)
         self._mapped: dict[str, MappedShard] = {}
         self.refresh()
+
+    @property
+    def cat(self) -> Any:
+        """This process's catalog (a store object that crossed a fork reopens it)."""
+        return open_catalog(self.path, lock=self._lock_mode)
 
     # -- snapshot -----------------------------------------------------------------------
     def refresh(self) -> "Store":

@@ -44,7 +44,8 @@ def create_store(path: Path | str, meta: StoreMeta) -> None:
     lay = Layout(Path(path))
     if lay.meta.exists():
         raise StoreExistsError(f"{path} already holds a store; open it instead")
-    if lay.root.exists() and any(lay.root.iterdir()):
+    ours = {"catalog", "shards", "tmp", ".writers.lock"}  # an interrupted creation resumes
+    if lay.root.exists() and any(f.name not in ours for f in lay.root.iterdir()):
         raise StoreExistsError(f"{path} exists and is not empty; choose a new directory")
     lay.make_dirs()
     open_catalog(lay.root, create=True)
@@ -196,6 +197,9 @@ class StoreWriter:
         if unknown:
             raise TypeError(f"unknown metadata columns {sorted(unknown)}; "
                             f"known: {sorted(META_COLUMNS)[1:]}")
+        if unit is not None and unit not in self._pending and unit not in self._spilled and \
+                self.cat.read(lambda t: t.get(unit.encode(), db=self.cat.db["units"])) is not None:
+            return  # committed meanwhile (by another process): kept once
         keys = [str(k) for k in keys]
         keep = self._check_duplicates(keys)
         if keep is not None:
