@@ -400,6 +400,10 @@ class Store:
         return self.cat.read(lambda t: {bytes(k).decode() for k in
                                         t.cursor(db=self.cat.db["units"]).iternext(values=False)})
 
+    def units(self) -> dict[str, dict[str, Any]]:
+        """Finished work units and what was recorded with each (shard, time, slide identity)."""
+        return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "units")})
+
     def errors(self) -> dict[str, dict[str, Any]]:
         return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "errors")})
 

@@ -110,7 +110,7 @@ class _OpenFile:
     sink: _atomic.HashingFile
     schema: pa.Schema
     rows: int = 0
-    units: list[str] = field(default_factory=list)
+    units: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     slide_runs: list[list[Any]] = field(default_factory=list)   # [slide, start_row, count]
     view: "_OpenFile | None" = None
@@ -234,11 +234,14 @@ class StoreWriter:
             self._submit(("spill", unit, self._pending.pop(unit)))
             self._spilled.add(unit)
 
-    def end_unit(self, unit: str | None) -> None:
-        """Declare ``unit`` complete: its rows may now be committed."""
+    def end_unit(self, unit: str | None, *, done: bool = True,
+                 info: dict[str, Any] | None = None) -> None:
+        """Declare ``unit`` complete: its rows may now be committed. ``done=False`` commits the
+        rows without marking the unit finished (some of its inputs failed: a re-run retries it);
+        ``info`` is kept with the unit's record (e.g. a slide's size and content hash)."""
         self._raise_pending()
         p = self._pending.pop(unit, None)
-        self._submit(("end", unit, p))
+        self._submit(("end", unit, (p, done, info)))
 
     def add_error(self, unit: str, reason: str, **info: Any) -> None:
         """Record that ``unit`` failed (committed with the next shard, or at close)."""
@@ -257,7 +260,7 @@ class StoreWriter:
         try:
             if not abort and self._exc is None:
                 if None in self._pending:
-                    self._submit(("end", None, self._pending.pop(None)))
+                    self._submit(("end", None, (self._pending.pop(None), True, None)))
                 self._submit(("flush", None, None))
         finally:
             if self._q is not None:
@@ -349,14 +352,15 @@ class StoreWriter:
         if kind == "spill":
             self._write_rows(arg)
         elif kind == "end":
-            if arg is not None and arg.rows:
-                self._write_rows(arg)
-            if unit is not None or arg is not None:
-                self._spilled.discard(unit)
-                if self._file is not None and unit is not None:
-                    self._file.units.append(unit)
-                elif unit is not None:
-                    self._commit(None, [unit])   # a unit without rows (e.g. no tissue)
+            p, done, info = arg
+            if p is not None and p.rows:
+                self._write_rows(p)
+            self._spilled.discard(unit)
+            if unit is not None and done:
+                if self._file is not None:
+                    self._file.units.append((unit, info or {}))
+                else:
+                    self._commit(None, [(unit, info or {})])   # a unit without rows (no tissue)
             if self._file is not None and not self._spilled and self._file.rows >= self.rows_per_shard:
                 self._seal_and_commit()
         elif kind == "error":
@@ -445,7 +449,7 @@ class StoreWriter:
         self.stats["commit_s"] += time.perf_counter() - t0
         self.stats["shards"] += 1
 
-    def _commit(self, f: _OpenFile | None, units: list[str],
+    def _commit(self, f: _OpenFile | None, units: list[tuple[str, dict[str, Any]]],
                 recs: dict[str, dict[str, Any]] | None = None) -> None:
         cat = self.cat
         now = time.time()
@@ -464,7 +468,7 @@ class StoreWriter:
                         dups += 1
                 if dups:
                     cat.bump(t, "tomb_gen")
-                base = dict(recs[f.name], kind="base", first_id=first, seq=seq, units=units,
+                base = dict(recs[f.name], kind="base", first_id=first, seq=seq, units=[u for u, _ in units],
                             writer=self.token, time=now)
                 cat.put_json(t, "shards", f.name, base)
                 t.put(u64(seq), f.name.encode(), db=cat.db["order"])
@@ -473,8 +477,8 @@ class StoreWriter:
                                  dict(recs[f.view.name], kind="view", base=f.name, time=now))
                 for s, start, count in f.slide_runs:
                     t.put(slide_key(s, first + start), u64(count), db=cat.db["slides"])
-            for u in units:
-                cat.put_json(t, "units", u, {"shard": f.name if f else None, "time": now})
+            for u, info in units:
+                cat.put_json(t, "units", u, dict(info, shard=f.name if f else None, time=now))
                 t.delete(u.encode(), db=cat.db["errors"])
             return first
 

@@ -1,0 +1,95 @@
+"""What DataLoader workers do: decode and crop tiles (and make their views).
+
+The sampler (main process) yields batches of *tile specs* — plain tuples that say everything a
+worker needs — so one persistent DataLoader serves every unit of the run, whatever was planned
+after its workers started. Workers open slides lazily (after the fork) and keep a few open.
+A tile that cannot be read comes back flagged with the reason; the run goes on.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .transforms import ViewRecipe, make_views
+
+__all__ = ["TileSpec", "TileDataset", "collate"]
+
+
+class TileSpec(NamedTuple):
+    unit: int            # index of the unit in the run's unit list
+    key: str             # tile key
+    path: str            # image file or slide file
+    x: int = -1          # level-0 x (slides)
+    y: int = -1
+    level: int = 0       # pyramid level to read from
+    read_w: int = 0      # size read at that level (then resized to tile_size)
+    read_h: int = 0
+    tile_size: int = 0   # output side in pixels (0: the file's own size)
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose "indices" are :class:`TileSpec` tuples."""
+
+    def __init__(self, views: ViewRecipe | None = None, file_size: int | None = None,
+                 max_open_slides: int = 4) -> None:
+        self.views = views
+        self.file_size = file_size
+        self.max_open = max_open_slides
+        self._slides: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:  # not used: the sampler drives
+        return 0
+
+    def _reader(self, path: str) -> Any:
+        r = self._slides.get(path)
+        if r is None:
+            from .wsi import SlideReader
+            r = SlideReader(path)
+            self._slides[path] = r
+            while len(self._slides) > self.max_open:
+                _, old = self._slides.popitem(last=False)
+                old.close()
+        else:
+            self._slides.move_to_end(path)
+        return r
+
+    def _read(self, s: TileSpec) -> np.ndarray:
+        from PIL import Image
+        if s.x >= 0:
+            tile = self._reader(s.path).read_region(s.x, s.y, s.level, s.read_w, s.read_h)
+            if tile.shape[:2] != (s.tile_size, s.tile_size):
+                tile = np.asarray(Image.fromarray(tile).resize((s.tile_size, s.tile_size),
+                                                               Image.Resampling.LANCZOS))
+            return tile
+        with Image.open(s.path) as im:
+            im = im.convert("RGB")
+            size = self.file_size or s.tile_size
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im)
+
+    def __getitem__(self, s: TileSpec) -> tuple[np.ndarray | None, TileSpec, str | None, float]:
+        t0 = time.perf_counter()
+        try:
+            tile = self._read(s)
+            if self.views is not None and self.views.k:
+                tile = np.concatenate([tile[None], make_views(tile, self.views, s.key)])
+            err = None
+        except Exception as e:  # an unreadable input is recorded, never fatal
+            tile, err = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return tile, s, err, time.perf_counter() - t0
+
+
+def collate(items: list[tuple[np.ndarray | None, TileSpec, str | None, float]]) -> dict[str, Any]:
+    ok = [it for it in items if it[0] is not None]
+    shapes = {it[0].shape for it in ok}
+    if len(shapes) > 1:  # files of several sizes: the dataset resizes to one, so this is a bug
+        raise ValueError(f"tiles of different shapes in one batch: {sorted(shapes)}")
+    tiles = torch.from_numpy(np.stack([it[0] for it in ok])) if ok else torch.empty(0, dtype=torch.uint8)
+    return {"tiles": tiles, "specs": [it[1] for it in ok],
+            "failed": [(it[1], it[2]) for it in items if it[0] is None],
+            "read_s": sum(it[3] for it in items)}

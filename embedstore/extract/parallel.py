@@ -1,0 +1,165 @@
+"""One process per device, coordinated by torch.distributed.
+
+``--devices cuda:0,cuda:1`` (or ``cpu,cpu`` to test without GPUs) spawns one process per device
+on this machine; under ``torchrun`` the ranks come from the environment instead. Units are
+claimed dynamically from an atomic counter in the c10d key-value store, over one list of pending
+units that every rank computes identically (largest first, so the tail is balanced by tile
+count, not slide count). Each rank writes its own shards; LMDB serialises the commits.
+At the end the ranks' summaries are gathered on rank 0.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .runner import ExtractConfig, ExtractResult, run_process
+from .sources import Discovery
+from .transforms import ViewRecipe
+
+__all__ = ["run_parallel", "plan_claims"]
+
+CLAIM_KEY = "embedstore/next-unit"
+
+
+def plan_claims(weights: list[int], world: int) -> list[list[int]]:
+    """The assignment dynamic claiming converges to when every unit costs its weight:
+    largest first, each to the least loaded rank (LPT). Pure; used to reason about balance."""
+    load = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(weights)), key=lambda j: -weights[j]):
+        r = min(range(world), key=lambda q: load[q])
+        out[r].append(i)
+        load[r] += weights[i]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _claimer(store: Any, todo: list[int]) -> Any:
+    def claim() -> int | None:
+        j = int(store.add(CLAIM_KEY, 1)) - 1
+        return todo[j] if j < len(todo) else None
+    return claim
+
+
+def _worker(rank: int, world: int, port: int, cfg: ExtractConfig, disc: Discovery,
+            recipe: ViewRecipe | None, devices: list[str], out_dir: str) -> None:
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
+                          timeout=timedelta(minutes=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, store)
+        Path(out_dir, f"rank{rank}.json").write_text(_dump(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_body(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, device: str,
+               rank: int, world: int, kv: Any) -> ExtractResult:
+    import torch.distributed as dist
+    from .runner import _pending_units
+    # every rank computes the same pending list; rank 0 creates the store first
+    if rank != 0:
+        dist.barrier()
+    probe = ExtractResult()
+    todo = _pending_units(disc, Path(cfg.store), probe, lambda u, r: None)
+    claim = _claimer(kv, todo)
+    cfg_rank = cfg if rank == 0 else _quiet(cfg)
+    res = run_process(cfg_rank, disc, recipe, device, rank=rank, world=world,
+                      claim=_first_then(claim, rank, world))
+    dist.barrier()
+    return res
+
+
+def _first_then(claim: Any, rank: int, world: int) -> Any:
+    """Rank 0 releases the others once its writer has created the store."""
+    import torch.distributed as dist
+    released = rank != 0
+
+    def wrapped() -> int | None:
+        nonlocal released
+        if not released:
+            released = True
+            dist.barrier()
+        return claim()
+    return wrapped
+
+
+def _quiet(cfg: ExtractConfig) -> ExtractConfig:
+    from dataclasses import replace
+    return replace(cfg, progress=cfg.progress)
+
+
+def _dump(res: ExtractResult) -> str:
+    import json
+    from dataclasses import asdict
+    return json.dumps(asdict(res))
+
+
+def _load(text: str) -> ExtractResult:
+    import json
+    d = json.loads(text)
+    d["errors"] = [tuple(e) for e in d["errors"]]
+    return ExtractResult(**d)
+
+
+def run_parallel(sources: list[Any], cfg: ExtractConfig, disc: Discovery,
+                 recipe: ViewRecipe | None, devices: list[str]) -> ExtractResult:
+    import tempfile
+
+    import torch.multiprocessing as mp
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return _under_torchrun(cfg, disc, recipe, devices)
+    world = len(devices)
+    port = _free_port()
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 2) // world)
+    from dataclasses import replace
+    cfg = replace(cfg, num_threads=threads)
+    with tempfile.TemporaryDirectory(prefix="embedstore-ranks-") as out:
+        mp.start_processes(_worker, args=(world, port, cfg, disc, recipe, devices, out),
+                           nprocs=world, join=True, start_method="spawn")
+        total = ExtractResult()
+        for r in range(world):
+            part = _load(Path(out, f"rank{r}.json").read_text())
+            total.merge(part)
+            total.units_skipped = max(total.units_skipped, part.units_skipped)
+    return total
+
+
+def _under_torchrun(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None,
+                    devices: list[str]) -> ExtractResult:
+    """Ranks from torchrun's environment; the default group's store carries the claims."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+        from ..errors import SourceError
+        raise SourceError("several nodes share this run: LMDB's locks do not hold across machines, "
+                          "so embedstore writes one store per node for now; run torchrun per node "
+                          "with its own --store (see README)")
+    backend = "nccl" if torch.cuda.is_available() and devices[0].startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    try:
+        kv = c10d._get_default_store()
+        device = f"cuda:{local}" if backend == "nccl" else devices[local % len(devices)]
+        res = _rank_body(cfg, disc, recipe, device, rank, world, kv)
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, _dump(res))
+    finally:
+        dist.destroy_process_group()
+    total = ExtractResult()
+    for p in parts:
+        part = _load(p)
+        total.merge(part)
+        total.units_skipped = max(total.units_skipped, part.units_skipped)
+    return total
