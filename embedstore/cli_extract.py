@@ -37,13 +37,17 @@ from .cli import handled, main
 @click.option("--min-tissue", type=float, default=0.25, show_default=True,
               help="Tissue fraction a slide tile needs to be kept.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--files-per-unit", type=int, default=256, show_default=True,
+              help="Files per work unit (what a resume skips or redoes).")
+@click.option("--rows-per-shard", type=int, default=65536, show_default=True,
+              help="Rows per committed shard (a shard is also committed every 30 s of work).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handled
 def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str | None,
             random_init: bool, target_mpp: float | None, slide_mpp: float | None,
             tile_size: int | None, views: int | None, view_seed: int, devices: str, batch_size: int,
             workers: int | None, threads: int | None, precision: str | None, dtype: str,
-            task: str | None, min_tissue: float, compile_: bool, quiet: bool) -> None:
+            task: str | None, min_tissue: float, compile_: bool, files_per_unit: int, rows_per_shard: int, quiet: bool) -> None:
     """Embed tiles into STORE. SOURCE is a folder of tiles (class sub-folders become labels),
     a CSV manifest (path,label[,split,slide]), a slide file or a folder of slides.
 
@@ -57,7 +61,8 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
                         view_seed=view_seed, batch_size=batch_size, num_workers=workers,
                         precision=precision, dtype=dtype, task=task, devices=devices,
                         compile=compile_, min_tissue=min_tissue, progress=not quiet,
-                        num_threads=threads)
+                        num_threads=threads, files_per_unit=files_per_unit,
+                        rows_per_shard=rows_per_shard)
     res = run(list(sources), cfg)
     click.echo(res.summary())
     if res.overlays:

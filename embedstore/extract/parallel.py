@@ -66,36 +66,13 @@ def _rank_body(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, d
                rank: int, world: int, kv: Any) -> ExtractResult:
     import torch.distributed as dist
     from .runner import _pending_units
-    # every rank computes the same pending list; rank 0 creates the store first
-    if rank != 0:
-        dist.barrier()
-    probe = ExtractResult()
-    todo = _pending_units(disc, Path(cfg.store), probe, lambda u, r: None)
-    claim = _claimer(kv, todo)
-    cfg_rank = cfg if rank == 0 else _quiet(cfg)
-    res = run_process(cfg_rank, disc, recipe, device, rank=rank, world=world,
-                      claim=_first_then(claim, rank, world))
+    # every rank computes the same pending list (before anything is written this run)
+    todo = _pending_units(disc, Path(cfg.store), ExtractResult(), lambda u, r: None)
+    dist.barrier()
+    res = run_process(cfg, disc, recipe, device, rank=rank, world=world,
+                      claim=_claimer(kv, todo), sync=dist.barrier)
     dist.barrier()
     return res
-
-
-def _first_then(claim: Any, rank: int, world: int) -> Any:
-    """Rank 0 releases the others once its writer has created the store."""
-    import torch.distributed as dist
-    released = rank != 0
-
-    def wrapped() -> int | None:
-        nonlocal released
-        if not released:
-            released = True
-            dist.barrier()
-        return claim()
-    return wrapped
-
-
-def _quiet(cfg: ExtractConfig) -> ExtractConfig:
-    from dataclasses import replace
-    return replace(cfg, progress=cfg.progress)
 
 
 def _dump(res: ExtractResult) -> str:

@@ -48,6 +48,7 @@ class ExtractConfig:
     rows_per_shard: int = 65536       # rows per committed shard
     progress: bool = True             # tqdm bar
     num_threads: int | None = None    # intra-op threads per process (torch / onnxruntime)
+    files_per_unit: int = 256         # files per work unit (the resume granularity)
 
 
 @dataclass
@@ -159,7 +160,7 @@ def _devices(spec: str) -> list[str]:
 def extract(sources: list[str | Path], cfg: ExtractConfig) -> ExtractResult:
     """Embed every tile of ``sources`` into ``cfg.store``; resumable, see the module doc."""
     t_start = time.perf_counter()
-    disc = discover(sources, cfg.task)
+    disc = discover(sources, cfg.task, cfg.files_per_unit)
     store = Path(cfg.store)
     existing = read_meta(store) if (store / "STORE.json").exists() else None
     recipe = _recipe(cfg, existing)
@@ -213,7 +214,8 @@ def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
 
 
 def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, device: str, *,
-                rank: int, world: int, claim: Callable[[], int | None] | None) -> ExtractResult:
+                rank: int, world: int, claim: Callable[[], int | None] | None,
+                sync: Callable[[], None] | None = None) -> ExtractResult:
     """The work of one process (one device): claim units, embed, commit."""
     import torch
     from tqdm import tqdm
@@ -236,7 +238,12 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
     tile_size = int(meta.tile["tile_size"])
     masks_dir = store / "masks"
 
-    with StoreWriter(store, meta, on_duplicate="skip", rows_per_shard=cfg.rows_per_shard) as w:
+    if sync is not None and rank != 0:
+        sync()  # rank 0 creates the store first
+    w = StoreWriter(store, meta, on_duplicate="skip", rows_per_shard=cfg.rows_per_shard)
+    if sync is not None and rank == 0:
+        sync()
+    with w:
         def record_error(unit: str, reason: str) -> None:
             res.errors.append((unit, reason))
             w.add_error(unit, reason)
@@ -283,6 +290,8 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
 
         def batches() -> Iterator[list[TileSpec]]:
             buf: list[TileSpec] = []
+            if sync is not None:
+                sync()  # every rank is ready: claiming starts together
             while (ui := claim()) is not None:
                 t0 = time.perf_counter()
                 try:

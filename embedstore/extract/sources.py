@@ -80,12 +80,12 @@ def _kind_of_file(path: Path) -> str | None:
     return None
 
 
-def _chunks(src_tag: str, root: str, tiles: list[FileTile]) -> list[Unit]:
+def _chunks(src_tag: str, root: str, tiles: list[FileTile], chunk: int = CHUNK) -> list[Unit]:
     units = []
-    for i in range(0, len(tiles), CHUNK):
-        part = tiles[i:i + CHUNK]
+    for i in range(0, len(tiles), chunk):
+        part = tiles[i:i + chunk]
         h = hashlib.sha1("\n".join(t.key for t in part).encode()).hexdigest()[:10]
-        units.append(Unit(id=f"files:{src_tag}:{i // CHUNK:05d}:{h}", kind="files", source=root,
+        units.append(Unit(id=f"files:{src_tag}:{i // chunk:05d}:{h}", kind="files", source=root,
                           weight=len(part), files=part))
     return units
 
@@ -139,7 +139,7 @@ def _slide_unit(path: Path, root: Path) -> Unit:
                 weight=max(1, size // 100_000), slide_path=str(path.resolve()), slide_id=sid)
 
 
-def discover(sources: list[str | Path], task: str | None = None) -> Discovery:
+def discover(sources: list[str | Path], task: str | None = None, files_per_unit: int = CHUNK) -> Discovery:
     """Turn the SOURCE arguments into work units (pure listing: nothing is decoded)."""
     units: list[Unit] = []
     kinds: set[str] = set()
@@ -152,7 +152,7 @@ def discover(sources: list[str | Path], task: str | None = None) -> Discovery:
         if p.is_file():
             if p.suffix.lower() == ".csv":
                 tiles = _csv_files(p)
-                units += _chunks(p.stem, str(p.parent.resolve()), tiles)
+                units += _chunks(p.stem, str(p.parent.resolve()), tiles, files_per_unit)
                 kinds.add("files")
                 if any(t.label for t in tiles):
                     labelled_names.append(p.parent.resolve().name if p.stem == "labels" else p.stem)
@@ -180,7 +180,7 @@ def discover(sources: list[str | Path], task: str | None = None) -> Discovery:
                 raise SourceError(f"{src} holds no images or slides")
             if images:
                 tiles = _folder_files(p, images)
-                units += _chunks(p.resolve().name, str(p.resolve()), tiles)
+                units += _chunks(p.resolve().name, str(p.resolve()), tiles, files_per_unit)
                 kinds.add("files")
                 if any(t.label for t in tiles):
                     labelled_names.append(p.resolve().name)

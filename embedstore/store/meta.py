@@ -86,15 +86,15 @@ def _diff(a: Any, b: Any) -> str:
 
 def check_compatible(store: StoreMeta, given: StoreMeta, path: Path) -> None:
     """Refuse to mix embedding spaces: one line naming the first difference."""
-    if store.dim != given.dim:
-        raise DimensionMismatchError(
-            f"{path}: store embeddings are {store.dim}-d, given {given.dim}-d; use another store")
     for name in ("backbone", "weights_sha256", "transform", "tile", "dtype"):
         a, b = getattr(store, name), getattr(given, name)
         if a != b:
             raise BackboneMismatchError(
                 f"{path} was made with another {name} ({_diff(a, b)}); "
                 "write to a new store (one store = one embedding space)")
+    if store.dim != given.dim:
+        raise DimensionMismatchError(
+            f"{path}: store embeddings are {store.dim}-d, given {given.dim}-d; use another store")
 
 
 def env_flag(name: str) -> str | None:

@@ -223,9 +223,11 @@ class Store:
         return list(self.metadata(ids, ("key",))["key"])
 
     # -- embeddings -----------------------------------------------------------------------
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), dim) in the store dtype, in the order given."""
-        return self.embeddings.take(self._live_positions(ids))
+    def gather(self, ids: np.ndarray, prefetch: bool = False) -> np.ndarray:
+        """(len(ids), dim) in the store dtype, in the order given. ``prefetch=True`` asks
+        the kernel for all the rows' pages at once first: much faster when they are not in
+        the page cache (a store larger than memory), ~1 µs per row slower when they are."""
+        return self.embeddings.take(self._live_positions(ids), prefetch=prefetch)
 
     def get(self, keys: Sequence[str]) -> np.ndarray:
         return self.gather(self.ids(keys))

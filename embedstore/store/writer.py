@@ -113,6 +113,7 @@ class _OpenFile:
     units: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     slide_runs: list[list[Any]] = field(default_factory=list)   # [slide, start_row, count]
+    opened: float = field(default_factory=time.monotonic)
     view: "_OpenFile | None" = None
 
 
@@ -126,7 +127,8 @@ class StoreWriter:
 
     def __init__(self, path: Path | str, meta: StoreMeta | None = None, *,
                  rows_per_shard: int = 65536, spill_rows: int = 65536, batch_rows: int = 16384,
-                 on_duplicate: str = "error", background: bool = True) -> None:
+                 on_duplicate: str = "error", background: bool = True,
+                 commit_every_s: float = 30.0) -> None:
         self.lay = Layout(Path(path))
         if not self.lay.meta.exists():
             if meta is None:
@@ -144,6 +146,7 @@ class StoreWriter:
         self.on_duplicate = on_duplicate
         self.dim, self.dtype = self.meta.dim, np.dtype(self.meta.dtype)
         self.rows_per_shard, self.spill_rows, self.batch_rows = rows_per_shard, spill_rows, batch_rows
+        self.commit_every_s = commit_every_s  # bounds what a crash can lose
         self.lay.make_dirs()
         self._lockf = open(self.lay.lockfile, "a+")
         fcntl.flock(self._lockf, fcntl.LOCK_SH)      # compaction takes it exclusively
@@ -361,7 +364,9 @@ class StoreWriter:
                     self._file.units.append((unit, info or {}))
                 else:
                     self._commit(None, [(unit, info or {})])   # a unit without rows (no tissue)
-            if self._file is not None and not self._spilled and self._file.rows >= self.rows_per_shard:
+            f = self._file
+            if f is not None and not self._spilled and (
+                    f.rows >= self.rows_per_shard or time.monotonic() - f.opened > self.commit_every_s):
                 self._seal_and_commit()
         elif kind == "error":
             self._record_error(unit, arg)
@@ -480,6 +485,8 @@ class StoreWriter:
             for u, info in units:
                 cat.put_json(t, "units", u, dict(info, shard=f.name if f else None, time=now))
                 t.delete(u.encode(), db=cat.db["errors"])
+                for ek, _ in list(cat.items(t, "errors", (u + "|").encode())):  # per-input errors
+                    t.delete(ek, db=cat.db["errors"])
             return first
 
         cat.write(txn_fn)
