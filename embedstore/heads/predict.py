@@ -1,0 +1,173 @@
+"""Prediction over a whole store in constant memory, and a probability heatmap for one slide.
+
+``predict_store`` streams ``store.scan`` batches through the head and appends each batch to an
+Arrow IPC file (``key``, ``pred``, ``prob_<label>`` per class, and ``slide``, ``x``, ``y`` when the
+store knows them). The file is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import HeadError
+from .persist import check_fingerprint
+from .train import TrainedHead
+
+__all__ = ["HeatmapSpec", "predict_store", "render_heatmap", "infer_tile_size"]
+
+META_COLUMNS = ("key", "slide", "x", "y")
+
+
+@dataclass(frozen=True)
+class HeatmapSpec:
+    slide: str                     # slide name as stored in the tile metadata
+    out: str | os.PathLike[str]    # PNG to write
+    thumbnail: np.ndarray          # (h, w, 3) uint8 thumbnail of the slide
+    downsample: float              # level-0 pixels per thumbnail pixel
+    cls: str | None = None         # class whose probability is drawn; None = positive or last class
+    tile_size: int | None = None   # level-0 tile side; None = the smallest spacing of the tile grid
+    alpha: float = 0.5             # opacity of the tile squares
+
+    def check(self, head: TrainedHead) -> int:
+        """Validate against ``head``; returns the class index drawn."""
+        thumb = np.asarray(self.thumbnail)
+        if thumb.ndim != 3 or thumb.shape[2] not in (3, 4) or thumb.dtype != np.uint8:
+            raise HeadError(f"heatmap thumbnail must be (h, w, 3) uint8, got {thumb.dtype} {thumb.shape}")
+        if not self.downsample > 0:
+            raise HeadError(f"heatmap downsample must be > 0, got {self.downsample}")
+        if self.cls is None:
+            return head.positive if head.positive is not None else len(head.classes) - 1
+        if self.cls not in head.classes:
+            raise HeadError(f"heatmap class {self.cls!r} is not one of the head's classes {head.classes}")
+        return head.classes.index(self.cls)
+
+
+def _column(values: Any) -> Any:
+    import pyarrow as pa
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    arr = np.asarray(values)
+    return pa.array(arr.tolist() if arr.dtype == object else arr)
+
+
+def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str], batch_size: int = 65536,
+                  heatmap: HeatmapSpec | None = None, check: bool = True) -> dict[str, Any]:
+    """Predict every live row of ``store`` and write ``out_path`` (Arrow IPC file).
+
+    Refuses (BackboneMismatchError) a store whose fingerprint differs from the head's, before
+    writing anything. Returns ``{"rows", "seconds", "path", "heatmap", "counts"}``.
+    """
+    import pyarrow as pa
+
+    if check:
+        check_fingerprint(head, store.fingerprint(), where=f"store {str(getattr(store, 'path', ''))!r}")
+    heat_cls = heatmap.check(head) if heatmap is not None else None
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise HeadError(f"output folder {str(out.parent)!r} does not exist; create it first")
+    t0 = time.perf_counter()
+    labels = np.asarray(head.classes, dtype=object)
+    counts = np.zeros(len(labels), dtype=np.int64)
+    heat: list[tuple[np.ndarray, np.ndarray]] = []
+    tmp = out.with_name(f".{out.name}.partial")
+    writer = None
+    rows = 0
+    try:
+        with open(tmp, "wb") as sink:
+            for ids, emb in store.scan(batch_size):
+                prob = head.predict_proba(emb)
+                pred = head.decide(prob)
+                counts += np.bincount(pred, minlength=len(labels))
+                meta = store.metadata(ids, columns=META_COLUMNS)
+                cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(labels[pred].tolist())}
+                for i, c in enumerate(head.classes):
+                    cols[f"prob_{c}"] = pa.array(prob[:, i])
+                for name in META_COLUMNS[1:]:
+                    if meta.get(name) is not None:
+                        cols[name] = _column(meta[name])
+                batch = pa.RecordBatch.from_pydict(cols)
+                if writer is None:
+                    schema = batch.schema
+                    writer = pa.ipc.new_file(sink, schema)
+                writer.write_batch(batch if batch.schema == schema else batch.cast(schema))
+                rows += len(ids)
+                if heatmap is not None and meta.get("slide") is not None:
+                    on = np.asarray(meta["slide"], dtype=object) == heatmap.slide
+                    if on.any():
+                        xy = np.stack([np.asarray(meta["x"])[on], np.asarray(meta["y"])[on]], axis=1)
+                        heat.append((xy.astype(np.int64), prob[on, heat_cls]))
+            if writer is None:
+                raise HeadError(f"store {str(getattr(store, 'path', ''))!r} has no rows to predict")
+            writer.close()
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    heat_path = None
+    if heatmap is not None:
+        if not heat:
+            raise HeadError(f"slide {heatmap.slide!r} has no tiles in the store; predictions were "
+                            f"written to {str(out)!r} but no heatmap")
+        coords = np.concatenate([h[0] for h in heat])
+        values = np.concatenate([h[1] for h in heat])
+        title = f"{heatmap.slide}: P({head.classes[heat_cls]})"
+        heat_path = render_heatmap(heatmap.thumbnail, heatmap.downsample, coords, values,
+                                   heatmap.out, tile_size=heatmap.tile_size, alpha=heatmap.alpha, title=title)
+    return {"rows": rows, "seconds": time.perf_counter() - t0, "path": str(out),
+            "heatmap": str(heat_path) if heat_path else None,
+            "counts": {str(c): int(n) for c, n in zip(labels, counts)}}
+
+
+def infer_tile_size(coords: np.ndarray) -> int:
+    """The tile side in level-0 pixels as the smallest positive step between grid coordinates."""
+    steps = []
+    for axis in (0, 1):
+        u = np.unique(np.asarray(coords)[:, axis])
+        d = np.diff(u)
+        if d.size:
+            steps.append(int(d[d > 0].min()))
+    if not steps:
+        raise HeadError("cannot infer the tile size from a single tile; give HeatmapSpec(tile_size=...)")
+    return min(steps)
+
+
+def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray,
+                   out: str | os.PathLike[str], *, tile_size: int | None = None, alpha: float = 0.5,
+                   title: str = "", cmap: str = "inferno") -> Path:
+    """Draw each tile (level-0 ``coords`` (n, 2) int x, y; ``values`` (n,) in [0, 1]) as a
+    semi-transparent square over ``thumbnail`` (h, w, 3) uint8, with a colour bar; writes a PNG."""
+    from matplotlib.figure import Figure      # no pyplot: no global backend state
+
+    thumb = np.asarray(thumbnail)
+    h, w = thumb.shape[:2]
+    side = tile_size if tile_size is not None else infer_tile_size(coords)
+    grid = np.full((h, w), np.nan, dtype=np.float32)
+    x0 = np.floor(coords[:, 0] / downsample).astype(np.int64)
+    y0 = np.floor(coords[:, 1] / downsample).astype(np.int64)
+    x1 = np.maximum(np.ceil((coords[:, 0] + side) / downsample).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.ceil((coords[:, 1] + side) / downsample).astype(np.int64), y0 + 1)
+    for a, b, c, d, v in zip(x0, x1, y0, y1, values):
+        grid[max(c, 0):min(d, h), max(a, 0):min(b, w)] = v
+    fig = Figure(figsize=(8, 8 * h / max(w, 1) + 0.5), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(thumb)
+    shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha,
+                      interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="probability")
+    ax.set_title(title)
+    ax.set_axis_off()
+    path = Path(out)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

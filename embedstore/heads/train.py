@@ -1,0 +1,292 @@
+"""Training one head over in-memory embeddings: full-batch or large minibatches, no DataLoader.
+
+The whole training matrix is standardised into one float32 tensor once; each epoch is a
+permutation (or a class-balanced draw) of row indices and a few slices of that tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..augment import ViewBank, augment_epoch
+from ..errors import HeadError, LabelsError
+from ..splits import carve_validation
+from .metrics import best_f1_threshold, classification_metrics
+from .models import HeadConfig, HeadModule, build_module, feature_stats
+
+__all__ = ["TrainedHead", "train_head", "evaluate", "encode_labels", "resolve_positive",
+           "check_features"]
+
+MIN_DELTA = 1e-4          # validation loss must improve by this much to reset patience
+SMALL_STEP = 10_000_000   # multiply-adds per step below which one thread beats several
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (None: unchanged), restoring the previous count.
+    Small steps spend more time synchronising threads than computing: on a busy machine two
+    threads can be ~40x slower than one for a 2000 x 32 problem."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@dataclass
+class TrainedHead:
+    module: HeadModule                       # standardisation + body; input (n, dim) float
+    config: HeadConfig                       # what trained it
+    classes: list[str]                       # class index -> label
+    positive: int | None = None              # binary: index of the positive class
+    threshold: float | None = None           # binary: predict positive when prob >= threshold
+    history: dict[str, Any] = field(default_factory=dict)   # losses, best epoch, timings
+    metrics: dict[str, Any] = field(default_factory=dict)   # evaluation results recorded with it
+    fingerprint: dict[str, Any] | None = None               # the store's embedding space, if known
+
+    @property
+    def dim(self) -> int:
+        return int(self.module.mean.shape[0])
+
+    @torch.inference_mode()
+    def predict_proba(self, emb: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        """Class probabilities (n, c) float32 for ``emb`` (n, dim) float16/float32."""
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            from ..errors import DimensionMismatchError
+            raise DimensionMismatchError(f"head expects (n, {self.dim}) embeddings, got {emb.shape}")
+        self.module.eval()
+        out = np.empty((emb.shape[0], len(self.classes)), dtype=np.float32)
+        for a in range(0, emb.shape[0], batch_size):
+            chunk = torch.from_numpy(np.asarray(emb[a:a + batch_size], dtype=np.float32))
+            out[a:a + batch_size] = torch.softmax(self.module(chunk), dim=1).numpy()
+        return out
+
+    def decide(self, prob: np.ndarray) -> np.ndarray:
+        """Class indices (n,) int64 from probabilities, applying the binary threshold if any."""
+        if self.positive is not None and self.threshold is not None:
+            negative = 1 - self.positive
+            return np.where(prob[:, self.positive] >= self.threshold, self.positive, negative).astype(np.int64)
+        return prob.argmax(axis=1).astype(np.int64)
+
+    def predict(self, emb: np.ndarray) -> np.ndarray:
+        """Predicted class indices (n,) int64."""
+        return self.decide(self.predict_proba(emb))
+
+    def predict_labels(self, emb: np.ndarray) -> np.ndarray:
+        """Predicted labels (n,) object (str)."""
+        return np.asarray(self.classes, dtype=object)[self.predict(emb)]
+
+
+def check_features(emb: np.ndarray, name: str = "embeddings", chunk: int = 65536) -> np.ndarray:
+    """``emb`` as a 2-D float array with no NaN/inf; one-line HeadError otherwise."""
+    emb = np.asarray(emb)
+    if emb.ndim != 2 or emb.shape[0] == 0 or not np.issubdtype(emb.dtype, np.floating):
+        raise HeadError(f"{name} must be a non-empty (n, dim) float array, got {emb.dtype} {emb.shape}")
+    n_bad, first = 0, -1
+    for a in range(0, emb.shape[0], chunk):
+        bad = np.flatnonzero(~np.isfinite(emb[a:a + chunk]).all(axis=1))
+        if bad.size and first < 0:
+            first = a + int(bad[0])
+        n_bad += bad.size
+    if n_bad:
+        raise HeadError(f"{name} hold NaN or inf in {n_bad} row(s) (first: row {first}); "
+                        f"re-extract or drop those tiles")
+    return emb
+
+
+def encode_labels(y: Sequence[Any] | np.ndarray, classes: Sequence[str] | None = None
+                  ) -> tuple[np.ndarray, list[str]]:
+    """``(codes (n,) int64, classes)``; classes default to the sorted distinct labels (as str)."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise LabelsError(f"labels must be 1-D, got shape {y.shape}")
+    if any(v is None for v in y.tolist()):
+        raise LabelsError("labels contain missing values; drop unlabelled rows first")
+    if classes is None:
+        uniq, codes = np.unique(y, return_inverse=True)
+        return codes.astype(np.int64).reshape(-1), [str(u) for u in uniq.tolist()]
+    index = {c: i for i, c in enumerate(classes)}
+    as_str = [str(v) for v in y.tolist()]
+    unknown = sorted({s for s in as_str if s not in index})
+    if unknown:
+        raise LabelsError(f"labels {unknown[:5]} are not among the head's classes {list(classes)}")
+    return np.fromiter((index[s] for s in as_str), dtype=np.int64, count=len(as_str)), list(classes)
+
+
+def resolve_positive(classes: Sequence[str], codes: np.ndarray, positive: str | None) -> int | None:
+    """Binary tasks: the index of the positive class — ``positive`` if given, else the minority
+    class of ``codes`` (the second class on a tie). None for multi-class."""
+    if len(classes) != 2:
+        if positive is not None:
+            raise HeadError(f"positive={positive!r} only applies to binary tasks; got {len(classes)} classes")
+        return None
+    if positive is not None:
+        if positive not in classes:
+            raise HeadError(f"positive class {positive!r} is not one of {list(classes)}")
+        return list(classes).index(positive)
+    counts = np.bincount(np.asarray(codes, dtype=np.int64), minlength=2)
+    return 0 if counts[0] < counts[1] else 1
+
+
+def _class_weights(codes: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | None:
+    if mode == "none":
+        return None
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, codes.size / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _lr_factor(schedule: str, total_steps: int):  # type: ignore[no-untyped-def]
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
+               X_val: np.ndarray | None = None, y_val: Sequence[Any] | np.ndarray | None = None, *,
+               groups: np.ndarray | None = None, config: HeadConfig | None = None,
+               views: ViewBank | None = None, seed: int = 0,
+               classes: Sequence[str] | None = None, threads: int | None = None) -> TrainedHead:
+    """Train one head.
+
+    ``X_train``: (n, dim) float16/float32; ``y_train``: (n,) labels; ``groups``: (n,) slide or
+    patient of each row, so the early-stopping set carved from the training rows (when ``X_val``
+    is None) never shares a group with them; ``views``: the view bank aligned with ``X_train``
+    rows (used when ``config.augment.views``); ``classes``: fix the label order (default sorted);
+    ``threads``: torch threads while training (None: 1 for small steps, else torch's setting).
+    """
+    cfg = config or HeadConfig()
+    t0 = time.perf_counter()
+    X_train = check_features(X_train, "training embeddings")
+    codes, classes = encode_labels(y_train, classes)
+    if codes.size != X_train.shape[0]:
+        raise LabelsError(f"{codes.size} labels for {X_train.shape[0]} embeddings; give one label per row")
+    present = np.unique(codes)
+    if present.size < 2:
+        raise LabelsError(f"only one class ({classes[present[0]]}) in the training labels; "
+                          f"a classifier needs at least two")
+    if views is not None and views.ids.size != codes.size:
+        raise HeadError(f"view bank has {views.ids.size} rows for {codes.size} training rows")
+    positive = resolve_positive(classes, codes, cfg.positive)
+    n_classes = len(classes)
+
+    fit = np.arange(codes.size)
+    if X_val is not None:
+        X_val = check_features(X_val, "validation embeddings")
+        if y_val is None:
+            raise LabelsError("X_val given without y_val")
+        val_codes, _ = encode_labels(y_val, classes)
+    elif cfg.valid_fraction > 0 and (cfg.patience > 0 or (positive is not None and cfg.tune_threshold)):
+        fit, held = carve_validation(codes, groups, cfg.valid_fraction, seed)
+        if held.size == 0 or fit.size == 0 or np.unique(codes[fit]).size < 2:
+            fit, held = np.arange(codes.size), np.empty(0, dtype=np.int64)
+        X_val, val_codes = (X_train[held], codes[held]) if held.size else (None, None)
+    else:
+        val_codes = None
+    X_fit = X_train[fit] if fit.size != codes.size else X_train
+    y_fit = codes[fit]
+    bank = views.take(fit) if views is not None and fit.size != codes.size else views
+
+    mean_np, std_np = feature_stats(X_fit)
+    mean, std = torch.from_numpy(mean_np), torch.from_numpy(std_np)
+    x = torch.sub(torch.as_tensor(X_fit, dtype=torch.float32), mean).div_(std)
+    y = torch.from_numpy(y_fit)
+    xv = yv = None
+    if X_val is not None and val_codes is not None:
+        xv = torch.sub(torch.as_tensor(X_val, dtype=torch.float32), mean).div_(std)
+        yv = torch.from_numpy(val_codes)
+    bank_emb = None
+    if cfg.augment.views and bank is not None and bank.emb.shape[0]:
+        bank_emb = torch.sub(torch.as_tensor(bank.emb, dtype=torch.float32), mean).div_(std)
+    weight = _class_weights(y_fit, n_classes, cfg.class_weights)
+
+    n = y.numel()
+    bs = cfg.batch_rows(n)
+    steps_per_epoch = math.ceil(n / bs)
+    width = cfg.hidden if cfg.kind == "mlp" else n_classes
+    if threads is None and bs * X_fit.shape[1] * width < SMALL_STEP:
+        threads = 1
+    with torch.random.fork_rng(devices=[]), _torch_threads(threads):
+        torch.manual_seed(seed)
+        module = build_module(cfg, X_fit.shape[1], n_classes, mean, std)
+        body = module.body
+        opt = torch.optim.AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.schedule, cfg.epochs * steps_per_epoch))
+        order_gen = torch.Generator().manual_seed(seed)
+        sample_p = None
+        if cfg.balanced_sampling:
+            counts = torch.bincount(y, minlength=n_classes).to(torch.float64)
+            sample_p = (1.0 / counts.clamp_min(1))[y]
+        train_loss: list[float] = []
+        valid_loss: list[float] = []
+        best = (math.inf, -1, copy.deepcopy(body.state_dict()))
+        epoch = 0
+        for epoch in range(cfg.epochs):
+            body.train()
+            xe = augment_epoch(x, y_fit, cfg.augment, seed=seed, epoch=epoch, bank=bank,
+                               bank_emb=bank_emb) if cfg.augment.active else x
+            if sample_p is not None:
+                order = torch.multinomial(sample_p, n, replacement=True, generator=order_gen)
+            else:
+                order = torch.randperm(n, generator=order_gen)
+            total = 0.0
+            for a in range(0, n, bs):
+                idx = order[a:a + bs]
+                loss = F.cross_entropy(body(xe[idx]), y[idx], weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * idx.numel()
+            train_loss.append(total / n)
+            if xv is None or yv is None or cfg.patience == 0:
+                continue
+            body.eval()
+            with torch.no_grad():
+                vl = float(F.cross_entropy(body(xv), yv, weight=weight))
+            valid_loss.append(vl)
+            if vl < best[0] - MIN_DELTA:
+                best = (vl, epoch, copy.deepcopy(body.state_dict()))
+            elif epoch - best[1] >= cfg.patience:
+                break
+        if best[1] >= 0:
+            body.load_state_dict(best[2])
+    module.eval()
+
+    head = TrainedHead(module, cfg, list(classes), positive)
+    valid_metrics: dict[str, Any] = {}
+    if xv is not None and yv is not None:
+        prob = head.predict_proba(np.asarray(X_val))
+        if positive is not None and cfg.tune_threshold:
+            threshold, best_f1 = best_f1_threshold(val_codes == positive, prob[:, positive])
+            head.threshold = None if math.isnan(best_f1) else threshold
+        valid_metrics = classification_metrics(val_codes, prob, head.decide(prob), positive)
+    head.history = {
+        "epochs_run": epoch + 1, "best_epoch": best[1] + 1 if best[1] >= 0 else epoch + 1,
+        "stopped_early": epoch + 1 < cfg.epochs, "train_loss": train_loss, "valid_loss": valid_loss,
+        "n_fit": int(n), "n_valid": int(yv.numel()) if yv is not None else 0,
+        "seconds": time.perf_counter() - t0,
+    }
+    if valid_metrics:
+        head.metrics["valid"] = valid_metrics
+    return head
+
+
+def evaluate(head: TrainedHead, X: np.ndarray, y: Sequence[Any] | np.ndarray) -> dict[str, Any]:
+    """Metrics of ``head`` on (n, dim) embeddings with (n,) labels: accuracy, balanced accuracy,
+    F1 (positive class for binary, macro otherwise), AUROC, confusion matrix."""
+    X = check_features(X, "evaluation embeddings")
+    codes, _ = encode_labels(y, head.classes)
+    prob = head.predict_proba(X)
+    return classification_metrics(codes, prob, head.decide(prob), head.positive)
