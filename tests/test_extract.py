@@ -170,6 +170,19 @@ def test_views_are_seeded_recorded_and_a_different_recipe_refused(tmp_path: Path
     assert 0.5 < cos.mean() < 0.999                                     # views differ, but not wildly
     with pytest.raises(BackboneMismatchError, match="recipe"):
         extract([tmp_path / "tiles"], cfg(a, views=2))
+    # a store embedded without views gets exactly the same views added later
+    c = tmp_path / "c"
+    extract([tmp_path / "tiles"], cfg(c, files_per_unit=2))
+    assert len(open_store(c).views().ids) == 0
+    res = extract([tmp_path / "tiles"], cfg(c, views=3, files_per_unit=2))
+    assert res.views_added == 5 and res.tiles_written == 0
+    sc = open_store(c)
+    vc = sc.views()
+    oc = np.lexsort((vc.view, vc.ids))
+    assert sc.meta.views == sa.meta.views
+    np.testing.assert_array_equal(sc.keys_of(vc.ids[oc]), sa.keys_of(va.ids[oa]))
+    np.testing.assert_array_equal(vc.gather(oc), va.gather(oa))
+    assert extract([tmp_path / "tiles"], cfg(c, files_per_unit=2)).views_added == 0  # nothing left
 
 
 def test_two_processes_equal_one(tmp_path: Path, lung_store: Path) -> None:

@@ -67,7 +67,8 @@ def _rank_body(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, d
     import torch.distributed as dist
     from .runner import _pending_units
     # every rank computes the same pending list (before anything is written this run)
-    todo = _pending_units(disc, Path(cfg.store), ExtractResult(), lambda u, r: None)
+    todo = _pending_units(disc, Path(cfg.store), ExtractResult(), lambda u, r: None,
+                          views=recipe is not None)
     dist.barrier()
     res = run_process(cfg, disc, recipe, device, rank=rank, world=world,
                       claim=_claimer(kv, todo), sync=dist.barrier)

@@ -8,6 +8,7 @@ restarted gives the same store. Failed inputs are recorded as errors and the run
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ class ExtractConfig:
 class ExtractResult:
     tiles_written: int = 0
     tiles_skipped: int = 0            # already in the store
+    views_added: int = 0              # tiles of earlier runs given their views
     units_done: int = 0
     units_skipped: int = 0            # done in an earlier run
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -74,6 +76,7 @@ class ExtractResult:
     def merge(self, other: "ExtractResult") -> None:
         self.tiles_written += other.tiles_written
         self.tiles_skipped += other.tiles_skipped
+        self.views_added += other.views_added
         self.units_done += other.units_done
         self.errors += other.errors
         self.overlays += other.overlays
@@ -84,7 +87,9 @@ class ExtractResult:
         st = self.stages
         lines = [
             f"extracted into {self.store}: {self.tiles_written:,} tiles written, "
-            f"{self.tiles_skipped:,} already present, {self.units_done} units done "
+            f"{self.tiles_skipped:,} already present, "
+            + (f"{self.views_added:,} given views, " if self.views_added else "")
+            + f"{self.units_done} units done "
             f"({self.units_skipped} done before), {len(self.errors)} error(s)",
             f"time {self.elapsed:.1f} s, {self.tiles_per_s:.1f} tiles/s",
             "stages (s): " + ", ".join(f"{k} {st.get(k, 0.0):.1f}" for k in
@@ -137,12 +142,7 @@ def _recipe(cfg: ExtractConfig, existing: StoreMeta | None) -> ViewRecipe | None
         raise BackboneMismatchError(
             f"{cfg.store} holds views made with recipe {have}; this run asks for "
             f"{want.to_dict() if want else 'no views'}: use the same --views/--view-seed or a new store")
-    if have is None and want is not None and existing is not None:
-        from ..store.reader import open_store
-        if len(open_store(cfg.store)):
-            raise SourceError(f"{cfg.store} already holds tiles without views; adding a view bank "
-                              "to existing tiles is not supported yet: extract into a new store")
-    return want
+    return want  # on a store of tiles without views, the run adds their views
 
 
 def _devices(spec: str) -> list[str]:
@@ -186,13 +186,23 @@ def _import_task_labels(store: Path, disc: Discovery) -> None:
         import_labels(store, None, disc.task, rows=rows, on_unknown="skip")
 
 
+VIEWS = "views:"  # prefix of the unit that adds views to a unit embedded without them
+
+
 def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
-                   record_error: Callable[[str, str], None]) -> list[int]:
-    """Indices of the units still to do, largest first (balanced claiming)."""
+                   record_error: Callable[[str, str], None], views: bool = False) -> list[int]:
+    """Work still to do, largest first (balanced claiming): unit indices ``i`` to embed, and
+    ``len(units) + i`` to add the views of unit ``i`` (embedded before it had a view recipe)."""
     done: dict[str, dict[str, Any]] = {}
+    with_views: set[str] = set()
     if (store / "STORE.json").exists():
         from ..store.reader import open_store
-        done = open_store(store).units()
+        s = open_store(store)
+        done = s.units()
+        if views:
+            with_views = {rec["base"] for _, rec in s.cat.read(
+                lambda t: [(k, json.loads(bytes(v))) for k, v in t.cursor(db=s.cat.db["shards"])])
+                if rec.get("kind") == "view" and rec.get("base")}
     todo = []
     for i, u in enumerate(disc.units):
         rec = done.get(u.id)
@@ -200,6 +210,8 @@ def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
             todo.append(i)
             continue
         res.units_skipped += 1
+        if views and rec.get("shard") and rec["shard"] not in with_views and VIEWS + u.id not in done:
+            todo.append(len(disc.units) + i)
         if u.kind == "slide" and rec.get("identity"):
             from .wsi import slide_identity
             try:
@@ -209,7 +221,7 @@ def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
             if now != rec["identity"]:
                 record_error(u.id, f"slide {u.slide_id} changed since it was embedded (size or content "
                                    "hash differs); delete its tiles (embedstore delete --slide) and re-run")
-    todo.sort(key=lambda i: -disc.units[i].weight)
+    todo.sort(key=lambda i: -disc.units[i % len(disc.units)].weight)
     return todo
 
 
@@ -248,22 +260,56 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             res.errors.append((unit, reason))
             w.add_error(unit, reason)
 
-        todo = _pending_units(disc, store, res, record_error)
+        if recipe is not None and w.meta.views is None:  # record the recipe the views follow
+            from ..store.meta import write_meta
+            write_meta(store, w.meta.with_views(recipe.to_dict()))
+        nu = len(disc.units)
+        todo = _pending_units(disc, store, res, record_error, views=recipe is not None)
         if claim is None:
             order = iter(todo)
             claim = lambda: next(order, None)  # noqa: E731
         remaining: dict[int, int] = {}
         failed: dict[int, bool] = {}
         info: dict[int, dict[str, Any]] = {}
+        view_parts: dict[int, list[tuple[list[str], np.ndarray]]] = {}
 
-        def finish(ui: int) -> None:
-            u = disc.units[ui]
-            w.end_unit(u.id, done=not failed.get(ui), info=info.pop(ui, None))
-            if not failed.get(ui):
-                res.units_done += 1
-            remaining.pop(ui, None)
+        def unit_name(wi: int) -> str:
+            return disc.units[wi].id if wi < nu else VIEWS + disc.units[wi - nu].id
+
+        def finish(wi: int) -> None:
+            ok = not failed.get(wi)
+            if wi < nu:
+                w.end_unit(disc.units[wi].id, done=ok, info=info.pop(wi, None))
+            else:
+                parts = view_parts.pop(wi, [])
+                if parts:
+                    keys = [k for ks, _ in parts for k in ks]
+                    ids = np.array(w.cat.read(lambda t: w.cat.lookup_ids(t, keys)), dtype=np.int64)
+                    w.add_views(ids, keys, np.concatenate([v for _, v in parts]),
+                                unit=unit_name(wi) if ok else None)
+                elif ok:
+                    w.end_unit(unit_name(wi))
+            res.units_done += ok
+            remaining.pop(wi, None)
+
+        def plan_views(wi: int) -> list[TileSpec]:
+            """Tiles of a unit embedded before the store had views: embed their views only."""
+            u = disc.units[wi - nu]
+            if u.kind == "files":
+                keys = [t.key for t in u.files]
+                ids = w.cat.read(lambda t: w.cat.lookup_ids(t, keys))
+                return [TileSpec(wi, t.key, t.path, tile_size=file_size or 0)
+                        for t, i in zip(u.files, ids) if i is not None]
+            from ..store.reader import open_store
+            rec = open_store(store).units()[u.id]
+            bag = open_store(store).slide(u.slide_id)
+            rs = int(rec.get("read_size", tile_size))
+            return [TileSpec(wi, k, u.slide_path, int(x), int(y), int(rec.get("level", 0)), rs, rs, tile_size)
+                    for k, (x, y) in zip(bag.keys, bag.coords)]
 
         def plan(ui: int) -> list[TileSpec]:
+            if ui >= nu:
+                return plan_views(ui)
             u = disc.units[ui]
             if u.kind == "files":
                 keys = [t.key for t in u.files]
@@ -297,11 +343,11 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
                 try:
                     specs = plan(ui)
                 except (SlideError, SourceError, OSError, ValueError) as e:
-                    record_error(disc.units[ui].id, str(e).splitlines()[0])
+                    record_error(unit_name(ui), str(e).splitlines()[0])
                     stages["plan"] += time.perf_counter() - t0
                     continue
                 except Exception as e:  # an unreadable slide must not stop the run
-                    record_error(disc.units[ui].id, f"{type(e).__name__}: {e}".splitlines()[0])
+                    record_error(unit_name(ui), f"{type(e).__name__}: {e}".splitlines()[0])
                     stages["plan"] += time.perf_counter() - t0
                     continue
                 stages["plan"] += time.perf_counter() - t0
@@ -327,7 +373,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             TileDataset(recipe, file_size), batch_sampler=_Sampler(), num_workers=workers,
             collate_fn=collate, pin_memory=dev.type == "cuda",
             prefetch_factor=4 if workers else None, persistent_workers=False)
-        total = sum(len(disc.units[i].files) for i in todo) if disc.kind == "files" else None
+        total = sum(len(disc.units[i % nu].files) for i in todo) if disc.kind == "files" else None
         bar = tqdm(total=total, unit="tile", desc=f"extract[{device}]" if world > 1 else "extract",
                    disable=not cfg.progress, position=rank, dynamic_ncols=True, leave=True)
         k = recipe.k if recipe else 0
@@ -343,9 +389,8 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             stages["read+decode"] += batch["read_s"]
             specs: list[TileSpec] = batch["specs"]
             for s, reason in batch["failed"]:
-                u = disc.units[s.unit]
                 failed[s.unit] = True
-                record_error(f"{u.id}|{s.key}", reason)
+                record_error(f"{unit_name(s.unit)}|{s.key}", reason)
             n = len(specs)
             if n:
                 tiles = batch["tiles"].to(dev, non_blocking=True)
@@ -356,9 +401,18 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
                 t3 = time.perf_counter()
                 stages["forward"] += t3 - t2
                 emb = emb.reshape(n, 1 + k, -1) if k else emb[:, None]
-                _add_rows(w, disc, specs, emb, k, meta)
+                base = [j for j, sp in enumerate(specs) if sp.unit < nu]
+                if len(base) == n:
+                    _add_rows(w, disc, specs, emb, k, meta)
+                else:  # some rows only bring views of tiles already stored
+                    if base:
+                        _add_rows(w, disc, [specs[j] for j in base], emb[base], k, meta)
+                    for j, sp in enumerate(specs):
+                        if sp.unit >= nu:
+                            view_parts.setdefault(sp.unit, []).append(([sp.key], emb[j:j + 1, 1:]))
                 stages["write"] += time.perf_counter() - t3
-                res.tiles_written += n
+                res.tiles_written += len(base)
+                res.views_added += n - len(base)
                 bar.update(n)
             for s in specs + [f[0] for f in batch["failed"]]:
                 remaining[s.unit] -= 1

@@ -246,6 +246,18 @@ class StoreWriter:
         p = self._pending.pop(unit, None)
         self._submit(("end", unit, (p, done, info)))
 
+    def add_views(self, ids: np.ndarray, keys: Sequence[str], views: np.ndarray, *,
+                  unit: str | None = None) -> None:
+        """Add augmented views to tiles already committed: ``ids`` (n,) int64 with their ``keys``,
+        ``views`` (n, K, dim). Written as one view shard, committed with ``unit`` marked done."""
+        self._raise_pending()
+        views = np.asarray(views)
+        ids = np.asarray(ids, dtype=np.int64)
+        if views.ndim != 3 or views.shape[0] != len(ids) or views.shape[2] != self.dim or len(keys) != len(ids):
+            raise DimensionMismatchError(f"views must be (n={len(ids)}, K, {self.dim}) for n ids and keys, "
+                                         f"got {views.shape}")
+        self._submit(("views", unit, (ids, [str(k) for k in keys], views.astype(self.dtype, copy=True))))
+
     def add_error(self, unit: str, reason: str, **info: Any) -> None:
         """Record that ``unit`` failed (committed with the next shard, or at close)."""
         self._errors.append((unit, reason + ("" if not info else "")))
@@ -368,6 +380,8 @@ class StoreWriter:
             if f is not None and not self._spilled and (
                     f.rows >= self.rows_per_shard or time.monotonic() - f.opened > self.commit_every_s):
                 self._seal_and_commit()
+        elif kind == "views":
+            self._commit_views(unit, *arg)
         elif kind == "error":
             self._record_error(unit, arg)
         elif kind == "flush":
@@ -493,6 +507,29 @@ class StoreWriter:
         if f is not None:
             self.rows_committed += f.rows
             self._pending_keys.difference_update(f.keys)
+
+    def _commit_views(self, unit: str | None, ids: np.ndarray, keys: list[str], views: np.ndarray) -> None:
+        name = shard_name(self.token, self._seq, view=True)
+        self._seq += 1
+        sink = _atomic.HashingFile(self.lay.partial(name))
+        schema = view_schema(self.dim, self.meta.dtype, with_id=True)
+        n, k = views.shape[0], views.shape[1]
+        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema) as w:
+            w.write_batch(pa.RecordBatch.from_arrays([
+                pa.array(np.repeat(np.array(keys, dtype=object), k), pa.string()),
+                pa.array(np.full(n * k, -1, np.int32)), pa.array(np.tile(np.arange(1, k + 1, dtype=np.uint8), n)),
+                _fixed_list(views.reshape(n * k, self.dim)), pa.array(np.repeat(ids, k))], schema=schema))
+        sink.fsync_close()
+        rec = {"rows": n * k, "sha256": sink.sha.hexdigest(), "size": sink.size}
+        os.replace(self.lay.partial(name), self.lay.shard(name))
+        _atomic.fsync_dir(self.lay.shards)
+        now = time.time()
+
+        def txn(t: Any) -> None:
+            self.cat.put_json(t, "shards", name, dict(rec, kind="view", base=None, writer=self.token, time=now))
+            if unit is not None:
+                self.cat.put_json(t, "units", unit, {"shard": name, "time": now})
+        self.cat.write(txn)
 
     def _record_error(self, unit: str, info: dict[str, Any]) -> None:
         info = dict(info, time=time.time())
