@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from embedstore.augment import ViewBank, parse_augment
-from embedstore.errors import BackboneMismatchError, HeadError, LabelsError
+from embedstore.errors import BackboneMismatchError, HeadError, LabelsError, UnknownKeyError
 from embedstore.heads import (
     HeadConfig, HeatmapSpec, SlideBagDataset, cross_validate, evaluate, gather_features,
     labelled_set, load_head, predict_store, run_seeds, save_head, sweep, train_head, view_bank,
@@ -62,6 +62,13 @@ class FakeStore:
     def gather(self, ids):
         return self.emb[np.asarray(ids)]
 
+    def ids(self, keys):
+        index = {k: i for i, k in enumerate(self.keys)}
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise UnknownKeyError(f"{len(missing)} key(s) not in {self.path}, first: {missing[0]!r}")
+        return np.array([index[k] for k in keys], dtype=np.int64)
+
     def scan(self, batch_size):
         for a in range(0, len(self.emb), batch_size):
             yield np.arange(a, min(a + batch_size, len(self.emb)), dtype=np.int64), self.emb[a:a + batch_size]
@@ -79,7 +86,8 @@ class FakeStore:
     def views(self):
         if self._views is None:
             return np.empty(0, np.int64), np.empty(0, np.uint8), np.empty((0, self.emb.shape[1]), np.float16)
-        return self._views
+        view_ids, view_num, view_emb = self._views            # the store's ViewBank: ids + gather
+        return SimpleNamespace(ids=view_ids, view=view_num, gather=lambda j: view_emb[np.asarray(j)])
 
     def slides(self):
         return sorted(set(self.slide_of))
@@ -379,11 +387,23 @@ def test_labelled_set_from_task_and_csv(tmp_path):
     assert np.array_equal(ls.ids, np.arange(0, 120, 3)) and ls.columns["patient"][1] == "p3"
     with open(path, "a", newline="") as f:
         csv.writer(f).writerow(["t99999", "a", "p0"])
-    with pytest.raises(LabelsError, match=r"1 of 41 label keys are not in store .* \(first: 't99999'\)"):
+    with pytest.raises(LabelsError, match=r"does not hold: 1 key\(s\) not in mem://store, first: 't99999'"):
         labelled_set(store, labels=path)
-    with pytest.raises(LabelsError, match="exactly one"):
-        labelled_set(store)
-    assert view_bank(store, ls.ids[:-1]) is None
+    with pytest.raises(LabelsError, match="not both"):
+        labelled_set(store, task="tumor", labels=path)
+    assert len(labelled_set(store)) == 120                           # extraction labels
+    assert view_bank(store, ls.ids[:-1]) is None                     # a store without views
+
+
+def test_view_bank_reads_only_the_requested_tiles_views():
+    store, x, y = fake_store(n=50)
+    view_ids = np.repeat(np.arange(50), 2)
+    view_emb = (np.repeat(store.emb, 2, axis=0) + 1).astype(np.float16)
+    store._views = (view_ids, np.tile([1, 2], 50).astype(np.uint8), view_emb)
+    bank = view_bank(store, np.array([7, 3, 40]))
+    assert np.array_equal(bank.ids, [7, 3, 40]) and np.array_equal(bank.counts, [2, 2, 2])
+    assert np.array_equal(bank.base_ids, [7, 7, 3, 3, 40, 40])
+    assert np.array_equal(bank.emb, view_emb[[14, 15, 6, 7, 80, 81]])
 
 
 def test_slide_bag_dataset_reads_bags_from_the_store():

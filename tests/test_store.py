@@ -195,8 +195,9 @@ def test_bad_input_clear_errors(store: Path, tmp_path: Path) -> None:
                       tile={"tile_size": 224, "mpp": 0.5}, weights_sha256="0" * 64)
     with pytest.raises(BackboneMismatchError, match="backbone"):
         StoreWriter(store, other)
-    with pytest.raises(DimensionMismatchError):
-        StoreWriter(store, StoreMeta(dim=DIM * 2))
+    from dataclasses import replace
+    with pytest.raises(DimensionMismatchError, match=f"{DIM}-d"):
+        StoreWriter(store, replace(meta(), dim=DIM * 2))
     # the store is intact after all of that
     check_against(store, UNITS)
 

@@ -53,14 +53,17 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
     store = _open(store_path)
     ls = labelled_set(store, task=task, labels=labels)
     codes, classes = encode_labels(ls.labels)
-    folds = plan_splits(spec, codes, split=ls.split, columns=ls.columns, seed=seed, classes=classes)
+    columns = dict(ls.columns)
+    if spec.column is not None and ls.group_column(spec.column) is not None:
+        columns[spec.column] = ls.group_column(spec.column)
+    folds = plan_splits(spec, codes, split=ls.split, columns=columns, seed=seed, classes=classes)
     cfg, classes = pin_positive(cfg, ls.labels, classes)
     X = gather_features(store, ls.ids)
     views = view_bank(store, ls.ids) if cfg.augment.views else None
     if cfg.augment.views and views is None:
         raise HeadError(f"--augment views needs a view bank, but store {str(store.path)!r} has none; "
                         f"extract with views or drop 'views'")
-    groups = ls.columns.get(spec.column) if spec.column else ls.columns.get("slide")
+    groups = ls.group_column(spec.column) if spec.column else ls.group_column("slide")
     y = ls.labels
 
     runs: list[dict[str, Any]] = []

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..augment import ViewBank
-from ..errors import LabelsError
+from ..errors import LabelsError, UnknownKeyError
 from .train import check_features
 
 __all__ = ["LabelledSet", "read_labels_csv", "labelled_set", "gather_features", "view_bank",
@@ -32,6 +32,15 @@ class LabelledSet:
 
     def __len__(self) -> int:
         return int(self.ids.size)
+
+    def group_column(self, name: str | None) -> np.ndarray | None:
+        """The grouping column ``name``; a task's single group column (patient, case) answers to
+        any name the labels lack, so ``group:patient`` works on a task imported with ``group``."""
+        if name is None:
+            return None
+        if self.columns.get(name) is not None:
+            return self.columns[name]
+        return self.columns.get("group") if name != "slide" else None
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -58,16 +67,12 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def _lookup_ids(store: Any, keys: np.ndarray) -> np.ndarray:
-    """Store ids of ``keys`` (n,) int64, -1 where the store has no such key."""
-    lookup = getattr(store, "lookup_ids", None)
-    if callable(lookup):
-        found = lookup(list(keys))
-        return np.array([-1 if i is None else int(i) for i in found], dtype=np.int64)
-    index: dict[str, int] = {}
-    for ids, _ in store.scan(65536):            # fallback: one pass over the key column
-        meta = store.metadata(ids, columns=("key",))
-        index.update(zip((str(k) for k in meta["key"]), (int(i) for i in ids)))
-    return np.array([index.get(str(k), -1) for k in keys], dtype=np.int64)
+    """Store ids of ``keys`` (n,) int64; unknown keys become one LabelsError line."""
+    try:
+        return np.asarray(store.ids([str(k) for k in keys]), dtype=np.int64)
+    except UnknownKeyError as e:
+        raise LabelsError(f"labels name tiles the store does not hold: {e}; check the keys are the "
+                          f"store's tile keys (paths relative to the extracted folder or CSV)") from None
 
 
 def _store_slides(store: Any, ids: np.ndarray) -> np.ndarray | None:
@@ -83,12 +88,13 @@ def _store_slides(store: Any, ids: np.ndarray) -> np.ndarray | None:
 
 def labelled_set(store: Any, *, task: str | None = None,
                  labels: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> LabelledSet:
-    """The labelled tiles for a store task, or for ``labels``: a ``{key: label}`` mapping, a
-    column dict from ``read_labels_csv``, or a CSV path. Unknown keys are refused in one line."""
-    if (task is None) == (labels is None):
-        raise LabelsError("give exactly one of a store task (--task NAME) or a labels file (--labels CSV)")
+    """The labelled tiles of a store task (``task=None``: the labels recorded at extraction), or
+    of ``labels``: a ``{key: label}`` mapping, a column dict from ``read_labels_csv``, or a CSV
+    path. Unknown keys are refused in one line."""
+    if task is not None and labels is not None:
+        raise LabelsError("give a store task (--task NAME) or a labels file (--labels CSV), not both")
     columns: dict[str, np.ndarray | None] = {}
-    if task is not None:
+    if labels is None:
         t = store.task_table(task)
         ids = np.asarray(t["ids"], dtype=np.int64)
         keys = np.asarray(t["keys"], dtype=object)
@@ -97,7 +103,9 @@ def labelled_set(store: Any, *, task: str | None = None,
         if t.get("group") is not None:
             columns["group"] = np.asarray(t["group"], dtype=object)
         if ids.size == 0:
-            raise LabelsError(f"task {task!r} has no labelled tiles in store {str(store.path)!r}")
+            what = f"task {task!r}" if task is not None else "the extraction labels"
+            raise LabelsError(f"{what} label no tiles in store {str(store.path)!r}; import labels "
+                              f"with a task or give --labels CSV")
     else:
         cols = read_labels_csv(labels) if isinstance(labels, (str, os.PathLike)) else labels
         if "key" in cols and "label" in cols and not isinstance(cols["key"], str):
@@ -112,11 +120,6 @@ def labelled_set(store: Any, *, task: str | None = None,
         if (count > 1).any():
             raise LabelsError(f"label key {uniq[count > 1][0]!r} appears {count.max()} times; one label per tile")
         ids = _lookup_ids(store, keys)
-        missing = np.flatnonzero(ids < 0)
-        if missing.size:
-            raise LabelsError(f"{missing.size} of {keys.size} label keys are not in store "
-                              f"{str(store.path)!r} (first: {keys[missing[0]]!r}); check they are the "
-                              f"store's tile keys")
     keep = np.array([v is not None and v != "" for v in lab], dtype=bool)
     ids, keys, lab = ids[keep], keys[keep], lab[keep]
     split = split[keep] if split is not None else None
@@ -133,14 +136,26 @@ def gather_features(store: Any, ids: np.ndarray) -> np.ndarray:
 
 
 def view_bank(store: Any, ids: np.ndarray) -> ViewBank | None:
-    """The stored views of the tiles ``ids`` (None when the store has no view bank)."""
-    view_ids, _view_num, view_emb = store.views()
-    if np.asarray(view_ids).size == 0:
+    """The stored views of the tiles ``ids``, gathered once (None when the store has none).
+
+    Only the views of ``ids`` are read: ``store.views()`` gives each view's base tile id
+    (``.ids``) and reads view rows with ``.gather(j)``; a plain ``(view_ids, view_num, view_emb)``
+    tuple works too.
+    """
+    bank = store.views()
+    if isinstance(bank, tuple):
+        view_ids, _num, view_emb = bank
+        read = lambda j: np.asarray(view_emb[j])  # noqa: E731
+    else:
+        view_ids, read = bank.ids, bank.gather
+    view_ids = np.asarray(view_ids, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    j = np.flatnonzero(np.isin(view_ids, ids))
+    if j.size == 0:
         return None
-    bank = ViewBank.build(ids, view_ids, view_emb)
-    if bank.emb.shape[0]:
-        check_features(bank.emb, "view embeddings")
-    return bank
+    out = ViewBank.build(ids, view_ids[j], np.asarray(read(j)))
+    check_features(out.emb, "view embeddings")
+    return out
 
 
 class SlideBagDataset(Dataset):  # type: ignore[type-arg]

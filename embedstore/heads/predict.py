@@ -47,12 +47,17 @@ class HeatmapSpec:
         return head.classes.index(self.cls)
 
 
-def _column(values: Any) -> Any:
+def _column(values: Any, null_below_zero: bool = False) -> Any:
+    """An Arrow array from store metadata; integer coordinates < 0 (the store's null) become null."""
     import pyarrow as pa
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return values
     arr = np.asarray(values)
-    return pa.array(arr.tolist() if arr.dtype == object else arr)
+    if arr.dtype == object:
+        return pa.array(arr.tolist(), type=pa.string())
+    if null_below_zero:
+        return pa.array(arr.astype(np.int64), mask=arr < 0)
+    return pa.array(arr)
 
 
 def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str], batch_size: int = 65536,
@@ -89,7 +94,7 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
                     cols[f"prob_{c}"] = pa.array(prob[:, i])
                 for name in META_COLUMNS[1:]:
                     if meta.get(name) is not None:
-                        cols[name] = _column(meta[name])
+                        cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
                 batch = pa.RecordBatch.from_pydict(cols)
                 if writer is None:
                     schema = batch.schema
