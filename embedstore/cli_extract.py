@@ -1,6 +1,7 @@
 """``embedstore extract``: the CLI over :func:`embedstore.extract.runner.extract`."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
                         num_threads=threads, files_per_unit=files_per_unit,
                         rows_per_shard=rows_per_shard)
     res = run(list(sources), cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        sys.exit(res.exit_code)
     click.echo(res.summary())
     if res.overlays:
         click.echo(f"tissue overlays: {', '.join(res.overlays[:4])}" + (" ..." if len(res.overlays) > 4 else ""))

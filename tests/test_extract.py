@@ -199,6 +199,22 @@ def test_two_processes_equal_one(tmp_path: Path, lung_store: Path) -> None:
     assert verify_store(st).ok
 
 
+def test_torchrun_two_ranks_equal_one(tmp_path: Path, lung_store: Path) -> None:
+    st = tmp_path / "tr"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "embedstore", "extract", str(SAMPLE / "lung"), "--store", str(st),
+                        "--backbone", ONNX, "--files-per-unit", "4", "--workers", "0", "--quiet"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("extracted into") == 1                       # rank 0 reports for all
+    one, two = open_store(lung_store), open_store(st)
+    keys = one.keys()
+    assert sorted(keys) == sorted(two.keys())
+    np.testing.assert_array_equal(one.get(keys), two.get(keys))
+    assert verify_store(st).ok
+
+
 def _shard_records(st: Path) -> list[dict]:
     s = open_store(st)
     return [rec for _, rec in s.cat.read(s.cat.shards_in_order)]
