@@ -199,13 +199,16 @@ def test_two_processes_equal_one(tmp_path: Path, lung_store: Path) -> None:
     assert verify_store(st).ok
 
 
-def test_torchrun_two_ranks_equal_one(tmp_path: Path, lung_store: Path) -> None:
+@pytest.mark.parametrize("commit", ["direct", "staged"])
+def test_torchrun_two_ranks_equal_one(tmp_path: Path, lung_store: Path, commit: str) -> None:
+    """Two ranks under torchrun; "staged" is the multi-node design (rank 1 stages its commits
+    as files, rank 0 alone writes the catalog), forced here on one machine."""
     st = tmp_path / "tr"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", EMBEDSTORE_COMMIT=commit)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "embedstore", "extract", str(SAMPLE / "lung"), "--store", str(st),
-                        "--backbone", ONNX, "--files-per-unit", "4", "--workers", "0", "--quiet"],
-                       capture_output=True, text=True, timeout=300, env=env)
+                        "--backbone", ONNX, "--files-per-unit", "2", "--batch-size", "1", "--workers", "0",
+                        "--quiet"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("extracted into") == 1                       # rank 0 reports for all
     one, two = open_store(lung_store), open_store(st)
@@ -213,6 +216,10 @@ def test_torchrun_two_ranks_equal_one(tmp_path: Path, lung_store: Path) -> None:
     assert sorted(keys) == sorted(two.keys())
     np.testing.assert_array_equal(one.get(keys), two.get(keys))
     assert verify_store(st).ok
+    assert not list((st / "staged").glob("*.json")) if (st / "staged").exists() else True
+    if commit == "staged":
+        assert (st / "staged").is_dir()                                # rank 1 did stage
+        assert len({rec.get("writer") for rec in _shard_records(st)}) == 2
 
 
 def _shard_records(st: Path) -> list[dict]:

@@ -56,24 +56,58 @@ def _worker(rank: int, world: int, port: int, cfg: ExtractConfig, disc: Discover
                           timeout=timedelta(minutes=30))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, store)
+        res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, store,
+                         staged_mode())
         Path(out_dir, f"rank{rank}.json").write_text(_dump(res))
     finally:
         dist.destroy_process_group()
 
 
 def _rank_body(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, device: str,
-               rank: int, world: int, kv: Any) -> ExtractResult:
+               rank: int, world: int, kv: Any, staged_mode: bool = False) -> ExtractResult:
+    """One rank. With ``staged_mode`` (several nodes), only rank 0 writes the catalog: the
+    other ranks stage their commits and rank 0 applies them while it works and at the end."""
+    import threading
+
     import torch.distributed as dist
+
+    from ..store.catalog import open_catalog
+    from ..store.commit import apply_staged
+    from ..store.layout import Layout
     from .runner import _pending_units
+    staged = staged_mode and rank != 0
     # every rank computes the same pending list (before anything is written this run)
     todo = _pending_units(disc, Path(cfg.store), ExtractResult(), lambda u, r: None,
-                          views=recipe is not None)
+                          views=recipe is not None, lock=not staged)
     dist.barrier()
+    stop = threading.Event()
+    committer = None
+    if staged_mode and rank == 0:
+        lay = Layout(Path(cfg.store))
+
+        def commit_loop() -> None:
+            while not stop.wait(1.0):
+                if lay.meta.exists():
+                    apply_staged(lay, open_catalog(lay.root))
+        committer = threading.Thread(target=commit_loop, name="embedstore-committer", daemon=True)
+        committer.start()
     res = run_process(cfg, disc, recipe, device, rank=rank, world=world,
-                      claim=_claimer(kv, todo), sync=dist.barrier)
+                      claim=_claimer(kv, todo), sync=dist.barrier, staged=staged)
+    dist.barrier()  # every rank has staged all it wrote
+    if committer is not None:
+        stop.set()
+        committer.join()
+        apply_staged(lay, open_catalog(lay.root))
     dist.barrier()
     return res
+
+
+def staged_mode() -> bool:
+    """Several nodes share the run (or EMBEDSTORE_COMMIT=staged asks for it, for testing)."""
+    if os.environ.get("EMBEDSTORE_COMMIT") == "staged":
+        return True
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world
 
 
 def _dump(res: ExtractResult) -> str:
@@ -120,17 +154,12 @@ def _under_torchrun(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | No
     from torch.distributed import distributed_c10d as c10d
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
-        from ..errors import SourceError
-        raise SourceError("several nodes share this run: LMDB's locks do not hold across machines, "
-                          "so embedstore writes one store per node for now; run torchrun per node "
-                          "with its own --store (see README)")
     backend = "nccl" if torch.cuda.is_available() and devices[0].startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     try:
         kv = c10d._get_default_store()
         device = f"cuda:{local}" if backend == "nccl" else devices[local % len(devices)]
-        res = _rank_body(cfg, disc, recipe, device, rank, world, kv)
+        res = _rank_body(cfg, disc, recipe, device, rank, world, kv, staged_mode())
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, _dump(res))
     finally:

@@ -190,14 +190,15 @@ VIEWS = "views:"  # prefix of the unit that adds views to a unit embedded withou
 
 
 def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
-                   record_error: Callable[[str, str], None], views: bool = False) -> list[int]:
+                   record_error: Callable[[str, str], None], views: bool = False,
+                   lock: bool = True) -> list[int]:
     """Work still to do, largest first (balanced claiming): unit indices ``i`` to embed, and
     ``len(units) + i`` to add the views of unit ``i`` (embedded before it had a view recipe)."""
     done: dict[str, dict[str, Any]] = {}
     with_views: set[str] = set()
     if (store / "STORE.json").exists():
         from ..store.reader import open_store
-        s = open_store(store)
+        s = open_store(store, lock=lock)
         done = s.units()
         if views:
             with_views = {rec["base"] for _, rec in s.cat.read(
@@ -227,7 +228,7 @@ def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
 
 def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, device: str, *,
                 rank: int, world: int, claim: Callable[[], int | None] | None,
-                sync: Callable[[], None] | None = None) -> ExtractResult:
+                sync: Callable[[], None] | None = None, staged: bool = False) -> ExtractResult:
     """The work of one process (one device): claim units, embed, commit."""
     import torch
     from tqdm import tqdm
@@ -252,7 +253,15 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
 
     if sync is not None and rank != 0:
         sync()  # rank 0 creates the store first
-    w = StoreWriter(store, meta, on_duplicate="skip", rows_per_shard=cfg.rows_per_shard)
+    w = StoreWriter(store, meta, on_duplicate="skip", rows_per_shard=cfg.rows_per_shard, staged=staged)
+    if staged:  # this rank may not write the catalog: read it lock-free (see store/commit.py)
+        from ..store.catalog import open_catalog
+        cat = open_catalog(store, lock=False)
+    else:
+        cat = w.cat
+
+    def lookup(keys: list[str]) -> list[int | None]:
+        return cat.read(lambda t: cat.lookup_ids(t, keys))
     if sync is not None and rank == 0:
         sync()
     with w:
@@ -260,11 +269,11 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             res.errors.append((unit, reason))
             w.add_error(unit, reason)
 
-        if recipe is not None and w.meta.views is None:  # record the recipe the views follow
+        if recipe is not None and w.meta.views is None and not staged:  # record the recipe the views follow
             from ..store.meta import write_meta
             write_meta(store, w.meta.with_views(recipe.to_dict()))
         nu = len(disc.units)
-        todo = _pending_units(disc, store, res, record_error, views=recipe is not None)
+        todo = _pending_units(disc, store, res, record_error, views=recipe is not None, lock=not staged)
         if claim is None:
             order = iter(todo)
             claim = lambda: next(order, None)  # noqa: E731
@@ -284,7 +293,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
                 parts = view_parts.pop(wi, [])
                 if parts:
                     keys = [k for ks, _ in parts for k in ks]
-                    ids = np.array(w.cat.read(lambda t: w.cat.lookup_ids(t, keys)), dtype=np.int64)
+                    ids = np.array(lookup(keys), dtype=np.int64)
                     w.add_views(ids, keys, np.concatenate([v for _, v in parts]),
                                 unit=unit_name(wi) if ok else None)
                 elif ok:
@@ -297,12 +306,13 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             u = disc.units[wi - nu]
             if u.kind == "files":
                 keys = [t.key for t in u.files]
-                ids = w.cat.read(lambda t: w.cat.lookup_ids(t, keys))
+                ids = lookup(keys)
                 return [TileSpec(wi, t.key, t.path, tile_size=file_size or 0)
                         for t, i in zip(u.files, ids) if i is not None]
             from ..store.reader import open_store
-            rec = open_store(store).units()[u.id]
-            bag = open_store(store).slide(u.slide_id)
+            st = open_store(store, lock=not staged)
+            rec = st.units()[u.id]
+            bag = st.slide(u.slide_id)
             rs = int(rec.get("read_size", tile_size))
             return [TileSpec(wi, k, u.slide_path, int(x), int(y), int(rec.get("level", 0)), rs, rs, tile_size)
                     for k, (x, y) in zip(bag.keys, bag.coords)]
@@ -313,8 +323,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             u = disc.units[ui]
             if u.kind == "files":
                 keys = [t.key for t in u.files]
-                present = set(k for k, i in zip(keys, w.cat.read(lambda t: w.cat.lookup_ids(t, keys)))
-                              if i is not None)
+                present = set(k for k, i in zip(keys, lookup(keys)) if i is not None)
                 res.tiles_skipped += len(present)
                 return [TileSpec(ui, t.key, t.path, tile_size=file_size or 0)
                         for t in u.files if t.key not in present]
@@ -328,8 +337,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             info[ui] = {"identity": slide_identity(u.slide_path), "tiles": len(g),
                         "slide_mpp": g.slide_mpp, "level": g.level, "read_size": g.read_size}
             keys = [tile_key(u.slide_id, int(x), int(y)) for x, y in zip(g.x, g.y)]
-            present = set(k for k, i in zip(keys, w.cat.read(lambda t: w.cat.lookup_ids(t, keys)))
-                          if i is not None)
+            present = set(k for k, i in zip(keys, lookup(keys)) if i is not None)
             res.tiles_skipped += len(present)
             return [TileSpec(ui, k, u.slide_path, int(x), int(y), g.level, g.read_size, g.read_size, tile_size)
                     for k, x, y in zip(keys, g.x, g.y) if k not in present]

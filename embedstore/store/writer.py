@@ -28,7 +28,9 @@ import pyarrow as pa
 
 from ..errors import DimensionMismatchError, DuplicateKeyError, EmbedstoreError, StoreExistsError
 from . import _atomic
-from .catalog import Catalog, label_key, open_catalog, slide_key, u64
+from .catalog import Catalog, open_catalog
+from .commit import (apply_commit, apply_staged, file_writers, register_file_writer, stage_commit,
+                     unregister_file_writer)
 from .layout import Layout, owner_of, shard_name
 from .meta import StoreMeta, check_compatible, read_meta, write_meta
 from .schema import META_COLUMNS, base_schema, view_schema
@@ -63,6 +65,7 @@ def clean_leftovers(lay: Layout, cat: Catalog) -> list[str]:
     files of writers on other hosts are left alone (their liveness cannot be known here).
     """
     writers = cat.read(lambda t: {k.decode(): _json(v) for k, v in cat.items(t, "writers")})
+    writers.update(file_writers(lay))  # staging writers (other nodes) register in files
     committed = cat.read(lambda t: {bytes(k).decode() for k in
                                     t.cursor(db=cat.db["shards"]).iternext(values=False)})
     dead: dict[str, bool] = {}
@@ -84,6 +87,8 @@ def clean_leftovers(lay: Layout, cat: Catalog) -> list[str]:
                 f.unlink(missing_ok=True)
                 removed.append(f.name)
     gone = [t for t, v in dead.items() if v and t in writers]
+    for t in gone:
+        unregister_file_writer(lay, t)
     if gone:
         cat.write(lambda t: [t.delete(x.encode(), db=cat.db["writers"]) for x in gone])
     return removed
@@ -128,7 +133,7 @@ class StoreWriter:
     def __init__(self, path: Path | str, meta: StoreMeta | None = None, *,
                  rows_per_shard: int = 65536, spill_rows: int = 65536, batch_rows: int = 16384,
                  on_duplicate: str = "error", background: bool = True,
-                 commit_every_s: float = 30.0) -> None:
+                 commit_every_s: float = 30.0, staged: bool = False) -> None:
         self.lay = Layout(Path(path))
         if not self.lay.meta.exists():
             if meta is None:
@@ -150,11 +155,19 @@ class StoreWriter:
         self.lay.make_dirs()
         self._lockf = open(self.lay.lockfile, "a+")
         fcntl.flock(self._lockf, fcntl.LOCK_SH)      # compaction takes it exclusively
-        self.cat = open_catalog(self.lay.root, create=True)
         self.token = secrets.token_hex(6)
         ident = _atomic.process_identity()
-        self.cat.write(lambda t: self.cat.put_json(t, "writers", self.token, ident))
-        clean_leftovers(self.lay, self.cat)
+        # staged: this process may not write the catalog (another node owns it); its commits
+        # are staged as files and applied by the committing process (see store/commit.py)
+        self.staged = staged
+        if staged:
+            self.cat = None  # type: ignore[assignment]
+            register_file_writer(self.lay, self.token, ident)
+        else:
+            self.cat = open_catalog(self.lay.root, create=True)
+            self.cat.write(lambda t: self.cat.put_json(t, "writers", self.token, ident))
+            apply_staged(self.lay, self.cat)
+            clean_leftovers(self.lay, self.cat)
         self._seq = 0
         self._pending: dict[str | None, _Pending] = {}
         self._pending_keys: set[str] = set()
@@ -175,6 +188,8 @@ class StoreWriter:
 
     # -- public -----------------------------------------------------------------------
     def units_done(self) -> set[str]:
+        if self.staged:
+            return set()
         return self.cat.read(lambda t: {bytes(k).decode() for k in
                                         t.cursor(db=self.cat.db["units"]).iternext(values=False)})
 
@@ -200,7 +215,7 @@ class StoreWriter:
         if unknown:
             raise TypeError(f"unknown metadata columns {sorted(unknown)}; "
                             f"known: {sorted(META_COLUMNS)[1:]}")
-        if unit is not None and unit not in self._pending and unit not in self._spilled and \
+        if not self.staged and unit is not None and unit not in self._pending and unit not in self._spilled and \
                 self.cat.read(lambda t: t.get(unit.encode(), db=self.cat.db["units"])) is not None:
             return  # committed meanwhile (by another process): kept once
         keys = [str(k) for k in keys]
@@ -288,7 +303,10 @@ class StoreWriter:
 
     def _release(self) -> None:
         try:
-            self.cat.write(lambda t: t.delete(self.token.encode(), db=self.cat.db["writers"]))
+            if self.staged:
+                unregister_file_writer(self.lay, self.token)
+            else:
+                self.cat.write(lambda t: t.delete(self.token.encode(), db=self.cat.db["writers"]))
         finally:
             fcntl.flock(self._lockf, fcntl.LOCK_UN)
             self._lockf.close()
@@ -308,7 +326,7 @@ class StoreWriter:
         dup_in = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
         if dup_in:
             raise DuplicateKeyError(f"duplicate tile key {dup_in[0]!r} within one add() call")
-        ids = self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
+        ids = [None] * len(keys) if self.staged else self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
         dup = np.array([(i is not None) or (k in self._pending_keys) for k, i in zip(keys, ids)])
         if not dup.any():
             return None
@@ -470,43 +488,26 @@ class StoreWriter:
 
     def _commit(self, f: _OpenFile | None, units: list[tuple[str, dict[str, Any]]],
                 recs: dict[str, dict[str, Any]] | None = None) -> None:
-        cat = self.cat
         now = time.time()
-
-        def txn_fn(t: Any) -> int:
-            _atomic.crash_point("in_txn")
-            first = cat.counter(t, "next_id")
-            if f is not None and recs is not None:
-                cat.bump(t, "next_id", f.rows)
-                seq = cat.bump(t, "next_seq")
-                kdb, ddb = cat.db["keys"], cat.db["deleted"]
-                dups = 0
-                for i, k in enumerate(f.keys):
-                    if not t.put(k.encode(), u64(first + i), db=kdb, overwrite=False):
-                        t.put(u64(first + i), b'{"reason":"duplicate"}', db=ddb)
-                        dups += 1
-                if dups:
-                    cat.bump(t, "tomb_gen")
-                base = dict(recs[f.name], kind="base", first_id=first, seq=seq, units=[u for u, _ in units],
-                            writer=self.token, time=now)
-                cat.put_json(t, "shards", f.name, base)
-                t.put(u64(seq), f.name.encode(), db=cat.db["order"])
-                if f.view is not None:
-                    cat.put_json(t, "shards", f.view.name,
-                                 dict(recs[f.view.name], kind="view", base=f.name, time=now))
-                for s, start, count in f.slide_runs:
-                    t.put(slide_key(s, first + start), u64(count), db=cat.db["slides"])
-            for u, info in units:
-                cat.put_json(t, "units", u, dict(info, shard=f.name if f else None, time=now))
-                t.delete(u.encode(), db=cat.db["errors"])
-                for ek, _ in list(cat.items(t, "errors", (u + "|").encode())):  # per-input errors
-                    t.delete(ek, db=cat.db["errors"])
-            return first
-
-        cat.write(txn_fn)
+        if f is not None and recs is not None:
+            p: dict[str, Any] = {
+                "kind": "rows", "base": f.name, "base_rec": recs[f.name], "rows": f.rows,
+                "view": f.view.name if f.view is not None else None,
+                "view_rec": recs.get(f.view.name) if f.view is not None else None,
+                "keys": f.keys, "slide_runs": f.slide_runs, "units": units,
+                "writer": self.token, "time": now}
+        else:
+            p = {"kind": "units", "units": units, "time": now}
+        self._apply(p, f.name if f is not None else f"units-{self.token}-{self._seq}")
         if f is not None:
             self.rows_committed += f.rows
             self._pending_keys.difference_update(f.keys)
+
+    def _apply(self, p: dict[str, Any], name: str) -> None:
+        if self.staged:
+            stage_commit(self.lay, p, name)
+        else:
+            apply_commit(self.cat, p)
 
     def _commit_views(self, unit: str | None, ids: np.ndarray, keys: list[str], views: np.ndarray) -> None:
         name = shard_name(self.token, self._seq, view=True)
@@ -523,17 +524,12 @@ class StoreWriter:
         rec = {"rows": n * k, "sha256": sink.sha.hexdigest(), "size": sink.size}
         os.replace(self.lay.partial(name), self.lay.shard(name))
         _atomic.fsync_dir(self.lay.shards)
-        now = time.time()
-
-        def txn(t: Any) -> None:
-            self.cat.put_json(t, "shards", name, dict(rec, kind="view", base=None, writer=self.token, time=now))
-            if unit is not None:
-                self.cat.put_json(t, "units", unit, {"shard": name, "time": now})
-        self.cat.write(txn)
+        self._apply({"kind": "views", "name": name, "rec": rec, "writer": self.token, "time": time.time(),
+                     "units": [(unit, {})] if unit is not None else []}, name)
 
     def _record_error(self, unit: str, info: dict[str, Any]) -> None:
-        info = dict(info, time=time.time())
-        self.cat.write(lambda t: self.cat.put_json(t, "errors", unit, info))
+        self._apply({"kind": "error", "unit": unit, "info": info, "time": time.time()},
+                    f"error-{self.token}-{time.time_ns()}")
 
     def _discard_open_file(self) -> None:
         f = self._file

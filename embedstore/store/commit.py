@@ -1,0 +1,128 @@
+"""Catalog commits as data: a *payload* describes one commit (a sealed shard with its keys,
+slides and units; views for committed tiles; units without rows; an error) and
+:func:`apply_commit` turns it into one LMDB transaction.
+
+Writers on the machine that owns the catalog apply their payloads directly. Writers elsewhere —
+other nodes of a ``torchrun`` job, where the store sits on a shared filesystem and LMDB's locks
+do not hold — *stage* them: the shard is renamed into ``shards/`` first, then the payload is
+written atomically to ``staged/``. One process (rank 0, or the next writer to open the store)
+applies staged payloads in order and removes them. Applying is idempotent, so a crash between
+the transaction and the removal only repeats a no-op.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _atomic
+from .catalog import Catalog, slide_key, u64
+from .layout import Layout
+
+__all__ = ["apply_commit", "stage_commit", "apply_staged", "STAGED"]
+
+STAGED = "staged"
+
+
+def apply_commit(cat: Catalog, p: dict[str, Any]) -> None:
+    """Apply one payload in one transaction (a no-op when it was applied before)."""
+    kind = p["kind"]
+
+    def txn(t: Any) -> None:
+        _atomic.crash_point("in_txn")
+        now = p.get("time", time.time())
+        shard = None
+        if kind == "rows":
+            if t.get(p["base"].encode(), db=cat.db["shards"]) is not None:
+                return  # applied before
+            first = cat.bump(t, "next_id", p["rows"])
+            seq = cat.bump(t, "next_seq")
+            kdb, ddb = cat.db["keys"], cat.db["deleted"]
+            dups = 0
+            for i, k in enumerate(p["keys"]):
+                if not t.put(k.encode(), u64(first + i), db=kdb, overwrite=False):
+                    t.put(u64(first + i), b'{"reason":"duplicate"}', db=ddb)  # kept once
+                    dups += 1
+            if dups:
+                cat.bump(t, "tomb_gen")
+            cat.put_json(t, "shards", p["base"], dict(p["base_rec"], kind="base", first_id=first, seq=seq,
+                                                       units=[u for u, _ in p["units"]],
+                                                       writer=p["writer"], time=now))
+            t.put(u64(seq), p["base"].encode(), db=cat.db["order"])
+            if p.get("view"):
+                cat.put_json(t, "shards", p["view"], dict(p["view_rec"], kind="view", base=p["base"], time=now))
+            for s, start, count in p["slide_runs"]:
+                t.put(slide_key(s, first + start), u64(count), db=cat.db["slides"])
+            shard = p["base"]
+        elif kind == "views":
+            if t.get(p["name"].encode(), db=cat.db["shards"]) is not None:
+                return
+            cat.put_json(t, "shards", p["name"], dict(p["rec"], kind="view", base=None,
+                                                       writer=p["writer"], time=now))
+            shard = p["name"]
+        elif kind == "error":
+            cat.put_json(t, "errors", p["unit"], dict(p["info"], time=now))
+            return
+        for u, info in p.get("units", []):
+            cat.put_json(t, "units", u, dict(info, shard=shard, time=now))
+            t.delete(u.encode(), db=cat.db["errors"])
+            for ek, _ in list(cat.items(t, "errors", (u + "|").encode())):  # per-input errors
+                t.delete(ek, db=cat.db["errors"])
+    cat.write(txn)
+
+
+def stage_commit(lay: Layout, p: dict[str, Any], name: str) -> None:
+    """Write a payload for the committing process (after its shard files are in place)."""
+    d = lay.root / STAGED
+    d.mkdir(exist_ok=True)
+    _atomic.atomic_write_bytes(d / f"{time.time_ns():020d}-{name}.json",
+                               json.dumps(p, separators=(",", ":")).encode())
+
+
+def apply_staged(lay: Layout, cat: Catalog) -> int:
+    """Apply every staged payload in the order written; returns how many."""
+    d = lay.root / STAGED
+    if not d.is_dir():
+        return 0
+    n = 0
+    for f in sorted(d.glob("*.json")):
+        try:
+            p = json.loads(f.read_bytes())
+        except (OSError, json.JSONDecodeError):
+            continue  # not complete yet (atomic writes make this rare) — next time
+        apply_commit(cat, p)
+        f.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def writers_dir(lay: Layout) -> Path:
+    return lay.root / "writers"
+
+
+def register_file_writer(lay: Layout, token: str, ident: dict[str, Any]) -> None:
+    """Staging writers record their owner in a file (they cannot write the catalog)."""
+    d = writers_dir(lay)
+    d.mkdir(exist_ok=True)
+    _atomic.atomic_write_bytes(d / f"{token}.json", json.dumps(ident).encode())
+
+
+def file_writers(lay: Layout) -> dict[str, dict[str, Any]]:
+    d = writers_dir(lay)
+    out = {}
+    if d.is_dir():
+        for f in d.glob("*.json"):
+            try:
+                out[f.stem] = json.loads(f.read_bytes())
+            except (OSError, json.JSONDecodeError):
+                out[f.stem] = {"host": "?", "pid": -1}
+    return out
+
+
+def unregister_file_writer(lay: Layout, token: str) -> None:
+    try:
+        os.unlink(writers_dir(lay) / f"{token}.json")
+    except FileNotFoundError:
+        pass
