@@ -1,0 +1,80 @@
+"""Small shared helpers: metrics, vector preparation, the store protocol the index reads."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from embedstore.errors import DimensionMismatchError, IndexError_
+
+log = logging.getLogger("embedstore.index")
+
+METRICS = ("cosine", "ip")
+SCAN_BATCH = 65536
+
+
+class StoreLike(Protocol):
+    """What the index needs from a store (embedstore.store's reader provides it)."""
+
+    path: Path
+    dim: int
+    dtype: Any
+
+    def __len__(self) -> int: ...
+    @property
+    def n_rows_committed(self) -> int: ...
+    def scan(self, batch_size: int = SCAN_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def all_ids(self) -> np.ndarray: ...
+    def gather(self, ids: np.ndarray) -> np.ndarray: ...
+    def ids(self, keys: Sequence[str]) -> np.ndarray: ...
+    def keys_of(self, ids: np.ndarray) -> list[str]: ...
+    def metadata(self, ids: np.ndarray, columns: Sequence[str] = ...) -> dict[str, np.ndarray]: ...
+    def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray: ...
+    def is_deleted(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise IndexError_(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def prepare(emb: np.ndarray, metric: str) -> np.ndarray:
+    """(n, dim) float16|float32 -> (n, dim) float32 C-contiguous, L2-normalised for cosine.
+
+    Works on one batch at a time; zero vectors stay zero.
+    """
+    x = np.array(emb, dtype=np.float32, copy=True, order="C")
+    if x.ndim == 1:
+        x = x[None, :]
+    if metric == "cosine":
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        norms[norms == 0] = 1.0
+        x /= norms[:, None]
+    return x
+
+
+def as_queries(vectors: np.ndarray, dim: int, what: str = "query vectors") -> np.ndarray:
+    """Validate user vectors: (dim,) or (nq, dim) -> (nq, dim), else one-line error."""
+    arr = np.asarray(vectors)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        seen = arr.shape[-1] if arr.ndim >= 1 else "a scalar"
+        raise DimensionMismatchError(
+            f"{what} have dim {seen} (shape {tuple(arr.shape)}) but the store holds dim {dim};"
+            " embed them with the store's backbone")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise IndexError_(f"{what} contain NaN or inf values; clean them before searching")
+    return arr
+
+
+def require_rows(store: StoreLike) -> int:
+    n = len(store)
+    if n == 0:
+        raise IndexError_(f"store {store.path} holds no rows; extract tiles into it first")
+    return n

@@ -1,0 +1,252 @@
+"""Choose a FAISS index from sizes alone: pure planning, no I/O, no faiss import.
+
+The rules follow autofaiss: exact search while it is cheap, then an inverted file sized by
+``4 * sqrt(n)`` lists, with codes as large as the memory budget allows. Recall that a compressed
+code cannot reach on its own is bought back by exact re-ranking of the top candidates from the
+store's memory-mapped vectors (which cost disk, not index memory).
+
+    plan = plan_index(1_000_000, 768, parse_memory("8G"), target_recall=0.95)
+    plan.factory  # 'IVF4096_HNSW32,PQ64np'  (rerank_k=100)
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+from embedstore.errors import BudgetError, IndexError_
+
+__all__ = [
+    "KINDS", "FLAT_MAX_ROWS", "IndexPlan", "plan_index", "parse_memory", "format_bytes",
+]
+
+KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
+FLAT_MAX_ROWS = 100_000          # exact search below this many rows (autofaiss does the same)
+HNSW_M = 32                      # graph neighbours per node
+HNSW_RECALL_CEILING = 0.92       # HNSW32 on clustered 768-d plateaus near here
+HNSW_MAX_ROWS = 2_000_000        # CPU graph construction grows too slow past this
+IVF_FLAT_MIN_RECALL = 0.99       # above this, keep exact codes rather than deep PQ re-ranking
+PQ_M_CHOICES = (8, 12, 16, 24, 32, 48, 64, 96, 128)   # bytes per PQ code, smallest first
+PQ_DIMS_PER_SUB = 12             # preferred dims per PQ sub-quantizer (768 -> PQ64)
+MIN_POINTS_PER_LIST = 39         # faiss k-means wants >= 39 training points per centroid
+MAX_TRAIN = 1 << 18              # training sample cap (262,144 vectors)
+MIN_TRAIN_PER_LIST = 10          # a tight budget may shrink the sample down to this per list
+ID_BYTES = 8                     # int64 id per row (IDMap or inverted lists)
+RERANK_FACTORS = (5, 10, 20, 40) # PQ candidates re-ranked per result, swept at build time
+NPROBE_MAX = 1024
+HNSW_QUANTIZER_MIN_LISTS = 2048  # from here, assign to lists through an HNSW32 graph (autofaiss)
+EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build for ``n`` rows of ``dim``; every field follows from sizes alone."""
+
+    kind: str                          # "flat" | "hnsw" | "ivf-flat" | "ivf-pq"
+    factory: str                       # faiss.index_factory string (ids via IDMap or IVF lists)
+    n: int                             # rows planned for
+    dim: int                           # vector dimension
+    nlist: int                         # inverted lists (0 unless IVF)
+    m: int                             # PQ bytes per code (0 unless ivf-pq)
+    hnsw_m: int                        # HNSW neighbours per node (0 unless hnsw)
+    rerank_k: int                      # planned candidates re-ranked exactly at k=10 (0 = none)
+    train_size: int                    # vectors sampled by random id for training (0 = none)
+    memory_bytes: int                  # estimated resident size of the built index
+    train_bytes: int                   # float32 training sample held while training
+    sweep_name: str                    # search parameter tuned at build: nprobe | efSearch | ""
+    sweep: tuple[int, ...]             # its values, increasing
+    k_factors: tuple[int, ...]         # re-rank depths swept (candidates per result; 1 = none)
+    reason: str                        # one line: why this kind
+
+    @property
+    def needs_training(self) -> bool:
+        return self.train_size > 0
+
+
+def parse_memory(value: str | int | float) -> int:
+    """``"8G"``, ``"512M"``, ``"1.5GB"``, ``"800KiB"`` or a byte count -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise IndexError_(f"memory budget must be positive, got {value!r}; e.g. 8G")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(value).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise IndexError_(f"cannot read memory budget {value!r}; use a size like 8G, 512M or 1.5G")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _nlist(n: int) -> int:
+    """Inverted lists: a power of two near 4 * sqrt(n), with enough training points per list."""
+    target = 4.0 * math.sqrt(max(n, 1))
+    nlist = 1 << max(0, round(math.log2(target)))
+    while nlist > 1 and nlist * MIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
+def _pq_m_options(dim: int) -> list[int]:
+    """PQ code sizes worth trying, largest (most accurate) first, none past dim / 12 or dim."""
+    cap = max(PQ_M_CHOICES[0], dim // PQ_DIMS_PER_SUB)
+    return [m for m in reversed(PQ_M_CHOICES) if m <= cap and m <= dim]
+
+
+def _train_size(n: int, nlist: int, pq_bits: int) -> int:
+    want = max(MIN_POINTS_PER_LIST * nlist, MIN_POINTS_PER_LIST * (1 << pq_bits))
+    return min(n, want, MAX_TRAIN)
+
+
+def _pq_bits(n: int) -> int:
+    """8-bit codes unless there are too few rows to train 256 centroids per sub-quantizer."""
+    bits = 8
+    while bits > 4 and n < MIN_POINTS_PER_LIST * (1 << bits):
+        bits -= 1
+    return bits
+
+
+def _nprobe_sweep(nlist: int) -> tuple[int, ...]:
+    top = min(nlist, NPROBE_MAX)
+    values = [1 << i for i in range(top.bit_length()) if (1 << i) <= top]
+    if values[-1] != top:
+        values.append(top)
+    return tuple(values)
+
+
+def _coarse(nlist: int, dim: int) -> tuple[str, int]:
+    """The IVF part of the factory string and its memory: flat centroids, or an HNSW graph over
+    them when there are many lists (adding 1M rows then costs ~log(nlist), not nlist, each)."""
+    if nlist >= HNSW_QUANTIZER_MIN_LISTS:
+        return f"IVF{nlist}_HNSW{HNSW_M}", nlist * (dim * 4 + int(2 * HNSW_M * 4 * 1.1) + 12)
+    return f"IVF{nlist}", nlist * dim * 4
+
+
+def _flat(n: int, dim: int, reason: str) -> IndexPlan:
+    return IndexPlan("flat", "Flat", n, dim, 0, 0, 0, 0, 0, n * (4 * dim + ID_BYTES), 0,
+                     "", (), (1,), reason)
+
+
+def _hnsw(n: int, dim: int, reason: str) -> IndexPlan:
+    # level-0 links (2M int32) plus ~10% upper levels, the vectors, level table and ids
+    per_row = 4 * dim + ID_BYTES + int(2 * HNSW_M * 4 * 1.1) + 12
+    sweep = tuple(ef for ef in EF_SEARCH if ef >= 16)
+    return IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", n, dim, 0, 0, HNSW_M, 0, 0, n * per_row, 0,
+                     "efSearch", sweep, (1,), reason)
+
+
+def _ivf_flat(n: int, dim: int, reason: str) -> IndexPlan:
+    nlist = _nlist(n)
+    train = _train_size(n, nlist, 0)
+    coarse, coarse_bytes = _coarse(nlist, dim)
+    mem = n * (4 * dim + ID_BYTES) + coarse_bytes
+    return IndexPlan("ivf-flat", f"{coarse},Flat", n, dim, nlist, 0, 0, 0, train, mem,
+                     train * dim * 4, "nprobe", _nprobe_sweep(nlist), (1,), reason)
+
+
+def _ivf_pq(n: int, dim: int, m: int, reason: str) -> IndexPlan:
+    nlist = _nlist(n)
+    bits = _pq_bits(n)
+    # "np": no polysemous training (only useful for Hamming pre-filtering, and slow to train)
+    code = f"PQ{m}np" if bits == 8 else f"PQ{m}x{bits}np"
+    coarse, coarse_bytes = _coarse(nlist, dim)
+    if dim % m == 0:
+        factory = f"{coarse},{code}"
+        rotation = 0
+    else:  # OPQ rotates into a dimension the sub-quantizers divide
+        d_out = m * max(1, dim // m)
+        factory = f"OPQ{m}_{d_out},{coarse},{code}"
+        rotation = dim * d_out * 4
+    train = _train_size(n, nlist, bits)
+    code_bytes = math.ceil(m * bits / 8)
+    mem = n * (code_bytes + ID_BYTES) + coarse_bytes + (1 << bits) * dim * 4 + rotation
+    return IndexPlan("ivf-pq", factory, n, dim, nlist, m, 0, 10 * RERANK_FACTORS[1], train, mem,
+                     train * dim * 4, "nprobe", _nprobe_sweep(nlist), RERANK_FACTORS, reason)
+
+
+def _train_floor(plan: IndexPlan) -> int:
+    """Fewest training vectors worth using: 10 per list and 10 per PQ centroid."""
+    if not plan.needs_training:
+        return 0
+    per_code = 10 * (1 << _pq_bits(plan.n)) if plan.kind == "ivf-pq" else 0
+    return min(plan.train_size, max(MIN_TRAIN_PER_LIST * plan.nlist, per_code))
+
+
+def _needed(plan: IndexPlan) -> int:
+    return plan.memory_bytes + _train_floor(plan) * plan.dim * 4
+
+
+def _fit(plan: IndexPlan, budget: int) -> IndexPlan | None:
+    """The plan, with its training sample shrunk if that makes it fit; None if nothing does."""
+    if plan.memory_bytes + plan.train_bytes <= budget:
+        return plan
+    if _needed(plan) > budget:
+        return None
+    room = (budget - plan.memory_bytes) // (plan.dim * 4)
+    return replace(plan, train_size=int(room), train_bytes=int(room) * plan.dim * 4)
+
+
+def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
+               kind: str = "auto") -> IndexPlan:
+    """The index to build for ``n`` rows of ``dim`` within a budget (index + float32 training
+    sample, which a tight budget shrinks down to 10 vectors per list).
+
+    ``kind="auto"``: Flat below FLAT_MAX_ROWS; above, HNSW32 when the target is within its
+    ceiling, IVF-Flat when the target is near exact, else IVF-PQ with exact re-ranking (the
+    largest code that fits). Raises BudgetError (one line, with the minimum needed) when nothing fits.
+    """
+    if kind not in KINDS:
+        raise IndexError_(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if n <= 0:
+        raise IndexError_(f"cannot plan an index for {n} rows; the store is empty")
+    if dim <= 0:
+        raise IndexError_(f"cannot plan an index for dim {dim}")
+    if not 0.0 < target_recall <= 1.0:
+        raise IndexError_(f"target recall must be in (0, 1], got {target_recall}")
+    budget = int(memory_budget_bytes)
+    pqs = []
+    for m in _pq_m_options(dim):
+        plan = _ivf_pq(n, dim, m, "")
+        pqs.append(replace(plan, reason=f"IVF-PQ{m} + exact re-ranking of the top candidates:"
+                                        f" {format_bytes(plan.memory_bytes)} for {n:,} rows"))
+    if kind != "auto":
+        forced = {"flat": [_flat(n, dim, "kind=flat requested")],
+                  "hnsw": [_hnsw(n, dim, "kind=hnsw requested")],
+                  "ivf-flat": [_ivf_flat(n, dim, "kind=ivf-flat requested")],
+                  "ivf-pq": pqs}[kind]
+        for plan in forced:
+            fitted = _fit(plan, budget)
+            if fitted is not None:
+                return fitted
+        smallest = min(forced, key=_needed)
+        raise BudgetError(
+            f"kind={kind} ({smallest.factory}) for {n:,} x {dim} needs {format_bytes(_needed(smallest))}"
+            f" but the memory budget is {format_bytes(budget)}; raise --memory-budget to at least"
+            f" {math.ceil(_needed(smallest) / (1 << 20))}M or choose another kind")
+
+    wanted: list[IndexPlan] = []
+    if n < FLAT_MAX_ROWS:
+        wanted.append(_flat(n, dim, f"exact search: {n:,} rows is below {FLAT_MAX_ROWS:,}"))
+    if target_recall <= HNSW_RECALL_CEILING and n <= HNSW_MAX_ROWS:
+        wanted.append(_hnsw(n, dim, f"HNSW{HNSW_M}: target recall {target_recall} is within its"
+                                    f" ceiling (~{HNSW_RECALL_CEILING}) and it is fastest per query"))
+    if target_recall >= IVF_FLAT_MIN_RECALL:
+        wanted.append(_ivf_flat(n, dim, f"IVF-Flat: target recall {target_recall} needs exact"
+                                        " codes"))
+    wanted.extend(pqs)
+    for plan in wanted:
+        fitted = _fit(plan, budget)
+        if fitted is not None:
+            return fitted
+    smallest = min(wanted, key=_needed)
+    raise BudgetError(
+        f"no index for {n:,} x {dim} fits a memory budget of {format_bytes(budget)}; the smallest"
+        f" ({smallest.factory}) needs {format_bytes(_needed(smallest))}: raise --memory-budget to"
+        f" at least {math.ceil(_needed(smallest) / (1 << 20))}M")

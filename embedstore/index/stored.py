@@ -1,0 +1,260 @@
+"""An index on disk (``STORE/index/``) and in memory: its metadata, commit protocol and queries.
+
+Layout: ``index-<token>.faiss`` (faiss.write_index) and ``index.json`` (IndexInfo), written
+in that order, each to a ``.partial`` name, fsynced, then renamed: ``index.json`` is the commit
+record, so a crash leaves either the previous index or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedstore.errors import DimensionMismatchError, IndexError_, StaleIndexError
+from embedstore.index._vectors import StoreLike, log, prepare
+
+__all__ = ["IndexInfo", "VectorIndex", "load_index", "read_index_info", "index_dir",
+           "check_fresh", "require_gpu"]
+
+INDEX_DIRNAME = "index"
+INFO_NAME = "index.json"
+FORMAT_VERSION = 1
+GPU_MAX_K = 2048            # faiss GPU search returns at most this many neighbours
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What ``index.json`` records about a built index."""
+
+    factory: str                 # faiss.index_factory string (before the id map)
+    kind: str                    # flat | hnsw | ivf-flat | ivf-pq
+    metric: str                  # cosine (vectors L2-normalised, inner product) | ip
+    dim: int                     # vector dimension
+    nlist: int                   # inverted lists (0 unless IVF)
+    params: dict                 # tuned search parameters: nprobe | efSearch, and k_factor
+    n_covered: int               # rows in the index
+    max_id: int                  # largest tile id in the index (update adds ids above it)
+    n_rows_committed: int        # store.n_rows_committed when last built or updated
+    recall_at_10: float          # recall@10 vs exact search at params, held-out queries
+    target_recall: float         # what the sweep aimed for
+    recall_met: bool             # recall_at_10 >= target_recall
+    qps: float                   # queries/s at params (batched, re-ranking included)
+    n_queries: int               # held-out queries used for recall and qps
+    build_seconds: float         # training + adding rows
+    tune_seconds: float          # ground truth + parameter sweep
+    memory_bytes: int            # size of the faiss file
+    curve: list = field(default_factory=list)   # every setting swept: params, recall, qps
+    reason: str = ""             # why this kind was chosen
+    seed: int = 0                # training sample and query sample seed
+    gpu: bool = False            # trained/added on GPU
+    created: str = ""            # ISO time of the build
+    updated: str = ""            # ISO time of the last update_index ("" if none)
+    n_added: int = 0             # rows added by update_index since the build
+    faiss_version: str = ""      # faiss that wrote the file
+    file: str = ""               # faiss file name inside the index directory
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def k_factor(self) -> int:
+        return int(self.params.get("k_factor", 1))
+
+    def describe(self) -> str:
+        knobs = " ".join(f"{key}={val}" for key, val in self.params.items()
+                         if key != "k_factor")
+        rerank = f" rerank={10 * self.k_factor}" if self.kind == "ivf-pq" else ""
+        return f"{self.factory} {knobs}{rerank}".strip()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "IndexInfo":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: val for key, val in data.items() if key in known})
+
+
+def index_dir(store: StoreLike) -> Path:
+    return Path(store.path) / INDEX_DIRNAME
+
+
+def read_index_info(store: StoreLike) -> IndexInfo | None:
+    """The saved IndexInfo, or None when no index has been built."""
+    path = index_dir(store) / INFO_NAME
+    if not path.exists():
+        return None
+    try:
+        return IndexInfo.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise IndexError_(f"unreadable {path}: {exc}; rebuild with `embedstore index "
+                          f"{store.path}`") from exc
+
+
+def check_fresh(store: StoreLike, info: IndexInfo) -> None:
+    committed = int(store.n_rows_committed)
+    if committed > info.n_rows_committed:
+        raise StaleIndexError(
+            f"index covers {info.n_rows_committed:,} of {committed:,} rows; run "
+            f"`embedstore index {store.path} --update`")
+
+
+def require_gpu() -> None:
+    import faiss
+
+    count = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if count <= 0:
+        raise IndexError_("gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0; is faiss-cpu"
+                          " installed?); install embedstore[gpu] on a CUDA machine or drop --gpu")
+
+
+def to_gpu(index: Any, kind: str) -> tuple[Any, Any]:
+    """(gpu index, resources to keep alive); raises IndexError_ when faiss cannot move it."""
+    import faiss
+
+    require_gpu()
+    res = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = kind == "ivf-pq"   # float16 lookup tables: needed for large PQ codes
+    try:
+        return faiss.index_cpu_to_gpu(res, 0, index, options), res
+    except RuntimeError as exc:
+        raise IndexError_(f"faiss cannot run a {kind} index on GPU ({exc}); drop --gpu") from exc
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_index(index: Any, info: IndexInfo, directory: Path) -> IndexInfo:
+    """Write the faiss file, then index.json (the commit), then drop older files."""
+    import faiss
+
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"index-{uuid.uuid4().hex[:12]}.faiss"
+    tmp = directory / (name + ".partial")
+    faiss.write_index(index, str(tmp))
+    _fsync(tmp)
+    os.replace(tmp, directory / name)
+    info = replace(info, file=name, memory_bytes=(directory / name).stat().st_size,
+                   faiss_version=faiss.__version__)
+    tmp_json = directory / (INFO_NAME + ".partial")
+    tmp_json.write_text(json.dumps(info.to_json(), indent=1) + "\n")
+    _fsync(tmp_json)
+    os.replace(tmp_json, directory / INFO_NAME)
+    _fsync(directory)
+    for old in directory.iterdir():
+        if old.name != name and (old.suffix == ".faiss" or old.name.endswith(".faiss.partial")):
+            old.unlink(missing_ok=True)
+    return info
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def rerank(store: StoreLike, q: np.ndarray, cand: np.ndarray, metric: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores for candidate ids (nq, kk) from the store's own vectors, re-sorted.
+
+    q: (nq, dim) float32 prepared. Candidates are gathered in the store dtype, converted once,
+    and scored by a batched matrix-vector product (cosine divides by each candidate's norm).
+    """
+    nq, kk = cand.shape
+    valid = cand >= 0
+    if not valid.any():
+        return np.full((nq, kk), -np.inf, dtype=np.float32), np.full((nq, kk), -1, np.int64)
+    filler = cand[valid][0]                       # any real id stands in for -1, then masked
+    safe = np.where(valid, cand, filler)
+    scores = np.empty((nq, kk), dtype=np.float32)
+    chunk = max(1, (1 << 24) // max(1, kk * store.dim * 4))    # ~16 MB of float32 per chunk
+    for s in range(0, nq, chunk):
+        e = min(nq, s + chunk)
+        x = np.asarray(store.gather(safe[s:e].ravel()), dtype=np.float32)
+        x = x.reshape(e - s, kk, store.dim)
+        dots = np.matmul(x, q[s:e, :, None])[:, :, 0]
+        if metric == "cosine":
+            norms = np.sqrt(np.einsum("ijk,ijk->ij", x, x))
+            dots /= np.where(norms > 0, norms, 1.0)
+        scores[s:e] = dots
+    scores[~valid] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
+    return np.take_along_axis(scores, order, axis=1), ids
+
+
+class VectorIndex:
+    """A loaded faiss index plus its IndexInfo; ``query`` applies the tuned parameters."""
+
+    def __init__(self, index: Any, info: IndexInfo, gpu_resources: Any = None) -> None:
+        self.index = index
+        self.info = info
+        self._gpu_resources = gpu_resources   # must outlive a GPU index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def query(self, store: StoreLike, q: np.ndarray, k: int, params: dict | None = None,
+              widen: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared queries (nq, dim) float32 -> (scores, ids) (nq, kk) best first, where
+        kk = k * k_factor * widen candidates (PQ candidates re-ranked exactly); ``widen`` also
+        multiplies nprobe / efSearch, for filtered searches that need more candidates."""
+        import faiss
+
+        params = dict(self.info.params if params is None else params)
+        kk = min(max(1, k * int(params.get("k_factor", 1)) * widen), max(1, self.ntotal))
+        if self._gpu_resources is not None:
+            kk = min(kk, GPU_MAX_K)
+        space = faiss.GpuParameterSpace() if self._gpu_resources is not None \
+            else faiss.ParameterSpace()
+        if "nprobe" in params:
+            space.set_index_parameter(self.index, "nprobe",
+                                      min(self.info.nlist, int(params["nprobe"]) * widen))
+        if "efSearch" in params:
+            space.set_index_parameter(self.index, "efSearch",
+                                      max(kk, int(params["efSearch"]) * widen))
+        scores, ids = self.index.search(np.ascontiguousarray(q, dtype=np.float32), kk)
+        if self.info.kind == "ivf-pq":
+            return rerank(store, q, ids, self.info.metric)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return scores, ids
+
+
+def load_index(store: StoreLike, gpu: bool = False, check_stale: bool = True) -> VectorIndex:
+    """Read ``STORE/index``; StaleIndexError when rows were committed after it was built."""
+    import faiss
+
+    info = read_index_info(store)
+    if info is None:
+        raise IndexError_(f"no index in {index_dir(store)}; build one with "
+                          f"`embedstore index {store.path}`")
+    if info.dim != store.dim:
+        raise DimensionMismatchError(f"index has dim {info.dim} but the store holds dim "
+                                     f"{store.dim}; rebuild with `embedstore index {store.path}`")
+    if check_stale:
+        check_fresh(store, info)
+    path = index_dir(store) / info.file
+    if not path.exists():
+        raise IndexError_(f"{path} named by index.json is missing; rebuild with "
+                          f"`embedstore index {store.path}`")
+    index = faiss.read_index(str(path))
+    if index.ntotal != info.n_covered:
+        raise IndexError_(f"{path} holds {index.ntotal:,} rows but index.json says "
+                          f"{info.n_covered:,}; rebuild with `embedstore index {store.path}`")
+    if gpu and info.kind == "hnsw":
+        require_gpu()
+        log.warning("faiss has no GPU HNSW; searching %s on CPU", info.factory)
+    elif gpu:
+        gindex, res = to_gpu(index, info.kind)
+        return VectorIndex(gindex, info, res)
+    log.debug("loaded %s (%d rows) from %s", info.factory, info.n_covered, path)
+    return VectorIndex(index, info)
