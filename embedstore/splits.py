@@ -26,6 +26,7 @@ from .errors import LabelsError
 __all__ = [
     "SplitSpec", "Fold", "parse_split", "plan_splits", "stratified_group_kfold",
     "carve_validation", "assert_no_leak", "assert_views_follow_tiles", "check_fold_counts",
+    "check_group_count",
 ]
 
 HOLDOUT_FOLDS = 5          # slide / group holdouts keep one fold of five (~20%) for testing
@@ -96,6 +97,16 @@ def check_fold_counts(y: np.ndarray, k: int, classes: Sequence[str] | None = Non
         name = classes[c] if classes is not None else str(c)
         raise LabelsError(f"class {name!r} has {counts[c]} examples, fewer than the {k} folds; "
                           f"add examples, merge the class or use fewer folds")
+
+
+def check_group_count(groups: np.ndarray | None, k: int, what: str, name: str | None = "group") -> None:
+    """``k`` folds need at least ``k`` distinct groups (else some fold is empty); one line otherwise."""
+    if groups is None:
+        return
+    n = np.unique(_groups_codes(np.asarray(groups), len(groups))).size
+    if n < k:
+        raise LabelsError(f"{what} needs at least {k} distinct {name} values, got {n}; "
+                          f"use fewer folds or a finer grouping")
 
 
 def stratified_group_kfold(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int = 0) -> np.ndarray:
@@ -197,8 +208,7 @@ def plan_splits(spec: SplitSpec | str, y: np.ndarray, *, split: np.ndarray | Non
                                   f"have (known: {', '.join(known)})")
         k = spec.folds
         check_fold_counts(y, k if spec.kind == "kfold" else 2, classes)
-        if groups is not None and np.unique(_groups_codes(groups, y.size)).size < 2:
-            raise LabelsError(f"split {spec} needs at least 2 distinct {spec.column} values, got 1")
+        check_group_count(groups, k if spec.kind == "kfold" else 2, f"split {spec}", spec.column)
         fold = stratified_group_kfold(y, groups, k, seed)
         held = range(k) if spec.kind == "kfold" else [0]
         folds = [Fold(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in held]

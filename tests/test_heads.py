@@ -2,6 +2,7 @@
 stopping), save/load round trips, prediction over a store streams and refuses foreign stores."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -221,6 +222,28 @@ def test_early_stopping_stops_and_keeps_the_best_epoch():
     assert h["n_fit"] + h["n_valid"] == 400
 
 
+def test_adamw_matches_torch_optim_step_for_step():
+    from embedstore.heads._optim import AdamW, lr_factor
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    b = copy.deepcopy(a)
+    ours = AdamW(a.parameters(), lr=0.01, weight_decay=0.1)
+    ref = torch.optim.AdamW(b.parameters(), lr=0.01, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lr_factor("cosine", 20))
+    factor = lr_factor("cosine", 20)
+    for _ in range(20):
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        for model in (a, b):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        ours.step(factor(ours.steps))
+        ours.zero_grad()
+        ref.step()
+        ref.zero_grad()
+        sched.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
 def test_training_is_reproducible_per_seed_and_leaves_global_rng_alone():
     x, y = gaussians(500, seed=2)
     torch.manual_seed(123)
@@ -435,6 +458,22 @@ def test_train_head_command_end_to_end(tmp_path, monkeypatch):
     assert any("±" in s for s in lines)
     out = cli.predict_command("mem", head_dir=tmp_path / "head", out=tmp_path / "p.arrow", echo=lines.append)
     assert out["rows"] == 600
+
+
+def test_train_head_command_sweeps_inside_each_fold(monkeypatch):
+    import embedstore.heads.cli_impl as cli
+    import embedstore.heads.tuning as sw
+    store, x, y = fake_store(n=300)
+    monkeypatch.setattr(cli, "_open", lambda path: store)
+    monkeypatch.setattr(sw, "DEFAULT_SPACE", {"lr": [1e-6, 3e-3]})
+    calls = []
+    real = cli.run_sweep
+    monkeypatch.setattr(cli, "run_sweep", lambda X, y, **kw: calls.append(len(y)) or real(X, y, **kw))
+    res = train_head_command("mem", task="tumor", split="kfold:3", seeds=1, epochs=10, sweep=True,
+                             echo=lambda s: None)
+    assert len(res["runs"]) == 3
+    assert calls[:3] == [200, 200, 200] and calls[3] == 300       # per fold on its training rows, then all
+    assert res["config"]["lr"] == 3e-3
 
 
 # ---------------------------------------------------------------- real tiles

@@ -122,6 +122,8 @@ def test_bad_inputs_are_one_line_errors():
         plan_splits("kfold:5", np.zeros(30, dtype=int), classes=["tumor"])
     with pytest.raises(LabelsError, match="needs column 'patient'"):
         plan_splits("group:patient", np.array([0, 1] * 10), columns={"slide": np.array(["s"] * 20)})
+    with pytest.raises(LabelsError, match="needs at least 5 distinct slide values, got 3"):
+        plan_splits("kfold:5", np.array([0, 1] * 15), columns={"slide": np.repeat(["a", "b", "c"], 10)})
     with pytest.raises(LabelsError, match="at least 2 distinct"):
         plan_splits("slide", np.array([0, 1] * 10), columns={"slide": np.array(["s"] * 20, dtype=object)})
     for err in (pytest.raises(LabelsError),):

@@ -7,11 +7,11 @@ Array level (no store needed): ``train_head``, ``evaluate``, ``run_seeds``, ``cr
 from __future__ import annotations
 
 from .data import LabelledSet, SlideBagDataset, gather_features, labelled_set, read_labels_csv, view_bank
-from .evaluate import SeedReport, cross_validate, run_seeds
+from .crossval import SeedReport, cross_validate, run_seeds
 from .models import HeadConfig
 from .persist import check_fingerprint, load_head, save_head
 from .predict import HeatmapSpec, predict_store, render_heatmap
-from .sweep import DEFAULT_SPACE, SweepResult, sweep
+from .tuning import DEFAULT_SPACE, SweepResult, sweep
 from .train import TrainedHead, evaluate, train_head
 
 __all__ = [

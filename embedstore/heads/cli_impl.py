@@ -14,12 +14,12 @@ from ..augment import parse_augment
 from ..errors import HeadError
 from ..splits import Fold, parse_split, plan_splits
 from .data import gather_features, labelled_set, view_bank
-from .evaluate import SeedReport, cross_validate, pin_positive
+from .crossval import SeedReport, cross_validate, pin_positive
 from .metrics import mean_std
 from .models import HeadConfig
 from .persist import save_head
 from .predict import HeatmapSpec, predict_store
-from .sweep import sweep as run_sweep
+from .tuning import sweep as run_sweep
 from .train import encode_labels, train_head
 
 __all__ = ["train_head_command", "predict_command"]
@@ -66,18 +66,21 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
     groups = ls.group_column(spec.column) if spec.column else ls.group_column("slide")
     y = ls.labels
 
+    def tuned(rows: np.ndarray, label: str) -> HeadConfig:
+        """The sweep's best config by CV over ``rows`` only (the scored rows stay outside)."""
+        result = run_sweep(X[rows], y[rows], groups=None if groups is None else groups[rows], base=cfg,
+                           seed=seed, views=views.take(rows) if views is not None else None,
+                           classes=classes, folds=_sweep_folds(codes[rows], None if groups is None else groups[rows]))
+        chosen.append(result.best_params)
+        echo(f"{label}: sweep chose {result.best_params}\n{result.format()}")
+        return result.best
+
     runs: list[dict[str, Any]] = []
     chosen: list[dict[str, Any]] = []
+    fold_cfgs = []
     for i, fold in enumerate(folds):
-        fold_cfg = cfg
-        if sweep:
-            sub_groups = None if groups is None else groups[fold.train]
-            result = run_sweep(X[fold.train], y[fold.train], groups=sub_groups, base=cfg, seed=seed,
-                               views=views.take(fold.train) if views is not None else None,
-                               classes=classes, folds=min(5, _max_folds(codes[fold.train])))
-            fold_cfg = result.best
-            chosen.append(result.best_params)
-            echo(f"fold {i}: sweep chose {result.best_params}\n{result.format()}")
+        fold_cfg = tuned(fold.train, f"fold {i}") if sweep else cfg
+        fold_cfgs.append(fold_cfg)
         report = cross_validate(X, y, [fold], groups=groups, config=fold_cfg, views=views,
                                 seeds=seeds, classes=classes)
         runs += [{**r, "fold": i} for r in report.runs]
@@ -86,12 +89,8 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
 
     final_rows, final_valid = _final_rows(folds, spec.kind, len(y))
     final_cfg = cfg
-    if sweep:
-        g = None if groups is None else groups[final_rows]
-        result = run_sweep(X[final_rows], y[final_rows], groups=g, base=cfg, seed=seed, classes=classes,
-                           views=views.take(final_rows) if views is not None else None,
-                           folds=min(5, _max_folds(codes[final_rows])))
-        final_cfg = result.best
+    if sweep:       # holdout: the fold's training rows are the final ones, so reuse its choice
+        final_cfg = tuned(final_rows, "final head") if spec.kind == "kfold" else fold_cfgs[0]
     x_val = X[final_valid] if final_valid is not None else None
     y_val = y[final_valid] if final_valid is not None else None
     head_obj = train_head(X[final_rows], y[final_rows], x_val, y_val,
@@ -110,9 +109,13 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
             "classes": classes}
 
 
-def _max_folds(codes: np.ndarray) -> int:
+def _sweep_folds(codes: np.ndarray, groups: np.ndarray | None, most: int = 5) -> int:
+    """Up to ``most`` CV folds, fewer when a class or the groups are too few (at least 2)."""
     counts = np.bincount(codes)
-    return int(max(2, counts[counts > 0].min()))
+    k = min(most, int(counts[counts > 0].min()))
+    if groups is not None:
+        k = min(k, np.unique(np.asarray(groups).astype(str)).size)
+    return max(2, k)
 
 
 def _final_rows(folds: list[Fold], kind: str, n: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..augment import AugmentConfig
 from ..errors import HeadError
 
-__all__ = ["HeadConfig", "HeadModule", "build_module", "feature_stats"]
+__all__ = ["HeadConfig", "HeadModule", "build_module"]
 
 KINDS = ("linear", "mlp")
 SCHEDULES = ("cosine", "constant")
@@ -118,20 +117,3 @@ def build_module(cfg: HeadConfig, dim: int, n_classes: int, mean: torch.Tensor |
     mean = torch.zeros(dim) if mean is None else mean
     std = torch.ones(dim) if std is None else std
     return HeadModule(body, mean, std)
-
-
-def feature_stats(x: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension ``(mean, std)`` (dim,) float32 of ``x`` (n, dim), accumulated in float64 by
-    chunks; a constant dimension gets std 1 so it standardises to 0."""
-    n, dim = x.shape
-    s1 = np.zeros(dim)
-    for a in range(0, n, chunk):
-        s1 += x[a:a + chunk].sum(axis=0, dtype=np.float64)
-    mean = s1 / max(n, 1)
-    s2 = np.zeros(dim)
-    for a in range(0, n, chunk):
-        d = x[a:a + chunk].astype(np.float64) - mean
-        s2 += (d * d).sum(axis=0)
-    std = np.sqrt(s2 / max(n, 1))
-    std[std < 1e-8] = 1.0
-    return mean.astype(np.float32), std.astype(np.float32)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import ViewBank, augment_epoch
-from ..errors import HeadError, LabelsError
+from ..errors import DimensionMismatchError, HeadError, LabelsError
 from ..splits import carve_validation
 from .metrics import best_f1_threshold, classification_metrics
-from .models import HeadConfig, HeadModule, build_module, feature_stats
+from ._optim import AdamW, lr_factor
+from .models import HeadConfig, HeadModule, build_module
 
 __all__ = ["TrainedHead", "train_head", "evaluate", "encode_labels", "resolve_positive",
            "check_features"]
@@ -63,7 +64,6 @@ class TrainedHead:
     def predict_proba(self, emb: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         """Class probabilities (n, c) float32 for ``emb`` (n, dim) float16/float32."""
         if emb.ndim != 2 or emb.shape[1] != self.dim:
-            from ..errors import DimensionMismatchError
             raise DimensionMismatchError(f"head expects (n, {self.dim}) embeddings, got {emb.shape}")
         self.module.eval()
         out = np.empty((emb.shape[0], len(self.classes)), dtype=np.float32)
@@ -147,10 +147,13 @@ def _class_weights(codes: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _lr_factor(schedule: str, total_steps: int):  # type: ignore[no-untyped-def]
-    if schedule == "constant":
-        return lambda step: 1.0
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+def _owned_float32(emb: np.ndarray, rows: np.ndarray | None) -> torch.Tensor:
+    """A float32 tensor copy of ``emb[rows]`` (all rows when None) that we may modify in place;
+    one copy whatever the input (float16, read-only memmap, float32)."""
+    picked = emb[rows] if rows is not None else emb          # fancy indexing copies already
+    if rows is not None and picked.dtype == np.float32:
+        return torch.from_numpy(picked)
+    return torch.from_numpy(np.array(picked, dtype=np.float32))
 
 
 def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
@@ -194,40 +197,44 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
         X_val, val_codes = (X_train[held], codes[held]) if held.size else (None, None)
     else:
         val_codes = None
-    X_fit = X_train[fit] if fit.size != codes.size else X_train
     y_fit = codes[fit]
     bank = views.take(fit) if views is not None and fit.size != codes.size else views
 
-    mean_np, std_np = feature_stats(X_fit)
-    mean, std = torch.from_numpy(mean_np), torch.from_numpy(std_np)
-    x = torch.sub(torch.as_tensor(X_fit, dtype=torch.float32), mean).div_(std)
+    x = _owned_float32(X_train, None if fit.size == codes.size else fit)     # (n_fit, dim)
+    mean = x.mean(dim=0)
+    x.sub_(mean)
+    std = torch.linalg.vector_norm(x, dim=0).div_(math.sqrt(x.shape[0]))
+    std[std < 1e-6] = 1.0                       # a constant feature standardises to 0
+    x.div_(std)
     y = torch.from_numpy(y_fit)
     xv = yv = None
     if X_val is not None and val_codes is not None:
-        xv = torch.sub(torch.as_tensor(X_val, dtype=torch.float32), mean).div_(std)
+        xv = _owned_float32(X_val, None).sub_(mean).div_(std)
         yv = torch.from_numpy(val_codes)
     bank_emb = None
     if cfg.augment.views and bank is not None and bank.emb.shape[0]:
-        bank_emb = torch.sub(torch.as_tensor(bank.emb, dtype=torch.float32), mean).div_(std)
+        bank_emb = _owned_float32(bank.emb, None).sub_(mean).div_(std)
     weight = _class_weights(y_fit, n_classes, cfg.class_weights)
 
     n = y.numel()
     bs = cfg.batch_rows(n)
     steps_per_epoch = math.ceil(n / bs)
     width = cfg.hidden if cfg.kind == "mlp" else n_classes
-    if threads is None and bs * X_fit.shape[1] * width < SMALL_STEP:
+    dim = x.shape[1]
+    if threads is None and bs * dim * width < SMALL_STEP:
         threads = 1
     with torch.random.fork_rng(devices=[]), _torch_threads(threads):
         torch.manual_seed(seed)
-        module = build_module(cfg, X_fit.shape[1], n_classes, mean, std)
+        module = build_module(cfg, dim, n_classes, mean, std)
         body = module.body
-        opt = torch.optim.AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.schedule, cfg.epochs * steps_per_epoch))
+        opt = AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        factor = lr_factor(cfg.schedule, cfg.epochs * steps_per_epoch)
         order_gen = torch.Generator().manual_seed(seed)
         sample_p = None
         if cfg.balanced_sampling:
             counts = torch.bincount(y, minlength=n_classes).to(torch.float64)
             sample_p = (1.0 / counts.clamp_min(1))[y]
+        batch = torch.empty(bs, dim)
         train_loss: list[float] = []
         valid_loss: list[float] = []
         best = (math.inf, -1, copy.deepcopy(body.state_dict()))
@@ -243,11 +250,11 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
             total = 0.0
             for a in range(0, n, bs):
                 idx = order[a:a + bs]
-                loss = F.cross_entropy(body(xe[idx]), y[idx], weight=weight)
-                opt.zero_grad(set_to_none=True)
+                xb = torch.index_select(xe, 0, idx, out=batch[:idx.numel()])   # no per-step allocation
+                loss = F.cross_entropy(body(xb), y[idx], weight=weight)
+                opt.zero_grad()
                 loss.backward()
-                opt.step()
-                sched.step()
+                opt.step(factor(opt.steps))
                 total += loss.item() * idx.numel()
             train_loss.append(total / n)
             if xv is None or yv is None or cfg.patience == 0:
@@ -266,8 +273,9 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
 
     head = TrainedHead(module, cfg, list(classes), positive)
     valid_metrics: dict[str, Any] = {}
-    if xv is not None and yv is not None:
-        prob = head.predict_proba(np.asarray(X_val))
+    if xv is not None and yv is not None and val_codes is not None:
+        with torch.inference_mode():
+            prob = torch.softmax(body(xv), dim=1).numpy()
         if positive is not None and cfg.tune_threshold:
             threshold, best_f1 = best_f1_threshold(val_codes == positive, prob[:, positive])
             head.threshold = None if math.isnan(best_f1) else threshold

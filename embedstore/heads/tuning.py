@@ -16,8 +16,8 @@ import numpy as np
 
 from ..augment import ViewBank
 from ..errors import HeadError
-from ..splits import Fold, check_fold_counts, stratified_group_kfold
-from .evaluate import cross_validate, pin_positive
+from ..splits import Fold, check_fold_counts, check_group_count, stratified_group_kfold
+from .crossval import cross_validate, pin_positive
 from .metrics import SCALAR_METRICS, format_table
 from .models import HeadConfig
 from .train import encode_labels
@@ -82,6 +82,7 @@ def sweep(X: np.ndarray, y: Sequence[Any] | np.ndarray, *, groups: np.ndarray | 
         space = {k: v for k, v in DEFAULT_SPACE.items() if k not in skip}
     codes, _ = encode_labels(y, cls)
     check_fold_counts(codes, folds, cls)
+    check_group_count(groups, folds, f"a {folds}-fold sweep")
     assignment = stratified_group_kfold(codes, groups, folds, seed)
     cv = [Fold(np.flatnonzero(assignment != f), np.flatnonzero(assignment == f)) for f in range(folds)]
     table: list[dict[str, Any]] = []
