@@ -32,7 +32,22 @@ class StoreLike(Protocol):
     def keys_of(self, ids: np.ndarray) -> list[str]: ...
     def metadata(self, ids: np.ndarray, columns: Sequence[str] = ...) -> dict[str, np.ndarray]: ...
     def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray: ...
-    def is_deleted(self, ids: np.ndarray) -> np.ndarray: ...
+    # optional: is_deleted(ids) -> (m,) bool; without it, tombstones come from all_ids()
+
+def deleted(store: StoreLike, ids: np.ndarray) -> np.ndarray:
+    """(m,) bool: ids that are tombstoned (or not live at all) in the store's snapshot.
+
+    Uses ``store.is_deleted`` when the store has it, else a binary search in ``all_ids()``.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    is_deleted = getattr(store, "is_deleted", None)
+    if is_deleted is not None:
+        return np.asarray(is_deleted(ids), dtype=bool)
+    live = store.all_ids()
+    if len(live) == 0:
+        return np.ones(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(live, ids), len(live) - 1)
+    return live[pos] != ids
 
 
 def check_metric(metric: str) -> str:

@@ -15,7 +15,8 @@ from typing import Collection, Sequence
 import numpy as np
 
 from embedstore.errors import IndexError_
-from embedstore.index._vectors import (StoreLike, as_queries, log, prepare, require_rows)
+from embedstore.index._vectors import (StoreLike, as_queries, deleted, log, prepare,
+                                       require_rows)
 from embedstore.index.recall import exact_scan
 from embedstore.index.stored import VectorIndex, check_fresh, load_index, read_index_info
 
@@ -64,17 +65,19 @@ class _Filter:
 
     def _rows(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For unique ids (u,): (allowed by global filters (u,) bool, slide codes (u,) int64)."""
-        ok = ~np.asarray(self.store.is_deleted(uniq), dtype=bool)
-        codes = np.zeros(len(uniq), dtype=np.int64)
-        if self.needs_slide:
-            row_slides = self.store.metadata(uniq, columns=("slide",))["slide"]
-            codes = np.array([self._code(s) for s in row_slides], dtype=np.int64)
+        ok = ~deleted(self.store, uniq)
+        codes = np.full(len(uniq), -1, dtype=np.int64)
+        live = uniq[ok]                    # the store serves metadata for live rows only
+        if self.needs_slide and len(live):
+            row_slides = self.store.metadata(live, columns=("slide",))["slide"]
+            codes[ok] = [self._code(s) for s in row_slides]
             if self.slides is not None:
-                ok &= np.array([str(s) in self.slides for s in row_slides], dtype=bool)
-        if self.label is not None:
-            labels = self.store.labels(self.store.keys_of(uniq), task=self.task)
+                ok[ok] = [str(s) in self.slides for s in row_slides]
+                live = uniq[ok]
+        if self.label is not None and len(live):
+            labels = self.store.labels(self.store.keys_of(live), task=self.task)
             want = str(self.label)
-            ok &= np.array([lab is not None and str(lab) == want for lab in labels], dtype=bool)
+            ok[ok] = [lab is not None and str(lab) == want for lab in labels]
         return ok, codes
 
     def allowed(self, cand: np.ndarray, rows: np.ndarray) -> np.ndarray:

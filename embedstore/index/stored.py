@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from embedstore.errors import DimensionMismatchError, IndexError_, StaleIndexError
-from embedstore.index._vectors import StoreLike, log, prepare
+from embedstore.index._vectors import StoreLike, deleted, log, prepare
 
 __all__ = ["IndexInfo", "VectorIndex", "load_index", "read_index_info", "index_dir",
            "check_fresh", "require_gpu"]
@@ -170,6 +170,9 @@ def rerank(store: StoreLike, q: np.ndarray, cand: np.ndarray, metric: str
     """
     nq, kk = cand.shape
     valid = cand >= 0
+    if valid.any():   # rows deleted since the build: the store no longer serves them
+        uniq, inv = np.unique(cand[valid], return_inverse=True)
+        valid[valid] = ~deleted(store, uniq)[inv]
     if not valid.any():
         return np.full((nq, kk), -np.inf, dtype=np.float32), np.full((nq, kk), -1, np.int64)
     filler = cand[valid][0]                       # any real id stands in for -1, then masked

@@ -7,11 +7,13 @@ slices inside one piece are views, gathers group the wanted rows by piece.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,22 @@ import pyarrow as pa
 from ..errors import CorruptShardError
 
 __all__ = ["MappedShard", "Piece", "Matrix"]
+
+PREFETCH_MIN_ROWS = 16   # gathers at least this large check whether their rows are cached
+_MINCORE: Any = None
+
+
+def _mincore() -> Any:
+    """libc's ``mincore`` (None where unavailable)."""
+    global _MINCORE
+    if _MINCORE is None:
+        try:
+            f = ctypes.CDLL(None, use_errno=True).mincore
+            f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+            _MINCORE = f
+        except (OSError, AttributeError, TypeError):
+            _MINCORE = False
+    return _MINCORE or None
 
 
 class MappedShard:
@@ -149,19 +167,25 @@ class Matrix:
         bounds = np.concatenate([[0], cut, [len(srows)]])
         return order, srows, bounds, piece  # type: ignore[return-value]
 
-    def take(self, rows: np.ndarray, prefetch: bool = False) -> np.ndarray:
+    def take(self, rows: np.ndarray, prefetch: bool | None = None) -> np.ndarray:
         """Gather rows by position: (len(rows), dim) copy in the store dtype.
-        ``prefetch``: first ask the kernel for all their pages at once (see :meth:`prefetch`)."""
+
+        ``prefetch``: first ask the kernel for all the rows' pages at once (see
+        :meth:`prefetch`). None (default): do so when a sample of those pages is not in
+        the page cache (``mincore``), for gathers of at least ``PREFETCH_MIN_ROWS`` rows."""
         rows = np.asarray(rows, dtype=np.int64)
         n = len(self)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(f"row out of range [0, {n})")
+        check = prefetch or (prefetch is None and rows.size >= PREFETCH_MIN_ROWS)
         if len(self.pieces) == 1:
-            if prefetch:
-                self.prefetch(rows)
+            if check:
+                _, srows, bounds, piece = self.locate(rows)
+                if prefetch or not self._cached(srows, piece):
+                    self._prefetch_sorted(srows, bounds, piece)
             return np.take(self.pieces[0].emb, rows, axis=0)
         order, srows, bounds, piece = self.locate(rows)
-        if prefetch:
+        if check and (prefetch or not self._cached(srows, piece)):
             self._prefetch_sorted(srows, bounds, piece)
         out = np.empty((rows.size, self.dim), self.dtype)
         # Rows were range-checked above, so mode="clip" is safe, and it avoids the copy of
@@ -182,12 +206,27 @@ class Matrix:
         """Start reading the pages that hold ``rows``: all at once, without waiting
         (``MADV_WILLNEED`` on each row's pages). A gather of rows that are not in the page
         cache then waits on one deep queue of reads, instead of one page fault (or one
-        readahead window) at a time. It costs about a microsecond per row when the rows are
-        cached already: use it for data that is likely cold (a store larger than memory)."""
+        readahead window) at a time. It costs a few microseconds per row when the rows are
+        cached already, which is why :meth:`take` checks a sample of them first."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size:
             _, srows, bounds, piece = self.locate(rows)
             self._prefetch_sorted(srows, bounds, piece)
+
+    def _cached(self, srows: np.ndarray, piece: np.ndarray, samples: int = 16) -> bool:
+        """Whether the pages of a sample of the (sorted) rows are all in the page cache
+        (True where that cannot be known)."""
+        mincore = _mincore()
+        if mincore is None or not len(srows):
+            return True
+        rb, page = self.dim * self.dtype.itemsize, mmap.PAGESIZE
+        vec = ctypes.c_ubyte(0)
+        for i in np.linspace(0, len(srows) - 1, min(samples, len(srows))).astype(np.int64).tolist():
+            p = self.pieces[piece[i]]
+            addr = p.emb.__array_interface__["data"][0] + int(srows[i] - p.start) * rb
+            if mincore(addr - addr % page, page, ctypes.byref(vec)) == 0 and not vec.value & 1:
+                return False
+        return True
 
     def _prefetch_sorted(self, srows: np.ndarray, bounds: np.ndarray, piece: np.ndarray) -> None:
         advice = getattr(mmap, "MADV_WILLNEED", None)

@@ -223,10 +223,10 @@ class Store:
         return list(self.metadata(ids, ("key",))["key"])
 
     # -- embeddings -----------------------------------------------------------------------
-    def gather(self, ids: np.ndarray, prefetch: bool = False) -> np.ndarray:
-        """(len(ids), dim) in the store dtype, in the order given. ``prefetch=True`` asks
-        the kernel for all the rows' pages at once first: much faster when they are not in
-        the page cache (a store larger than memory), ~1 µs per row slower when they are."""
+    def gather(self, ids: np.ndarray, prefetch: bool | None = None) -> np.ndarray:
+        """(len(ids), dim) in the store dtype, in the order given. Rows that are not in the
+        page cache are first requested from disk all at once (``prefetch=None``: when a
+        sample of them is not cached; True: always; False: never, each is read when touched)."""
         return self.embeddings.take(self._live_positions(ids), prefetch=prefetch)
 
     def get(self, keys: Sequence[str]) -> np.ndarray:

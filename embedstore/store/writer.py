@@ -46,8 +46,10 @@ def create_store(path: Path | str, meta: StoreMeta) -> None:
     lay = Layout(Path(path))
     if lay.meta.exists():
         raise StoreExistsError(f"{path} already holds a store; open it instead")
-    ours = {"catalog", "shards", "tmp", ".writers.lock"}  # an interrupted creation resumes
-    if lay.root.exists() and any(f.name not in ours for f in lay.root.iterdir()):
+    ours = {"catalog", "shards", "tmp", ".writers.lock", "staged", "writers"}
+    # an interrupted creation (killed before STORE.json was renamed into place) resumes
+    if lay.root.exists() and any(f.name not in ours and not f.name.startswith(".STORE.json.")
+                                 for f in lay.root.iterdir()):
         raise StoreExistsError(f"{path} exists and is not empty; choose a new directory")
     lay.make_dirs()
     open_catalog(lay.root, create=True)
