@@ -44,8 +44,13 @@ def _sha256(path: Path) -> str:
 
 def verify_store(path: Path | str) -> VerifyReport:
     lay = Layout(Path(path))
-    from .reader import Store
-    Store(lay.root)  # raises on a missing/foreign directory
+    from ..errors import NotAStoreError, StoreNotFoundError
+    from .meta import read_meta
+    if not lay.root.is_dir():
+        raise StoreNotFoundError(f"store {lay.root} does not exist")
+    read_meta(lay.root)  # raises on a foreign directory
+    if not lay.catalog.is_dir():
+        raise NotAStoreError(f"{lay.root} has STORE.json but no catalog/; it is damaged")
     cat = open_catalog(lay.root)
     rep = VerifyReport()
 
