@@ -476,6 +476,51 @@ def test_train_head_command_sweeps_inside_each_fold(monkeypatch):
     assert res["config"]["lr"] == 3e-3
 
 
+# ---------------------------------------------------------------- the real store
+
+def test_against_the_real_store(tmp_path):
+    """The binding on an actual store: task labels with split and group, the view bank, train,
+    save, predict to Arrow, and refusal of a store from another backbone."""
+    import pyarrow as pa
+    from embedstore.store import StoreMeta, StoreWriter, import_labels, open_store
+    rng = np.random.default_rng(0)
+    n, dim = 240, 12
+    y = rng.integers(0, 2, n)
+    x = (rng.normal(size=(n, dim)) + 2.0 * y[:, None]).astype(np.float16)
+    views = (x[:, None, :] + rng.normal(0, 0.1, (n, 2, dim))).astype(np.float16)
+    keys = [f"s{i % 6}/{i}" for i in range(n)]
+
+    def make(path, name):
+        meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": name}, weights_sha256="w")
+        with StoreWriter(path, meta) as w:
+            w.add(x, keys, views=views, slide=[f"s{i % 6}" for i in range(n)],
+                  x=[(i // 6) % 8 * 224 for i in range(n)], y=[(i // 48) * 224 for i in range(n)])
+    make(tmp_path / "store", "fake")
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "label", "split", "group"])
+        w.writerows([[k, ["neg", "pos"][y[i]], "test" if i % 6 == 5 else "train", f"p{i % 3}"]
+                     for i, k in enumerate(keys)])
+    import_labels(tmp_path / "store", tmp_path / "labels.csv", "tumor")
+    store = open_store(tmp_path / "store")
+    ls = labelled_set(store, task="tumor")
+    assert len(ls) == n and set(ls.split) == {"train", "test"} and ls.group_column("patient") is not None
+    assert np.array_equal(view_bank(store, ls.ids[:5]).counts, [2] * 5)
+    res = train_head_command(tmp_path / "store", task="tumor", split="column", seeds=2, epochs=30,
+                             augment="views,noise=0.05", out=tmp_path / "head", echo=lambda s: None)
+    assert res["summary"]["accuracy"][0] > 0.85
+    from embedstore.heads.cli_impl import predict_command
+    out = predict_command(tmp_path / "store", head_dir=tmp_path / "head", out=tmp_path / "p.arrow",
+                          echo=lambda s: None)
+    table = pa.ipc.open_file(str(tmp_path / "p.arrow")).read_all()
+    assert out["rows"] == table.num_rows == n and table["slide"][0].as_py() == "s0"
+    make(tmp_path / "other", "another-backbone")
+    with pytest.raises(BackboneMismatchError, match="backbone"):
+        predict_command(tmp_path / "other", head_dir=tmp_path / "head", out=tmp_path / "q.arrow",
+                        echo=lambda s: None)
+    assert not (tmp_path / "q.arrow").exists()
+
+
 # ---------------------------------------------------------------- real tiles
 
 def test_real_tiles_colour_features_kather_mini():

@@ -165,7 +165,8 @@ def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray,
     ax.imshow(thumb)
     shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha,
                       interpolation="nearest")
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="probability")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="probability")
+    bar.solids.set_alpha(1.0)                 # the scale itself opaque, the overlay see-through
     ax.set_title(title)
     ax.set_axis_off()
     path = Path(out)

@@ -68,7 +68,7 @@ class MappedShard:
             reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self.mm)))
             self.schema = reader.schema
             self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        except (pa.ArrowInvalid, TypeError) as e:
+        except (pa.ArrowInvalid, OSError, TypeError) as e:  # OSError: a corrupt footer
             raise CorruptShardError(f"shard {path} is not a readable Arrow file ({e})") from None
         finally:
             self.advise(getattr(mmap, "MADV_NORMAL", None))
