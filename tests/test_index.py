@@ -417,3 +417,43 @@ def test_cli_bodies_print_text_and_json(tmp_path: Path) -> None:
     assert (tmp_path / "g.png").stat().st_size > 0
     with pytest.raises(IndexError_, match="exactly one"):
         search_command(store, k=3)
+
+
+# ---------------------------------------------------------------- the real store
+
+def test_real_store_build_search_delete_grow(tmp_path: Path) -> None:
+    store_mod = pytest.importorskip("embedstore.store")
+    emb, z = clustered(3_000, 32, 20, seed=13)
+    slides = np.array([f"s{c % 7}" for c in z], dtype=object)
+    labels = np.array(["tumor", "normal"], dtype=object)[z % 2]
+    path = tmp_path / "store"
+
+    def write(lo: int, hi: int) -> None:
+        with store_mod.StoreWriter(path, store_mod.StoreMeta(dim=32, dtype="float16"),
+                                   rows_per_shard=1_000) as w:
+            for s in range(lo, hi, 500):
+                e = min(hi, s + 500)
+                w.add(emb[s:e], [f"{slides[i]}/{i}" for i in range(s, e)], unit=f"u{s}",
+                      slide=list(slides[s:e]), x=list(range(s, e)), y=0, label=list(labels[s:e]))
+                w.end_unit(f"u{s}")
+
+    write(0, 2_500)
+    store = store_mod.open_store(path)
+    info = build_index(store, kind="ivf-pq", n_queries=200)
+    assert info.n_covered == 2_500 and info.recall_met
+    key = "s3/" + str(int(np.nonzero(slides == "s3")[0][0]))
+    hit = search(store, keys=[key], k=5)[0]
+    assert hit.keys[0] == key and hit.meta["slide"][0] == "s3"
+    other = search(store, keys=[key], k=5, exclude_same_slide=True, label="tumor")[0]
+    assert "s3" not in set(other.meta["slide"]) and set(other.meta["label"]) == {"tumor"}
+    gone = hit.keys[1:3]
+    store_mod.delete(path, keys=gone)
+    store = store_mod.open_store(path)
+    assert not set(gone) & set(search(store, keys=[key], k=10)[0].keys)
+    write(2_500, 3_000)
+    store = store_mod.open_store(path)
+    with pytest.raises(StaleIndexError, match="2,500 of 3,000"):
+        search(store, keys=[key])
+    assert update_index(store).n_covered == 3_000
+    assert search(store, keys=["s0/2999" if slides[2999] == "s0" else f"{slides[2999]}/2999"],
+                  k=1)[0].ids[0] == 2_999

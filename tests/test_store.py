@@ -205,12 +205,16 @@ def test_bad_input_clear_errors(store: Path, tmp_path: Path) -> None:
 def test_truncated_and_corrupted_shards_are_named(store: Path) -> None:
     s = open_store(store)
     f1, f2 = [f for f in s.shard_files() if not f.name.endswith(".v.arrow")][:2]
+    good = f1.read_bytes()
     for where in (os.path.getsize(f1) // 2, os.path.getsize(f1) - 20):  # data, then the footer
         with open(f1, "r+b") as fh:  # flip bytes: same size, wrong checksum
             fh.seek(where)
             fh.write(b"\xff\xfe\xfd\xfc")
         rep = verify_store(store)
         assert not rep.ok and f1.name in rep.text()
+    with pytest.raises(CorruptShardError, match=f1.name):     # a broken footer: not readable
+        open_store(store)
+    f1.write_bytes(good)
     os.truncate(f2, os.path.getsize(f2) - 100)
     with pytest.raises(CorruptShardError, match=f2.name):
         open_store(store)

@@ -34,6 +34,7 @@ class StoreLike(Protocol):
     def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray: ...
     # optional: is_deleted(ids) -> (m,) bool; without it, tombstones come from all_ids()
 
+
 def deleted(store: StoreLike, ids: np.ndarray) -> np.ndarray:
     """(m,) bool: ids that are tombstoned (or not live at all) in the store's snapshot.
 
