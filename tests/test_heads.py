@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from embedstore.augment import ViewBank, parse_augment
 from embedstore.errors import BackboneMismatchError, HeadError, LabelsError, UnknownKeyError
 from embedstore.heads import (
-    HeadConfig, HeatmapSpec, SlideBagDataset, cross_validate, evaluate, gather_features,
+    HeadConfig, HeatmapSpec, SlideBagDataset, check_fingerprint, cross_validate, evaluate, gather_features,
     labelled_set, load_head, predict_store, run_seeds, save_head, sweep, train_head, view_bank,
 )
 from embedstore.heads import metrics as M
@@ -378,6 +378,9 @@ def test_predict_refuses_another_embedding_space_and_writes_nothing(tmp_path):
     with pytest.raises(BackboneMismatchError) as info:
         predict_store(other, load_head(tmp_path / "head"), tmp_path / "preds.arrow")
     assert "\n" not in str(info.value) and "backbone" in str(info.value)
+    head.fingerprint = {**store.fingerprint(), "transform": ()}           # tuple vs list: same space
+    store._fp = {**store._fp, "transform": []}
+    check_fingerprint(head, store.fingerprint())
     unbound = train_head(x, y, config=HeadConfig(epochs=2))
     with pytest.raises(HeadError, match="no store fingerprint"):
         predict_store(store, unbound, tmp_path / "preds.arrow")

@@ -17,7 +17,7 @@ from .data import gather_features, labelled_set, view_bank
 from .crossval import SeedReport, cross_validate, pin_positive
 from .metrics import mean_std
 from .models import HeadConfig
-from .persist import save_head
+from .persist import load_head, save_head
 from .predict import HeatmapSpec, predict_store
 from .tuning import sweep as run_sweep
 from .train import encode_labels, train_head
@@ -129,7 +129,6 @@ def predict_command(store_path: str | os.PathLike[str], *, head_dir: str | os.Pa
                     heatmap: HeatmapSpec | None = None,
                     echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Predict every row of the store with the head in ``head_dir`` into an Arrow IPC file."""
-    from .persist import load_head
     head = load_head(head_dir)
     store = _open(store_path)
     result = predict_store(store, head, out, batch_size=batch_size, heatmap=heatmap)

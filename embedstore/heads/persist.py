@@ -102,19 +102,26 @@ def _short(v: Any, width: int = 48) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
+def _canonical(fp: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint as it reads back from JSON (tuples become lists), so that a head saved to
+    disk and the live store compare equal when they describe the same space."""
+    return json.loads(json.dumps(_plain(fp), sort_keys=True, default=str))
+
+
 def check_fingerprint(head: TrainedHead, fingerprint: dict[str, Any], where: str = "the store") -> None:
     """BackboneMismatchError (one line) unless ``head`` was trained in ``fingerprint``'s space."""
     if head.fingerprint is None:
         raise HeadError("the head records no store fingerprint (trained from arrays); "
                         "bind it with head.fingerprint = store.fingerprint() or skip the check")
-    if head.fingerprint == fingerprint:
+    ours, theirs = _canonical(head.fingerprint), _canonical(fingerprint)
+    if ours == theirs:
         return
-    keys = sorted(set(head.fingerprint) | set(fingerprint))
-    diff = [k for k in keys if head.fingerprint.get(k) != fingerprint.get(k)]
+    keys = sorted(set(ours) | set(theirs))
+    diff = [k for k in keys if ours.get(k) != theirs.get(k)]
     k = diff[0]
     raise BackboneMismatchError(
         f"head was trained on another embedding space than {where}: {k} is "
-        f"{_short(head.fingerprint.get(k))} in the head but {_short(fingerprint.get(k))} in the store"
+        f"{_short(ours.get(k))} in the head but {_short(theirs.get(k))} in the store"
         f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; predict with a store from the "
         f"head's backbone or retrain the head")
 
