@@ -34,6 +34,17 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def step_heads(tiles: Path, slides: Path) -> None:
+    print("\n== 3. heads: a linear head with view sampling on the labelled tiles (seconds)")
+    head = OUT / "lung-head"
+    run("train-head", str(tiles), "--task", "lung", "--split", "kfold:3", "--augment", "views",
+        "--seeds", "3", "--out", str(head))
+    run("predict", str(slides), "--head", str(head), "--out", str(OUT / "slide-preds.arrow"),
+        "--heatmap", "CMU-1-Small-Region.svs", "--heatmap-class", "lung_scc")
+    print(f"class probability heatmap over the slide: {OUT / 'slide-preds-heatmap.png'}"
+          " (a lung head on skin: a demonstration of the mechanics, not a diagnosis)")
+
+
 def main() -> None:
     t0 = time.time()
     if OUT.exists():

@@ -63,19 +63,20 @@ class _Filter:
     def _code(self, slide: object) -> int:
         return self.codes.setdefault(str(slide), len(self.codes))
 
-    def _rows(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For unique ids (u,): (allowed by global filters (u,) bool, slide codes (u,) int64)."""
-        ok = ~deleted(self.store, uniq)
+    def _rows(self, uniq: np.ndarray, live: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """For unique ids (u,): (allowed by global filters (u,) bool, slide codes (u,) int64).
+        ``live``: the ids come from a scan of live rows, so tombstones need no check."""
+        ok = np.ones(len(uniq), dtype=bool) if live else ~deleted(self.store, uniq)
         codes = np.full(len(uniq), -1, dtype=np.int64)
-        live = uniq[ok]                    # the store serves metadata for live rows only
-        if self.needs_slide and len(live):
-            row_slides = self.store.metadata(live, columns=("slide",))["slide"]
+        alive = uniq[ok]                    # the store serves metadata for live rows only
+        if self.needs_slide and len(alive):
+            row_slides = self.store.metadata(alive, columns=("slide",))["slide"]
             codes[ok] = [self._code(s) for s in row_slides]
             if self.slides is not None:
                 ok[ok] = [str(s) in self.slides for s in row_slides]
-                live = uniq[ok]
-        if self.label is not None and len(live):
-            labels = self.store.labels(self.store.keys_of(live), task=self.task)
+                alive = uniq[ok]
+        if self.label is not None and len(alive):
+            labels = self.store.labels(self.store.keys_of(alive), task=self.task)
             want = str(self.label)
             ok[ok] = [lab is not None and str(lab) == want for lab in labels]
         return ok, codes
@@ -100,7 +101,7 @@ class _Filter:
     def allow_scan(self, rows: np.ndarray):
         """For exact_scan over queries ``rows``: unique ids (b,) -> (len(rows), b) bool."""
         def allow(ids: np.ndarray) -> np.ndarray:
-            row_ok, codes = self._rows(ids)
+            row_ok, codes = self._rows(ids, live=True)
             keep = np.repeat(row_ok[None, :], len(rows), axis=0)
             if self.qslide is not None:
                 keep &= codes[None, :] != self.qslide[rows][:, None]
@@ -128,10 +129,10 @@ def _take(scores: np.ndarray, ids: np.ndarray, ok: np.ndarray, k: int
     return scores[ok][:k].astype(np.float32), ids[ok][:k].astype(np.int64)
 
 
-def _query_ids(store: StoreLike, ids: object, keys: object) -> np.ndarray:
+def _query_ids(store: StoreLike, ids: Sequence[int] | np.ndarray | None,
+               keys: Sequence[str] | str | None) -> np.ndarray:
     if keys is not None:
-        keys = [keys] if isinstance(keys, str) else list(keys)   # type: ignore[arg-type]
-        return np.asarray(store.ids(keys), dtype=np.int64)
+        return np.asarray(store.ids([keys] if isinstance(keys, str) else list(keys)), np.int64)
     return np.atleast_1d(np.asarray(ids, dtype=np.int64))
 
 
@@ -154,7 +155,7 @@ def search(store: StoreLike, vectors: np.ndarray | None = None,
         raise IndexError_(f"k must be at least 1, got {k}")
     k = int(k)
     qids = None if vectors is not None else _query_ids(store, ids, keys)
-    raw = as_queries(vectors, store.dim) if qids is None else store.gather(qids)
+    raw = store.gather(qids) if qids is not None else as_queries(np.asarray(vectors), store.dim)
     vindex = None if exact else _cached_index(store, gpu)
     metric = vindex.info.metric if vindex is not None else "cosine"
     q = prepare(raw, metric)
