@@ -271,15 +271,24 @@ def phase_lancedb(root: Path, target: float) -> dict:
 
 # ---------------------------------------------------------------- orchestration
 
-def _run_phase(args: list[str], env: dict | None = None) -> dict:
+def _run_phase(args: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
     """Run this script with --phase in a subprocess; its JSON result plus its peak RSS."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    timer = None
+    if timeout:
+        import threading
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
+    if timer is not None:
+        timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}", "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+        why = f"killed after {timeout:.0f}s" if timeout and proc.returncode == -9 else \
+            f"exit {proc.returncode}"
+        return {"error": why, "peak_rss_mb": round(usage.ru_maxrss / 1024)}
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
     return result
@@ -324,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-budget", default="8G")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--no-lancedb", action="store_true")
+    ap.add_argument("--lancedb-timeout", type=float, default=3600.0,
+                    help="seconds before the LanceDB phase is given up")
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/scratch data")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_lancedb:
         try:
             import lancedb  # noqa: F401
-            lance = _run_phase([*common, "--phase", "lancedb"])
+            lance = _run_phase([*common, "--phase", "lancedb"], timeout=args.lancedb_timeout)
             rows["lancedb IVF_PQ default"] = lance
             if "tuned" in lance:
                 t = lance["tuned"]
