@@ -208,6 +208,21 @@ def test_plan_odd_dim_uses_opq_and_bad_inputs() -> None:
     assert parse_memory("1.5G") == int(1.5 * 2**30) and parse_memory("512MiB") == 512 * 2**20
 
 
+def test_two_level_centroids_cover_the_data() -> None:
+    from embedstore.index._kmeans import _split, two_level_centroids
+
+    counts = _split(np.array([500, 0, 3, 97]), 64)
+    assert counts.sum() == 64 and counts[1] == 0 and counts[2] <= 3
+    emb, _ = clustered(8_000, 32, 40, seed=14)
+    x = emb.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cent = two_level_centroids(x, 256, seed=0)
+    assert cent.shape == (256, 32) and np.allclose(np.linalg.norm(cent, axis=1), 1, atol=1e-5)
+    lists = np.argmax(x @ cent.T, axis=1)
+    sizes = np.bincount(lists, minlength=256)
+    assert (sizes > 0).mean() > 0.9 and sizes.max() < 10 * len(x) / 256
+
+
 # ---------------------------------------------------------------- exact search
 
 def test_exact_search_streams_and_matches_numpy(big: FakeStore) -> None:
@@ -236,9 +251,13 @@ def test_flat_index_equals_numpy_brute_force(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- approximate kinds
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat", "ivf-pq"])
-def test_approximate_kind_reaches_reported_recall(big: FakeStore, tmp_path: Path,
-                                                  kind: str) -> None:
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat", "ivf-pq", "ivf-pq two-level"])
+def test_approximate_kind_reaches_reported_recall(big: FakeStore, tmp_path: Path, kind: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if kind.endswith("two-level"):   # the path 1M-row stores take (nlist >= 1024)
+        import embedstore.index.build as build_mod
+        monkeypatch.setattr(build_mod, "TWO_LEVEL_MIN_LISTS", 64)
+        kind = kind.split()[0]
     store = FakeStore(tmp_path / kind, big._emb, big._slides, big._labels)
     info = build_index(store, kind=kind, target_recall=0.95, n_queries=500)
     assert info.kind == kind and info.recall_met and info.recall_at_10 >= 0.95

@@ -240,8 +240,8 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
         torch.set_num_threads(cfg.num_threads)
     res = ExtractResult()
     stages = res.stages
-    for k in ("plan", "read+decode", "wait", "transfer", "forward", "write"):
-        stages[k] = 0.0
+    for stage in ("plan", "read+decode", "wait", "transfer", "forward", "write"):
+        stages[stage] = 0.0
     bb = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=device, precision=cfg.precision,
                          compile=cfg.compile, num_threads=cfg.num_threads)
     meta = store_meta_for(bb, disc, cfg, recipe)
@@ -254,11 +254,9 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
     if sync is not None and rank != 0:
         sync()  # rank 0 creates the store first
     w = StoreWriter(store, meta, on_duplicate="skip", rows_per_shard=cfg.rows_per_shard, staged=staged)
-    if staged:  # this rank may not write the catalog: read it lock-free (see store/commit.py)
-        from ..store.catalog import open_catalog
-        cat = open_catalog(store, lock=False)
-    else:
-        cat = w.cat
+    from ..store.catalog import open_catalog
+    # a staging rank may not write the catalog: it reads it lock-free (see store/commit.py)
+    cat = open_catalog(store, lock=False) if staged else w.cat
 
     def lookup(keys: list[str]) -> list[int | None]:
         return cat.read(lambda t: cat.lookup_ids(t, keys))

@@ -43,8 +43,8 @@ class Unit:
     source: str                           # the root keys are relative to
     weight: int                           # estimated tiles, for balancing work
     files: list[FileTile] = field(default_factory=list)
-    slide_path: str | None = None
-    slide_id: str | None = None
+    slide_path: str = ""                  # slides: the file
+    slide_id: str = ""                    # slides: its path relative to the source root
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _is_slide_tiff(path: Path) -> bool:
         import tifffile
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
-            return bool(page.is_tiled) or max(page.shape[:2]) > 4096 or len(tf.series[0].levels) > 1
+            return bool(getattr(page, "is_tiled", False)) or max(page.shape[:2]) > 4096 or len(tf.series[0].levels) > 1
     except Exception:
         return False
 

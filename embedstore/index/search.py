@@ -178,8 +178,8 @@ def search(store: StoreLike, vectors: np.ndarray | None = None,
         scores, found = exact_scan(store, q[pending], k, metric, allow=allow)
         for j, row in enumerate(pending):
             out[row] = _take(scores[j], found[j], found[j] >= 0, k)
-    if qids is not None and not exclude_self:
-        out = _self_first(store, q, qids, filt, out, k)
+    if qids is not None and not exclude_self and metric == "cosine":
+        out = _self_first(store, q, qids, filt, out, k)   # (under "ip" a row may beat itself)
     return _assemble(store, out, qids, task, method)
 
 
