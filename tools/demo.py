@@ -34,6 +34,18 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def step_index(tiles: Path, slides: Path) -> None:
+    print("\n== 2. index and search: look-alike tiles, by key and by image")
+    run("index", str(tiles))
+    run("index", str(slides))
+    from embedstore.store import open_store
+    key = open_store(slides).keys()[len(open_store(slides)) // 2]
+    run("search", str(slides), "--key", key, "-k", "6", "--gallery", str(OUT / "gallery.png"),
+        "--slide-heatmap", "CMU-1-Small-Region.svs", "--heatmap-out", str(OUT / "similarity.png"))
+    image = sorted((SAMPLE / "lung" / "lung_scc").glob("*.jpeg"))[0]
+    run("search", str(tiles), "--image", str(image), "-k", "5")
+
+
 def step_heads(tiles: Path, slides: Path) -> None:
     print("\n== 3. heads: a linear head with view sampling on the labelled tiles (seconds)")
     head = OUT / "lung-head"

@@ -40,7 +40,8 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def as_uint8_batch(batch: Any) -> torch.Tensor:
     """Validate a tile batch where it enters: ``(n, H, W, 3) uint8``, torch or numpy."""
     if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(np.ascontiguousarray(batch))
+        batch = np.ascontiguousarray(batch)
+        batch = torch.from_numpy(batch if batch.flags.writeable else batch.copy())
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"embed() takes a (n, H, W, 3) uint8 tensor or array, got {type(batch).__name__}")
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:

@@ -145,7 +145,7 @@ def infer_tile_size(coords: np.ndarray) -> int:
 
 def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray,
                    out: str | os.PathLike[str], *, tile_size: int | None = None, alpha: float = 0.5,
-                   title: str = "", cmap: str = "inferno") -> Path:
+                   title: str = "", cmap: str = "inferno", label: str = "probability") -> Path:
     """Draw each tile (level-0 ``coords`` (n, 2) int x, y; ``values`` (n,) in [0, 1]) as a
     semi-transparent square over ``thumbnail`` (h, w, 3) uint8, with a colour bar; writes a PNG."""
     from matplotlib.figure import Figure      # no pyplot: no global backend state
@@ -165,7 +165,7 @@ def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray,
     ax.imshow(thumb)
     shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha,
                       interpolation="nearest")
-    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="probability")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=label)
     bar.solids.set_alpha(1.0)                 # the scale itself opaque, the overlay see-through
     ax.set_title(title)
     ax.set_axis_off()
