@@ -54,6 +54,8 @@ def index_command(store: StoreLike, kind: str = "auto", memory_budget: str = "8G
 
 def _result_json(hit: SearchResult) -> dict:
     return {"query_id": hit.query_id, "method": hit.method,
+            "keys": list(hit.keys), "ids": [int(i) for i in hit.ids],
+            "scores": [round(float(s), 6) for s in hit.scores],   # as the Python API returns them
             "neighbours": [{"id": int(i), "key": key, "score": round(float(s), 6),
                             **{name: _plain(col[j]) for name, col in hit.meta.items()}}
                            for j, (i, key, s) in enumerate(zip(hit.ids, hit.keys, hit.scores))]}
