@@ -175,7 +175,7 @@ def test_plan_picks_approximate_above_threshold(n: int, target: float) -> None:
 
 def test_plan_for_one_million_matches_autofaiss_shape() -> None:
     plan = plan_index(1_000_000, 768, parse_memory("8G"), 0.95)
-    assert plan.factory == "IVF4096_HNSW32,PQ64np" and plan.rerank_k == 100
+    assert plan.factory == "IVF4096,PQ64np" and plan.rerank_k == 100
     assert plan.memory_bytes < 200 * 2**20           # codes + ids + centroids, not the vectors
     assert plan.train_size <= 1 << 18                 # sampled, never the whole matrix
 
@@ -200,7 +200,9 @@ def test_plan_budget_error_is_one_line_with_minimum() -> None:
 
 def test_plan_odd_dim_uses_opq_and_bad_inputs() -> None:
     plan = plan_index(500_000, 100, parse_memory("8G"), 0.95, kind="ivf-pq")
-    assert plan.factory.startswith("OPQ8_96,IVF2048_HNSW32,PQ8")
+    assert plan.factory.startswith("OPQ8_96,IVF2048,PQ8")
+    huge = plan_index(400_000_000, 768, parse_memory("64G"), 0.95)
+    assert huge.factory.startswith("IVF65536_HNSW32,")   # graph quantizer only for huge nlist
     with pytest.raises(IndexError_, match="unknown index kind"):
         plan_index(10, 8, 1 << 30, 0.95, kind="annoy")
     with pytest.raises(IndexError_, match="cannot read memory budget"):

@@ -15,7 +15,8 @@ import numpy as np
 from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS, two_level_centroids
 from embedstore.index._vectors import (SCAN_BATCH, StoreLike, check_metric, log, prepare,
                                        require_rows)
-from embedstore.index.choose import IndexPlan, format_bytes, parse_memory, plan_index
+from embedstore.index.choose import (QUANTIZER_EF_SEARCH, IndexPlan, format_bytes, parse_memory,
+                                     plan_index)
 from embedstore.index.recall import exact_scan, tune
 from embedstore.index.stored import (IndexInfo, VectorIndex, index_dir, load_index, now_iso,
                                      require_gpu, save_index, to_gpu)
@@ -35,6 +36,9 @@ def _new_index(plan: IndexPlan) -> Any:
     if plan.kind in ("flat", "hnsw"):   # IVF holds ids in its lists; the others need a map
         return faiss.IndexIDMap(index)
     ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if hasattr(quantizer, "hnsw"):        # list assignment while adding rows uses this too
+        quantizer.hnsw.efSearch = QUANTIZER_EF_SEARCH
     if plan.kind == "ivf-pq":
         ivf.pq.cp.niter = PQ_TRAIN_NITER
         ivf.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS

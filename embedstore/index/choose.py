@@ -6,7 +6,7 @@ code cannot reach on its own is bought back by exact re-ranking of the top candi
 store's memory-mapped vectors (which cost disk, not index memory).
 
     plan = plan_index(1_000_000, 768, parse_memory("8G"), target_recall=0.95)
-    plan.factory  # 'IVF4096_HNSW32,PQ64np'  (rerank_k=100)
+    plan.factory  # 'IVF4096,PQ64np'  (rerank_k=100)
 """
 from __future__ import annotations
 
@@ -34,7 +34,11 @@ MIN_TRAIN_PER_LIST = 10          # a tight budget may shrink the sample down to 
 ID_BYTES = 8                     # int64 id per row (IDMap or inverted lists)
 RERANK_FACTORS = (5, 10, 20, 40) # PQ candidates re-ranked per result, swept at build time
 NPROBE_MAX = 1024
-HNSW_QUANTIZER_MIN_LISTS = 2048  # from here, assign to lists through an HNSW32 graph (autofaiss)
+HNSW_QUANTIZER_MIN_LISTS = 1 << 16  # from here, assign to lists through an HNSW32 graph; below,
+                                    # a flat quantizer (BLAS) is as fast: in 768-d an HNSW
+                                    # over 4096 centroids needs efSearch ~256 to find the right
+                                    # lists, which costs more than scanning the 4096 centroids
+QUANTIZER_EF_SEARCH = 256        # efSearch of an HNSW quantizer (at least 2 * nprobe at search)
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -18,6 +18,7 @@ import numpy as np
 
 from embedstore.errors import DimensionMismatchError, IndexError_, StaleIndexError
 from embedstore.index._vectors import StoreLike, deleted, log, prepare
+from embedstore.index.choose import QUANTIZER_EF_SEARCH
 
 __all__ = ["IndexInfo", "VectorIndex", "load_index", "read_index_info", "index_dir",
            "check_fresh", "require_gpu"]
@@ -220,8 +221,11 @@ class VectorIndex:
         space = faiss.GpuParameterSpace() if self._gpu_resources is not None \
             else faiss.ParameterSpace()
         if "nprobe" in params:
-            space.set_index_parameter(self.index, "nprobe",
-                                      min(self.info.nlist, int(params["nprobe"]) * widen))
+            nprobe = min(self.info.nlist, int(params["nprobe"]) * widen)
+            space.set_index_parameter(self.index, "nprobe", nprobe)
+            if "_HNSW" in self.info.factory:   # an HNSW quantizer must look wider than nprobe
+                space.set_index_parameter(self.index, "quantizer_efSearch",
+                                          max(QUANTIZER_EF_SEARCH, 2 * nprobe))
         if "efSearch" in params:
             space.set_index_parameter(self.index, "efSearch",
                                       max(kk, int(params["efSearch"]) * widen))
