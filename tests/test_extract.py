@@ -283,3 +283,36 @@ def test_units_are_balanced_by_tile_count() -> None:
     parts = plan_claims(weights, 2)
     loads = [sum(weights[i] for i in p) for p in parts]
     assert abs(loads[0] - loads[1]) <= 10 and sorted(i for p in parts for i in p) == list(range(12))
+
+
+def test_missing_file_truncated_slide_and_changed_slide(tmp_path: Path) -> None:
+    # a CSV naming a file that does not exist: recorded, the rest embedded, exit status 1
+    tiles = tmp_path / "t"
+    tiles.mkdir()
+    for p in sorted((SAMPLE / "lung" / "lung_n").glob("*.jpeg"))[:3]:
+        shutil.copy(p, tiles / p.name)
+    (tiles / "labels.csv").write_text("path,label\n" + "".join(f"{p.name},n\n" for p in sorted(tiles.glob("*.jpeg")))
+                                      + "gone.jpeg,n\n")
+    st = tmp_path / "files"
+    res = extract([tiles / "labels.csv"], cfg(st))
+    assert res.exit_code == 1 and res.tiles_written == 3
+    assert any("gone.jpeg" in u and "No such file" in r for u, r in res.errors)
+    # a truncated slide next to a good one: the good one is tiled, the bad one is an error
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    good = slides / "good.svs"
+    shutil.copy(SAMPLE / "wsi" / "CMU-1-Small-Region.svs", good)
+    data = (SAMPLE / "wsi" / "CMU-1-Small-Region.svs").read_bytes()
+    (slides / "cut.svs").write_bytes(data[: len(data) // 3])
+    st2 = tmp_path / "slide-store"
+    res = extract([slides], cfg(st2, target_mpp=1.0))
+    assert res.exit_code == 1
+    s = open_store(st2)
+    assert s.slides() == ["good.svs"] and "slide:good.svs" in s.units()
+    assert any(u.startswith("slide:cut.svs") for u in s.errors())
+    # the good slide changes on disk after it was embedded: the re-run says so
+    with open(good, "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\x00\x01\x02")
+    res = extract([slides], cfg(st2, target_mpp=1.0))
+    assert any(u == "slide:good.svs" and "changed since it was embedded" in r for u, r in res.errors)
