@@ -106,7 +106,7 @@ class Catalog:
         self.pid = os.getpid()
 
     # -- transactions -------------------------------------------------------------------
-    def _begin(self, write: bool) -> lmdb.Transaction:
+    def _begin(self, write: bool) -> lmdb.Transaction[bytes]:
         for _ in range(3):
             try:
                 return self.env.begin(write=write)
@@ -114,7 +114,7 @@ class Catalog:
                 self.env.set_mapsize(0)
         return self.env.begin(write=write)
 
-    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+    def read(self, fn: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         with self._lock:
             txn = self._begin(False)
             try:
@@ -122,7 +122,7 @@ class Catalog:
             finally:
                 txn.abort()
 
-    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+    def write(self, fn: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         """Run ``fn`` in one write transaction; a full map is doubled and ``fn`` retried."""
         if self.readonly:
             raise PermissionError("catalog opened read-only (lock=False); cannot write")
@@ -141,28 +141,31 @@ class Catalog:
                     raise
 
     # -- counters -----------------------------------------------------------------------
-    def counter(self, txn: lmdb.Transaction, name: str) -> int:
+    def counter(self, txn: lmdb.Transaction[bytes], name: str) -> int:
         v = txn.get(name.encode(), db=self.db["meta"])
         return from_u64(v) if v else 0
 
-    def bump(self, txn: lmdb.Transaction, name: str, by: int = 1) -> int:
+    def bump(self, txn: lmdb.Transaction[bytes], name: str, by: int = 1) -> int:
         """Add ``by`` to a counter; returns its value before."""
         old = self.counter(txn, name)
         txn.put(name.encode(), u64(old + by), db=self.db["meta"])
         return old
 
     # -- snapshots ----------------------------------------------------------------------
-    def shards_in_order(self, txn: lmdb.Transaction) -> list[tuple[str, dict[str, Any]]]:
+    def shards_in_order(self, txn: lmdb.Transaction[bytes]) -> list[tuple[str, dict[str, Any]]]:
         out = []
         sh = self.db["shards"]
         for _, name in txn.cursor(db=self.db["order"]):
-            out.append((bytes(name).decode(), _uj(txn.get(name, db=sh))))
+            rec = txn.get(name, db=sh)
+            assert rec is not None, f"shard {bytes(name).decode()!r} is ordered but not recorded"
+            out.append((bytes(name).decode(), _uj(rec)))
         return out
 
-    def deleted_ids(self, txn: lmdb.Transaction) -> list[int]:
+    def deleted_ids(self, txn: lmdb.Transaction[bytes]) -> list[int]:
         return [from_u64(k) for k in txn.cursor(db=self.db["deleted"]).iternext(values=False)]
 
-    def items(self, txn: lmdb.Transaction, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    def items(self, txn: lmdb.Transaction[bytes], db: str,
+              prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         cur = txn.cursor(db=self.db[db])
         if not cur.set_range(prefix):
             return
@@ -171,11 +174,11 @@ class Catalog:
                 break
             yield bytes(k), bytes(v)
 
-    def get_json(self, txn: lmdb.Transaction, db: str, key: str | bytes) -> Any:
+    def get_json(self, txn: lmdb.Transaction[bytes], db: str, key: str | bytes) -> Any:
         v = txn.get(key.encode() if isinstance(key, str) else key, db=self.db[db])
         return None if v is None else _uj(v)
 
-    def put_json(self, txn: lmdb.Transaction, db: str, key: str | bytes, value: Any) -> None:
+    def put_json(self, txn: lmdb.Transaction[bytes], db: str, key: str | bytes, value: Any) -> None:
         txn.put(key.encode() if isinstance(key, str) else key, _j(value), db=self.db[db])
 
     # -- keys ---------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class Catalog:
             raise ValueError(f"tile key longer than {MAX_KEY_BYTES} bytes: {key[:60]!r}...")
         return b
 
-    def lookup_ids(self, txn: lmdb.Transaction, keys: Iterable[str]) -> list[int | None]:
+    def lookup_ids(self, txn: lmdb.Transaction[bytes], keys: Iterable[str]) -> list[int | None]:
         db = self.db["keys"]
         out: list[int | None] = []
         for k in keys:

@@ -54,7 +54,8 @@ def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str
     """
     if rows is None:
         assert csv_path is not None
-        rows = read_labels_csv(csv_path)
+        parsed: list[dict[str, Any]] = read_labels_csv(csv_path)
+        rows = parsed
     if not task or "\x00" in task:
         raise LabelsError(f"task name must be a non-empty string, got {task!r}")
     seen: set[str] = set()
@@ -64,7 +65,8 @@ def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str
         seen.add(r["key"])
     lay = Layout(Path(store_path))
     cat = open_catalog(lay.root)
-    found = cat.read(lambda t: cat.lookup_ids(t, [r["key"] for r in rows]))
+    keys: list[str] = [r["key"] for r in rows]
+    found = cat.read(lambda t: cat.lookup_ids(t, keys))
     unknown = [r["key"] for r, i in zip(rows, found) if i is None]
     if unknown and on_unknown == "error":
         raise LabelsError(f"{csv_path or 'labels'}: {len(unknown)} of {len(rows)} keys are not in "

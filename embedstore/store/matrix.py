@@ -58,7 +58,8 @@ class MappedShard:
         finally:
             os.close(fd)
         # address of the mapping: a row's offset in the file is its address minus this
-        self.base = np.frombuffer(self.mm, np.uint8).__array_interface__["data"][0] if size else 0
+        self.base = (np.frombuffer(self.mm, np.uint8).__array_interface__["data"][0]
+                     if self.mm is not None else 0)
         # Opening reads the footer and every batch header: a few pages spread over the file.
         # With the default advice each first touch of a cold page reads a whole readahead
         # window around it (read_ahead_kb, often megabytes), so a cold open would read much
@@ -155,17 +156,21 @@ class Matrix:
             o, a, k = o + n, a + n, k + 1
         return out
 
-    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sort ``rows`` and split them by piece: (order, sorted rows, group bounds, piece per group)."""
+    def locate(self, rows: np.ndarray
+               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+        """Sort ``rows`` and split them by piece: (order, sorted rows, group bounds, piece per group).
+
+        ``order`` is None when ``rows`` are sorted already."""
+        order: np.ndarray | None
         if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
             order = np.argsort(rows, kind="stable")
             srows = rows[order]
         else:
-            order, srows = None, rows  # type: ignore[assignment]
+            order, srows = None, rows
         piece = np.searchsorted(self.starts, srows, side="right") - 1
         cut = np.flatnonzero(piece[1:] != piece[:-1]) + 1
         bounds = np.concatenate([[0], cut, [len(srows)]])
-        return order, srows, bounds, piece  # type: ignore[return-value]
+        return order, srows, bounds, piece
 
     def take(self, rows: np.ndarray, prefetch: bool | None = None) -> np.ndarray:
         """Gather rows by position: (len(rows), dim) copy in the store dtype.

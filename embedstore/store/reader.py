@@ -6,6 +6,7 @@ deletions at once. Nothing loads the embedding matrix unless asked.
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,14 +49,14 @@ class ViewBank:
         return self.emb.take(self.rows[np.asarray(j)])
 
 
-def open_store(path: Path | str, *, lock: bool = True) -> "Store":
+def open_store(path: str | os.PathLike[str], *, lock: bool = True) -> "Store":
     """Open a store for reading. ``lock=False`` uses LMDB's lock-free read-only mode, for a
     store that nothing is writing (e.g. on a network filesystem, read from another machine)."""
     return Store(path, lock=lock)
 
 
 class Store:
-    def __init__(self, path: Path | str, *, lock: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
         self.path = Path(path)
         self.lay = Layout(self.path)
         if not self.path.exists():

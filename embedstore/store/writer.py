@@ -18,10 +18,10 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -162,12 +162,13 @@ class StoreWriter:
         # staged: this process may not write the catalog (another node owns it); its commits
         # are staged as files and applied by the committing process (see store/commit.py)
         self.staged = staged
+        self.cat: Catalog | None  # None when staged
         if staged:
-            self.cat = None  # type: ignore[assignment]
+            self.cat = None
             register_file_writer(self.lay, self.token, ident)
         else:
             self.cat = open_catalog(self.lay.root, create=True)
-            self.cat.write(lambda t: self.cat.put_json(t, "writers", self.token, ident))
+            self.cat.write(lambda t: self._catalog.put_json(t, "writers", self.token, ident))
             apply_staged(self.lay, self.cat)
             clean_leftovers(self.lay, self.cat)
         self._seq = 0
@@ -192,8 +193,9 @@ class StoreWriter:
     def units_done(self) -> set[str]:
         if self.staged:
             return set()
-        return self.cat.read(lambda t: {bytes(k).decode() for k in
-                                        t.cursor(db=self.cat.db["units"]).iternext(values=False)})
+        cat = self._catalog
+        return cat.read(lambda t: {bytes(k).decode() for k in
+                                   t.cursor(db=cat.db["units"]).iternext(values=False)})
 
     def add(self, emb: np.ndarray, keys: Sequence[str], *, unit: str | None = None,
             views: np.ndarray | None = None, **meta: Any) -> None:
@@ -218,7 +220,7 @@ class StoreWriter:
             raise TypeError(f"unknown metadata columns {sorted(unknown)}; "
                             f"known: {sorted(META_COLUMNS)[1:]}")
         if not self.staged and unit is not None and unit not in self._pending and unit not in self._spilled and \
-                self.cat.read(lambda t: t.get(unit.encode(), db=self.cat.db["units"])) is not None:
+                self._catalog.read(lambda t: t.get(unit.encode(), db=self._catalog.db["units"])) is not None:
             return  # committed meanwhile (by another process): kept once
         keys = [str(k) for k in keys]
         keep = self._check_duplicates(keys)
@@ -308,7 +310,7 @@ class StoreWriter:
             if self.staged:
                 unregister_file_writer(self.lay, self.token)
             else:
-                self.cat.write(lambda t: t.delete(self.token.encode(), db=self.cat.db["writers"]))
+                self._catalog.write(lambda t: t.delete(self.token.encode(), db=self._catalog.db["writers"]))
         finally:
             fcntl.flock(self._lockf, fcntl.LOCK_UN)
             self._lockf.close()
@@ -323,12 +325,19 @@ class StoreWriter:
         self.close(abort=False)
 
     # -- internals --------------------------------------------------------------------
+    @property
+    def _catalog(self) -> Catalog:
+        """The catalog: only a writer that is not staged has one, and only it asks."""
+        assert self.cat is not None, "a staged writer has no catalog"
+        return self.cat
+
     def _check_duplicates(self, keys: list[str]) -> np.ndarray | None:
         seen: set[str] = set()
         dup_in = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
         if dup_in:
             raise DuplicateKeyError(f"duplicate tile key {dup_in[0]!r} within one add() call")
-        ids = [None] * len(keys) if self.staged else self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
+        ids = ([None] * len(keys) if self.staged
+               else self._catalog.read(lambda t: self._catalog.lookup_ids(t, keys)))
         dup = np.array([(i is not None) or (k in self._pending_keys) for k, i in zip(keys, ids)])
         if not dup.any():
             return None
@@ -509,7 +518,7 @@ class StoreWriter:
         if self.staged:
             stage_commit(self.lay, p, name)
         else:
-            apply_commit(self.cat, p)
+            apply_commit(self._catalog, p)
 
     def _commit_views(self, unit: str | None, ids: np.ndarray, keys: list[str], views: np.ndarray) -> None:
         name = shard_name(self.token, self._seq, view=True)
@@ -550,7 +559,7 @@ class StoreWriter:
         self._seq += 1
 
 
-def _is_seq(v: Any) -> bool:
+def _is_seq(v: Any) -> TypeGuard[Iterable[Any]]:
     return isinstance(v, (list, tuple, np.ndarray, pa.Array))
 
 
