@@ -65,8 +65,8 @@ class TileDataset(torch.utils.data.Dataset):
                 tile = np.asarray(Image.fromarray(tile).resize((s.tile_size, s.tile_size),
                                                                Image.Resampling.LANCZOS))
             return tile
-        with Image.open(s.path) as im:
-            im = im.convert("RGB")
+        with Image.open(s.path) as src:
+            im = src.convert("RGB")
             size = self.file_size or s.tile_size
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
@@ -85,11 +85,11 @@ class TileDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[tuple[np.ndarray | None, TileSpec, str | None, float]]) -> dict[str, Any]:
-    ok = [it for it in items if it[0] is not None]
-    shapes = {it[0].shape for it in ok}
+    ok = [(tile, spec) for tile, spec, _, _ in items if tile is not None]
+    shapes = {tile.shape for tile, _ in ok}
     if len(shapes) > 1:  # files of several sizes: the dataset resizes to one, so this is a bug
         raise ValueError(f"tiles of different shapes in one batch: {sorted(shapes)}")
-    tiles = torch.from_numpy(np.stack([it[0] for it in ok])) if ok else torch.empty(0, dtype=torch.uint8)
-    return {"tiles": tiles, "specs": [it[1] for it in ok],
+    tiles = torch.from_numpy(np.stack([tile for tile, _ in ok])) if ok else torch.empty(0, dtype=torch.uint8)
+    return {"tiles": tiles, "specs": [spec for _, spec in ok],
             "failed": [(it[1], it[2]) for it in items if it[0] is None],
             "read_s": sum(it[3] for it in items)}

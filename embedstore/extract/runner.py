@@ -228,7 +228,7 @@ def _pending_units(disc: Discovery, store: Path, res: ExtractResult,
 
 def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, device: str, *,
                 rank: int, world: int, claim: Callable[[], int | None] | None,
-                sync: Callable[[], None] | None = None, staged: bool = False) -> ExtractResult:
+                sync: Callable[[], object] | None = None, staged: bool = False) -> ExtractResult:
     """The work of one process (one device): claim units, embed, commit."""
     import torch
     from tqdm import tqdm
@@ -257,6 +257,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
     from ..store.catalog import open_catalog
     # a staging rank may not write the catalog: it reads it lock-free (see store/commit.py)
     cat = open_catalog(store, lock=False) if staged else w.cat
+    assert cat is not None                  # a writer that is not staged has its catalog
 
     def lookup(keys: list[str]) -> list[int | None]:
         return cat.read(lambda t: cat.lookup_ids(t, keys))

@@ -28,11 +28,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedstore.errors import SlideError, SourceError
+
+if TYPE_CHECKING:
+    from tifffile import TiffFrame, TiffPage
 
 __all__ = [
     "SlideReader", "TileGrid", "SlidePlan", "slide_identity", "slide_id", "tile_key",
@@ -124,10 +127,11 @@ def _tiff_mpp(tf: Any) -> float | None:
             px = ET.fromstring(tf.ome_metadata).find(".//{*}Pixels")
         except ET.ParseError:
             px = None
-        if px is not None and px.get("PhysicalSizeX"):
+        size_x = px.get("PhysicalSizeX") if px is not None else None
+        if px is not None and size_x:
             unit = _UM_PER_UNIT.get(px.get("PhysicalSizeXUnit", "µm"))
             if unit is not None:
-                return _plausible(float(px.get("PhysicalSizeX")) * unit)
+                return _plausible(float(size_x) * unit)
     page = tf.series[0].levels[0].keyframe
     m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
     if tf.is_svs and m:
@@ -172,8 +176,15 @@ class _TiffBackend:
         self._tf = tifffile.TiffFile(path)
         try:
             levels = self._tf.series[0].levels
-            self._frames = [lv.pages[0] for lv in levels]
-            self._keys = [f.keyframe for f in self._frames]
+            self._frames: list[TiffPage | TiffFrame] = []
+            self._keys: list[TiffPage] = []
+            for lv in levels:
+                frame = lv.pages[0]
+                if frame is None or frame.keyframe is None:
+                    raise SlideError(f"slide {path}: level {len(self._frames)} of series 0 "
+                                     "has no first page")
+                self._frames.append(frame)
+                self._keys.append(frame.keyframe)
             for k in self._keys:
                 if k.dtype != np.uint8 or k.ndim not in (2, 3) or k.shaped[:2] != (1, 1):
                     raise SlideError(f"slide {path}: unsupported TIFF layout {k.shape} "
@@ -340,7 +351,7 @@ class SlideReader:
     @property
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height)."""
-        return self._b().level_dimensions[0]  # type: ignore[no-any-return]
+        return self._b().level_dimensions[0]
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -361,7 +372,7 @@ class SlideReader:
         b = self._b()
         if not 0 <= level < len(b.level_dimensions) or w < 1 or h < 1:
             raise SlideError(f"slide {self.path}: bad region level={level} size={w}x{h}")
-        return b.read(int(x0), int(y0), int(level), int(w), int(h))  # type: ignore[no-any-return]
+        return b.read(int(x0), int(y0), int(level), int(w), int(h))
 
     def render(self, downsample: float) -> np.ndarray:
         """The whole slide at ``downsample`` x level 0: (round(H/ds), round(W/ds), 3) uint8.
@@ -521,7 +532,7 @@ class TileGrid:
         d = json.loads(Path(path).read_text())
         return cls(x=np.asarray(d.pop("x"), np.int64), y=np.asarray(d.pop("y"), np.int64),
                    tissue=np.asarray(d.pop("tissue"), np.float32),
-                   dims=tuple(d.pop("dims")), **d)  # type: ignore[arg-type]
+                   dims=tuple(d.pop("dims")), **d)
 
 
 def _mask_fractions(mask: np.ndarray, dims: tuple[int, int], x0: np.ndarray, y0: np.ndarray,
