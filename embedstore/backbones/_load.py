@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ def create_backbone(name: str | BackboneSpec, *, weights: str | os.PathLike[str]
     return TorchBackbone(spec, module, file_sha256(path), dev, compile)
 
 
-def _empty_module(spec: BackboneSpec) -> nn.Module:
+def _empty_module(spec: BackboneSpec) -> Embedder:
     """A CPU module to load weights into, without paying for a random init when every buffer
     is persistent (all of its tensors then come from the checkpoint, which is checked)."""
     module = build_module(spec, device="meta")
@@ -81,7 +82,7 @@ def _empty_module(spec: BackboneSpec) -> nn.Module:
     return _seeded_module(spec, RANDOM_INIT_SEED)
 
 
-def _seeded_module(spec: BackboneSpec, seed: int) -> nn.Module:
+def _seeded_module(spec: BackboneSpec, seed: int) -> Embedder:
     """Build on the CPU under a fixed seed, leaving the caller's RNG state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -128,7 +129,9 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pooling == "model":
             return self.trunk(x).flatten(1)
-        tokens = self.trunk.forward_features(x)  # (n, T, C)
+        # torch types a submodule's attributes as Tensor | Module; the trunk's is a method
+        forward_features = cast("Callable[[torch.Tensor], torch.Tensor]", self.trunk.forward_features)
+        tokens = forward_features(x)  # (n, T, C)
         cls = tokens[:, 0]
         if self.pooling == "cls":
             return cls
@@ -218,7 +221,7 @@ def _import_transformers(spec: BackboneSpec) -> Any:
     return transformers
 
 
-def _load_hub_module(spec: BackboneSpec) -> tuple[nn.Module, Path]:
+def _load_hub_module(spec: BackboneSpec) -> tuple[Embedder, Path]:
     """transformers / TITAN models, from the local cache only."""
     assert spec.hub_id is not None
     path = find_in_hf_cache(spec.hub_id, WEIGHT_FILES)

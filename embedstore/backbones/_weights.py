@@ -50,13 +50,15 @@ def find_in_hf_cache(hub_id: str, filenames: Sequence[str] = WEIGHT_FILES) -> Pa
     return None
 
 
-def find_in_torch_hub_cache(url: str | None) -> Path | None:
-    """The file torch.hub would have saved `url` to, if it is there."""
+def find_in_torch_hub_cache(url: str | tuple[str, str] | None) -> Path | None:
+    """The file torch.hub would have saved `url` to, if it is there. A timm ``(url, filename)``
+    pair is saved under its filename."""
     if not url:
         return None
     import torch.hub
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    name = url[1] if isinstance(url, tuple) else url.rsplit("/", 1)[-1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
     return path if path.is_file() else None
 
 

@@ -129,7 +129,8 @@ class TorchBackbone(Backbone):
 
     def to(self, device: str | torch.device) -> TorchBackbone:
         self._device = torch.device(device)
-        self.module.to(device=self._device, memory_format=torch.channels_last)
+        # Module.to takes device and memory_format together; torch's overloads omit that
+        self.module.to(device=self._device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._compiled = torch.compile(self.module) if self._compile else None
         return self
 
