@@ -94,7 +94,7 @@ def check_fold_counts(y: np.ndarray, k: int, classes: Sequence[str] | None = Non
     low = [c for c in present if counts[c] < k]
     if low:
         c = low[0]
-        name = classes[c] if classes is not None else str(c)
+        name = classes[int(c)] if classes is not None else str(c)
         raise LabelsError(f"class {name!r} has {counts[c]} examples, fewer than the {k} folds; "
                           f"add examples, merge the class or use fewer folds")
 

@@ -158,7 +158,7 @@ def view_bank(store: Any, ids: np.ndarray) -> ViewBank | None:
     return out
 
 
-class SlideBagDataset(Dataset):  # type: ignore[type-arg]
+class SlideBagDataset(Dataset):
     """One item per slide: ``{"emb": (n, dim) float32, "coords": (n, 2) int64, "ids": (n,) int64,
     "label": int64 scalar (-1 when unlabelled), "slide": str}``, read from the store on access.
 

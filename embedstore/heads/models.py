@@ -93,6 +93,9 @@ class HeadConfig:
 class HeadModule(nn.Module):
     """``(x - mean) / std`` followed by the body. Input (n, dim) float; output (n, c) logits."""
 
+    mean: torch.Tensor   # (dim,) float32 buffer
+    std: torch.Tensor    # (dim,) float32 buffer
+
     def __init__(self, body: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.body = body

@@ -122,6 +122,7 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
                             f"written to {str(out)!r} but no heatmap")
         coords = np.concatenate([h[0] for h in heat])
         values = np.concatenate([h[1] for h in heat])
+        assert heat_cls is not None           # set whenever a heatmap is asked for
         title = f"{heatmap.slide}: P({head.classes[heat_cls]})"
         heat_path = render_heatmap(heatmap.thumbnail, heatmap.downsample, coords, values,
                                    heatmap.out, tile_size=heatmap.tile_size, alpha=heatmap.alpha, title=title)
@@ -166,6 +167,7 @@ def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray,
     shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha,
                       interpolation="nearest")
     bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=label)
+    assert bar.solids is not None             # a colorbar of an image always has its solids
     bar.solids.set_alpha(1.0)                 # the scale itself opaque, the overlay see-through
     ax.set_title(title)
     ax.set_axis_off()

@@ -185,6 +185,7 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
     n_classes = len(classes)
 
     fit = np.arange(codes.size)
+    val_codes: np.ndarray | None
     if X_val is not None:
         X_val = check_features(X_val, "validation embeddings")
         if y_val is None:
