@@ -1,0 +1,170 @@
+"""Does the kNN proxy task pick the pretrained backbone, and does its ranking predict the
+downstream ranking? What does a selection over three candidates cost on this machine?
+
+Candidates: the shipped ONNX MobileNetV2 (ImageNet weights, int8), and random-init timm
+ResNet-18 and ViT-S/16 (``vit_small_patch16_224``). Proxies, each on its own:
+
+* **Kather 2016** colorectal tissue, 8 classes: ``kather2016_mini`` (100 tiles, 224 px, upscaled)
+  and ``kather2016_orig24`` (24 originals, 150 px, resized to 224 by extraction) pooled into one
+  CSV under ``benchmarks/scratch/select/``; the orig24 file names carry their source image
+  (``<id>_<image>.tif_Row_<r>_Col_<c>.tif``), which becomes the group (slide column). Mini tiles
+  have no known source: each is a group of its own.
+* **LC25000 lung**, 3 classes x 500 (its rotated/flipped near-duplicates inflate every score).
+
+Downstream (``--validate``): PCam, a linear head trained on ``split=train``, F1 on ``split=valid``.
+The first run per proxy starts from empty stores (the selection time includes embedding); a
+second run with ``--validate`` reuses them (tiles_written must be 0) and adds the downstream
+heads. A plain kNN (uniform vote) is scored on the same folds for comparison with the reference
+figures (MobileNetV2 0.88 / 0.74, random ResNet-18 0.85 / 0.66 balanced accuracy on LC25000 /
+Kather). Writes ``benchmarks/results/select-<machine>-<date>.json``.
+
+    python benchmarks/bench_select.py [--k 20] [--folds 5] [--reuse]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import SCRATCH, machine, print_table, write_results  # noqa: E402
+
+from embedstore.knn import KnnConfig, fold_scores  # noqa: E402
+from embedstore.select import SelectConfig, plan_folds, read_proxy, select_backbones  # noqa: E402
+from embedstore.store import open_store  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CANDIDATES = ("mobilenetv2-onnx-int8", "resnet18", "vit_small_patch16_224")
+REFERENCE = {("lc25000_lung", "mobilenetv2-onnx-int8"): 0.88, ("kather2016", "mobilenetv2-onnx-int8"): 0.74,
+             ("lc25000_lung", "resnet18"): 0.85, ("kather2016", "resnet18"): 0.66}
+ORIG_NAME = re.compile(r"^[0-9A-Fa-f]+_(?P<image>.+?\.tif)_Row_\d+_Col_\d+\.tif$")
+UNIFORM_T = 1e6   # exp(sim / 1e6) ~ 1: a plain majority vote (ties go to the closer neighbours)
+
+
+def kather_csv(out: Path) -> Path:
+    """Pool the two Kather folders into one CSV (path,label,slide); the labels must agree."""
+    def rows(folder: str) -> list[dict[str, str]]:
+        with open(DATA / folder / "labels.csv", newline="") as fh:
+            return list(csv.DictReader(fh))
+    mini, orig = rows("kather2016_mini"), rows("kather2016_orig24")
+    for folder, rs in (("kather2016_mini", mini), ("kather2016_orig24", orig)):
+        for r in rs:    # the label is the class folder in both
+            assert r["path"].split("/")[0] == r["label"], f"{folder}: {r}"
+    if sorted({r["label"] for r in mini}) != sorted({r["label"] for r in orig}):
+        raise SystemExit(f"class names differ: {sorted({r['label'] for r in mini})} vs "
+                         f"{sorted({r['label'] for r in orig})}")
+    table = [{"path": str(DATA / "kather2016_mini" / r["path"]), "label": r["label"], "slide": ""}
+             for r in mini]
+    for r in orig:
+        m = ORIG_NAME.match(Path(r["path"]).name)
+        if m is None:
+            raise SystemExit(f"orig24 file name without a source image: {r['path']}")
+        table.append({"path": str(DATA / "kather2016_orig24" / r["path"]), "label": r["label"],
+                      "slide": m["image"]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "label", "slide"])
+        w.writeheader()
+        w.writerows(table)
+    return out
+
+
+def variants(proxy: Path, stores: dict[str, str], k: int, folds: int) -> dict[str, dict[str, float]]:
+    """Balanced accuracy (mean over folds) of two other kNN rules on the selection's folds, per
+    candidate: ``plain`` (uniform vote) and ``centred`` (--centre, exp(sim/0.07) vote)."""
+    p = read_proxy(proxy)
+    fold = plan_folds(p.y, p.groups, folds, k, 0, p.classes, p.group_by)
+    out = {}
+    for name, path in stores.items():
+        s = open_store(path)
+        x = np.asarray(s.gather(s.ids(p.keys.tolist())), dtype=np.float32)
+        rules = {"plain": KnnConfig(k, UNIFORM_T), "centred": KnnConfig(k, centre=True)}
+        out[name] = {r: float(fold_scores(x, p.y, fold, cfg, n_classes=len(p.classes))[0].mean())
+                     for r, cfg in rules.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--reuse", action="store_true", help="keep cached stores from an earlier run")
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} is missing: this benchmark needs ../shared/data")
+    root = SCRATCH / "select"
+    if not args.reuse and root.exists():
+        shutil.rmtree(root)
+    proxies = {"kather2016": kather_csv(root / "kather2016.csv"), "lc25000_lung": DATA / "lc25000_lung"}
+    task = DATA / "pcam" / "labels.csv"
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    t_all, at_start = time.perf_counter(), machine()
+    for pname, proxy in proxies.items():
+        base = dict(proxy=proxy, backbones=CANDIDATES, k=args.k, folds=args.folds, random_init=True,
+                    cache=root / pname / "stores", progress=False)
+        print(f"== {pname}: selection over {len(CANDIDATES)} candidates", flush=True)
+        first = select_backbones(SelectConfig(out=root / pname / "select", **base))
+        print(first.table(), flush=True)
+        print(f"== {pname}: again with --validate {task} (proxy stores cached)", flush=True)
+        second = select_backbones(SelectConfig(out=root / pname / "validate", validate=task,
+                                               validate_cache=root / "pcam-stores", **base))
+        print(second.table(), flush=True)
+        other = variants(proxy, {c.backbone: c.store for c in first.candidates}, args.k, args.folds)
+        by_name = {c.backbone: c for c in second.candidates}
+        for c in first.candidates:
+            d = by_name[c.backbone].downstream or {}
+            rows.append({
+                "proxy": pname, "rank": c.rank, "backbone": c.backbone, "weights": c.weights,
+                "score": c.mean, "score_std": c.std, "plain_knn": other[c.backbone]["plain"],
+                "centred": other[c.backbone]["centred"],
+                "reference": REFERENCE.get((pname, c.backbone)), "extract_s": c.extract_s,
+                "tiles_per_s": c.tiles_written / c.extract_s if c.extract_s else None,
+                "knn_s": c.knn_s, "cached_tiles_written": by_name[c.backbone].tiles_written,
+                "pcam_f1": d.get("f1", (None,))[0], "pcam_f1_std": d.get("f1", (None, None))[1],
+                "pcam_extract_s": d.get("extract_s"), "fold_scores": c.fold_scores,
+            })
+        summary[pname] = {
+            "tiles": first.proxy["tiles"], "classes": first.proxy["classes"],
+            "group_by": first.proxy["group_by"], "groups": first.proxy["groups"],
+            "fold_sizes": first.proxy["fold_sizes"],
+            "pretrained_first": first.candidates[0].weights == "pretrained",
+            "ranking": [c.backbone for c in first.candidates],
+            "downstream_ranking": [c.backbone for c in sorted(second.candidates,
+                                                              key=lambda c: -c.downstream["f1"][0])],  # type: ignore[index]
+            "spearman": second.spearman, "selection_s": first.elapsed,
+            "cached_selection_with_validate_s": second.elapsed,
+            "plots": [first.files["plot"], second.files["plot"]], "notes": first.notes,
+        }
+    cols = [("proxy", "proxy", None), ("rank", "rank", "d"), ("backbone", "backbone", None),
+            ("weights", "weights", None), ("score", "bal.acc", ".3f"), ("score_std", "±", ".3f"),
+            ("plain_knn", "plain", ".3f"), ("centred", "centred", ".3f"), ("reference", "ref.", ".2f"),
+            ("extract_s", "extract s", ".1f"), ("tiles_per_s", "tiles/s", ".1f"),
+            ("knn_s", "kNN s", ".2f"), ("cached_tiles_written", "re-run tiles", "d"),
+            ("pcam_f1", "PCam F1", ".3f"), ("pcam_f1_std", "±", ".3f")]
+    print()
+    print_table(rows, cols, title=f"backbone selection, k={args.k}, {args.folds}-fold CV "
+                                  f"(bal.acc: cosine, exp(sim/0.07) vote; plain: uniform vote; centred: --centre)")
+    for pname, s in summary.items():
+        print(f"{pname}: pretrained first: {'yes' if s['pretrained_first'] else 'NO'}; ranking "
+              f"{' > '.join(s['ranking'])}; downstream {' > '.join(s['downstream_ranking'])}; "
+              f"Spearman {s['spearman'] if s['spearman'] is None else round(s['spearman'], 3)}; "
+              f"selection {s['selection_s']:.1f} s ({s['tiles']} tiles x {len(CANDIDATES)} candidates)")
+    path = write_results("select", rows, extra={"summary": summary, "k": args.k, "folds": args.folds,
+                                                "candidates": CANDIDATES, "reference": {f"{a}/{b}": v for (a, b), v in REFERENCE.items()},
+                                                "total_s": time.perf_counter() - t_all,
+                                                "machine_at_start": at_start})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
