@@ -16,6 +16,7 @@ from embedstore.index import (build_index, exact_search, load_index, parse_memor
 from embedstore.index.choose import FLAT_MAX_ROWS
 
 TASK = "tissue"
+BIG = 12_000                     # rows of the shared clustered store (64-d, 50 clusters)
 
 
 class FakeStore:
@@ -148,9 +149,20 @@ def assert_same_ranking(ids: np.ndarray, scores: np.ndarray, ref_ids: np.ndarray
     assert differ.mean() < 0.01
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread() -> Iterator[None]:
+    """Tiny indexes: OpenMP start-up and spin-waits cost more than they save on a shared box."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> FakeStore:
-    return make_store(tmp_path_factory.mktemp("big"), 20_000)
+    return make_store(tmp_path_factory.mktemp("big"), BIG)
 
 
 # ---------------------------------------------------------------- planning (pure, no disk)
@@ -225,6 +237,30 @@ def test_two_level_centroids_cover_the_data() -> None:
     assert (sizes > 0).mean() > 0.9 and sizes.max() < 10 * len(x) / 256
 
 
+def test_tune_stops_at_first_setting_meeting_target() -> None:
+    from embedstore.index.recall import tune
+
+    plan = plan_index(1_000_000, 768, parse_memory("8G"), 0.95)
+    truth = np.arange(50 * 10).reshape(50, 10)
+    calls: list[dict] = []
+
+    def run(q: np.ndarray, k: int, params: dict) -> np.ndarray:
+        calls.append(params)
+        # recall grows with nprobe and with re-rank depth; flat for the first two settings
+        hits = min(10, max(2, params["nprobe"].bit_length()) + params["k_factor"] // 10)
+        found = truth.copy()
+        found[:, hits:] = -1
+        return found
+
+    tuned = tune(run, plan, np.zeros((50, 768), np.float32), truth, 0.95)
+    assert tuned.met and tuned.recall == 1.0
+    for k_factor, first_met in zip(plan.k_factors, (512, 256, 128, 32)):
+        swept = [c["nprobe"] for c in tuned.curve if c["k_factor"] == k_factor]
+        assert not swept or swept[-1] == first_met      # each sweep stops at its first success
+    winners = [c for c in tuned.curve if c["recall"] >= 0.95]
+    assert tuned.qps == max(c["qps"] for c in winners)
+
+
 # ---------------------------------------------------------------- exact search
 
 def test_exact_search_streams_and_matches_numpy(big: FakeStore) -> None:
@@ -261,18 +297,18 @@ def test_approximate_kind_reaches_reported_recall(big: FakeStore, tmp_path: Path
         monkeypatch.setattr(build_mod, "TWO_LEVEL_MIN_LISTS", 64)
         kind = kind.split()[0]
     store = FakeStore(tmp_path / kind, big._emb, big._slides, big._labels)
-    info = build_index(store, kind=kind, target_recall=0.95, n_queries=500)
+    info = build_index(store, kind=kind, target_recall=0.95, n_queries=300)
     assert info.kind == kind and info.recall_met and info.recall_at_10 >= 0.95
     assert info.curve and info.qps > 0
     saved = json.loads((store.path / "index" / "index.json").read_text())
     assert saved["recall_at_10"] == info.recall_at_10 and saved["params"] == info.params
-    assert saved["n_rows_committed"] == 20_000 and (store.path / "index" / info.file).exists()
+    assert saved["n_rows_committed"] == BIG and (store.path / "index" / info.file).exists()
     if kind == "ivf-pq":
         assert info.k_factor > 1                       # PQ alone is re-ranked exactly
         assert info.curve[0]["recall"] < info.recall_at_10
     # independent check on other queries: perturbed stored vectors, numpy ground truth
     rng = np.random.default_rng(11)
-    q = big._emb[rng.choice(20_000, 300, replace=False)].astype(np.float32)
+    q = big._emb[rng.choice(BIG, 300, replace=False)].astype(np.float32)
     q += 0.05 * rng.normal(size=q.shape).astype(np.float32)
     hits = search(store, vectors=q, k=10)
     _, ref_ids = brute_force(store, q, 10)
@@ -283,7 +319,7 @@ def test_approximate_kind_reaches_reported_recall(big: FakeStore, tmp_path: Path
 def test_query_by_key_finds_itself_first_unless_excluded(big: FakeStore, tmp_path: Path) -> None:
     store = FakeStore(tmp_path / "s", big._emb, big._slides, big._labels)
     build_index(store, kind="ivf-pq", n_queries=200)
-    keys = store.keys_of(np.arange(0, 20_000, 997))
+    keys = store.keys_of(np.arange(0, BIG, 997))
     for hit, key in zip(search(store, keys=keys, k=5), keys):
         assert hit.keys[0] == key and abs(hit.scores[0] - 1.0) < 1e-3 and len(hit.ids) == 5
         assert np.all(np.diff(hit.scores) <= 1e-6)
@@ -327,7 +363,7 @@ def pq_store(big: FakeStore, tmp_path_factory: pytest.TempPathFactory) -> FakeSt
 @pytest.mark.parametrize("with_index", [True, False])
 def test_exclude_same_slide_never_returns_same_slide(pq_store: FakeStore,
                                                      with_index: bool) -> None:
-    qids = np.arange(3, 20_000, 401)
+    qids = np.arange(3, BIG, 401)
     hits = search(pq_store, ids=qids, k=10, exclude_same_slide=True, exact=not with_index)
     for hit, qid in zip(hits, qids):
         assert len(hit.ids) == 10 and qid not in hit.ids

@@ -97,10 +97,12 @@ def _measure(run: RunFn, q: np.ndarray, truth: np.ndarray, k: int, params: dict)
 
 
 def tune(run: RunFn, plan: IndexPlan, q: np.ndarray, truth: np.ndarray, target: float,
-         k: int = 10) -> Tuned:
+         k: int = 10, budget_s: float = 600.0) -> Tuned:
     """Sweep the plan's search parameter upwards (per re-rank depth), stop at the first value
-    meeting ``target`` (or when recall stops improving), and keep the fastest that met it."""
+    meeting ``target`` (or when recall stops improving), and keep the fastest that met it.
+    The sweep stops early, keeping the best so far, once it has run ``budget_s`` seconds."""
     curve: list[dict] = []
+    deadline = time.perf_counter() + budget_s
     if not plan.sweep_name:
         point = _measure(run, q, truth, k, {"k_factor": 1})
         curve.append(point)
@@ -108,16 +110,21 @@ def tune(run: RunFn, plan: IndexPlan, q: np.ndarray, truth: np.ndarray, target: 
                      point["recall"] >= target, curve)
     winners: list[dict] = []
     for k_factor in plan.k_factors:
-        prev = -1.0
+        prev, flat_steps = -1.0, 0
         for value in plan.sweep:
             point = _measure(run, q, truth, k, {plan.sweep_name: value, "k_factor": k_factor})
             curve.append(point)
             if point["recall"] >= target:
                 winners.append(point)
                 break
-            if point["recall"] - prev < 0.002:  # plateau: more probing buys nothing here
+            flat_steps = flat_steps + 1 if point["recall"] - prev < 0.002 else 0
+            if flat_steps >= 2:   # plateau twice running: more probing buys nothing here
                 break
             prev = point["recall"]
+            if time.perf_counter() > deadline:
+                break
+        if time.perf_counter() > deadline:
+            break
         if len(winners) >= 2 and winners[-1]["qps"] < winners[-2]["qps"]:
             break  # deeper re-ranking met the target, but more slowly: stop going deeper
     if winners:
