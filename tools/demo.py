@@ -57,6 +57,14 @@ def step_heads(tiles: Path, slides: Path) -> None:
           " (a lung head on skin: a demonstration of the mechanics, not a diagnosis)")
 
 
+def step_select(tiles: Path, slides: Path) -> None:
+    print("\n== 4. backbone selection: which backbone fits these tiles? (kNN proxy task)")
+    out = OUT / "selection"
+    run("select", "--proxy", str(SAMPLE / "lung"), "--backbone", BACKBONE, "--backbone", "resnet18",
+        "--random-init", "--k", "10", "--folds", "5", "--out", str(out), "--quiet")
+    print(f"selection chart: {out / 'selection.png'}")
+
+
 def main() -> None:
     t0 = time.time()
     if OUT.exists():
