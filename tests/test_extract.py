@@ -188,7 +188,7 @@ def test_views_are_seeded_recorded_and_a_different_recipe_refused(tmp_path: Path
 def test_two_processes_equal_one(tmp_path: Path, lung_store: Path) -> None:
     st = tmp_path / "two"
     r = _cli("extract", str(SAMPLE / "lung"), "--store", str(st), "--backbone", ONNX,
-             "--devices", "cpu,cpu", "--files-per-unit", "4", "--workers", "0", "--quiet")
+             "--devices", "cpu,cpu", "--files-per-unit", "2", "--batch-size", "1", "--workers", "0", "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     one, two = open_store(lung_store), open_store(st)
     assert sorted(one.keys()) == sorted(two.keys())
