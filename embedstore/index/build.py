@@ -67,6 +67,14 @@ def _query_sample(store: StoreLike, n_queries: int, seed: int, metric: str
     return qids, prepare(store.gather(qids), metric)
 
 
+def _without_self(found: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+    """(nq, m) ids -> (nq, k): each query's own row removed, so a stored query is scored like
+    a new one (its own row would otherwise be a free hit in every top-k)."""
+    keep = found != qids[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(found, order, axis=1)
+
+
 def _add_rows(index: Any, store: StoreLike, metric: str, batch_size: int,
               above_id: int = -1) -> tuple[int, int]:
     """Add every live row with id > above_id; returns (rows added, largest id seen)."""
@@ -117,7 +125,8 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
                 batch_size: int = SCAN_BATCH) -> IndexInfo:
     """Plan, train, fill, tune and save the index of ``store`` under ``store.path/index``.
 
-    Recall@10 against exact search is measured on ``n_queries`` seeded stored rows, and the
+    Recall@10 against exact search is measured on ``n_queries`` seeded stored rows (each
+    query's own row left out of both lists, so the figure holds for new queries), and the
     search parameter (nprobe / efSearch, and re-rank depth for IVF-PQ) is the cheapest that met
     ``target_recall`` in an increasing sweep; every point tried is kept in ``info.curve``.
     """
@@ -135,7 +144,8 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
 
     t1 = time.perf_counter()
     qids, q = _query_sample(store, n_queries, seed, metric)
-    _, truth = exact_scan(store, q, RECALL_K, metric, batch_size=batch_size)
+    _, truth = exact_scan(store, q, RECALL_K + 1, metric, batch_size=batch_size)
+    truth = _without_self(truth, qids, RECALL_K)
     info = IndexInfo(factory=plan.factory, kind=plan.kind, metric=metric, dim=store.dim,
                      nlist=plan.nlist, params={}, n_covered=int(index.ntotal), max_id=max_id,
                      n_rows_committed=committed, recall_at_10=0.0, target_recall=target_recall,
@@ -143,7 +153,8 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
                      build_seconds=round(build_seconds, 3), tune_seconds=0.0, memory_bytes=0,
                      reason=plan.reason, seed=seed, gpu=gpu, created=now_iso())
     vindex = VectorIndex(index, info)
-    tuned = tune(lambda qq, k, params: vindex.query(store, qq, k, params)[1][:, :k],
+    tuned = tune(lambda qq, k, params: _without_self(vindex.query(store, qq, k + 1, params)[1],
+                                                     qids, k),
                  plan, q, truth, target_recall, RECALL_K)
     info = replace(info, params=tuned.params, recall_at_10=tuned.recall, recall_met=tuned.met,
                    qps=tuned.qps, curve=tuned.curve,

@@ -42,7 +42,7 @@ class IndexInfo:
     n_covered: int               # rows in the index
     max_id: int                  # largest tile id in the index (update adds ids above it)
     n_rows_committed: int        # store.n_rows_committed when last built or updated
-    recall_at_10: float          # recall@10 vs exact search at params, held-out queries
+    recall_at_10: float          # recall@10 vs exact search at params (query rows left out)
     target_recall: float         # what the sweep aimed for
     recall_met: bool             # recall_at_10 >= target_recall
     qps: float                   # queries/s at params (batched, re-ranking included)
