@@ -294,3 +294,14 @@ def test_cli_info_and_help(store: Path) -> None:
     assert r.returncode == 0 and "rows" in r.stdout and "synthetic" in r.stdout
     r = subprocess.run([sys.executable, "-m", "embedstore", "info", str(store / "nope")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+
+
+def test_store_deleted_and_made_again_at_the_same_path(tmp_path: Path) -> None:
+    import shutil
+    p = tmp_path / "again"
+    for n in (3, 5):  # the process-wide catalog must not outlive the deleted directory
+        shutil.rmtree(p, ignore_errors=True)
+        with StoreWriter(p, StoreMeta(dim=4)) as w:
+            w.add(np.ones((n, 4)), [f"k{i}" for i in range(n)], unit="u")
+            w.end_unit("u")
+        assert len(open_store(p)) == n and verify_store(p).ok

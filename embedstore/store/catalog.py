@@ -85,6 +85,12 @@ def open_catalog(path: Path, *, create: bool = False, lock: bool = True) -> "Cat
     k = (os.getpid(), real, lock)
     with _ENVS_LOCK:
         cat = _ENVS.get(k)
+        if cat is not None and not cat.same_files():  # the store was deleted and made anew
+            try:
+                cat.env.close()
+            except Exception:
+                pass
+            cat = None
         if cat is None:
             cat = _ENVS[k] = Catalog(Path(real), create=create, lock=lock)
         return cat
@@ -104,6 +110,18 @@ class Catalog:
         self.db = {n: self.env.open_db(n.encode(), create=not self.readonly) for n in DBS}
         self._lock = threading.RLock()
         self.pid = os.getpid()
+        self._data = d / "data.mdb"
+        self._ino = self._inode()
+
+    def _inode(self) -> int | None:
+        try:
+            return os.stat(self._data).st_ino
+        except OSError:
+            return None
+
+    def same_files(self) -> bool:
+        """False when the environment's file was removed or replaced since it was opened."""
+        return self._inode() == self._ino
 
     # -- transactions -------------------------------------------------------------------
     def _begin(self, write: bool) -> lmdb.Transaction[bytes]:
