@@ -341,32 +341,43 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             return [TileSpec(ui, k, u.slide_path, int(x), int(y), g.level, g.read_size, g.read_size, tile_size)
                     for k, x, y in zip(keys, g.x, g.y) if k not in present]
 
+        def claim_and_plan() -> tuple[int, list[TileSpec] | None, str | None, float] | None:
+            """Claim the next unit and plan it (a slide's tissue grid): runs in a helper thread,
+            one unit ahead, so planning overlaps the model instead of stalling it."""
+            ui = claim()
+            if ui is None:
+                return None
+            t0 = time.perf_counter()
+            try:
+                return ui, plan(ui), None, time.perf_counter() - t0
+            except (SlideError, SourceError, OSError, ValueError) as e:
+                return ui, None, str(e).splitlines()[0], time.perf_counter() - t0
+            except Exception as e:  # an unreadable slide must not stop the run
+                return ui, None, f"{type(e).__name__}: {e}".splitlines()[0], time.perf_counter() - t0
+
         def batches() -> Iterator[list[TileSpec]]:
+            from concurrent.futures import ThreadPoolExecutor
             buf: list[TileSpec] = []
             if sync is not None:
                 sync()  # every rank is ready: claiming starts together
-            while (ui := claim()) is not None:
-                t0 = time.perf_counter()
-                try:
-                    specs = plan(ui)
-                except (SlideError, SourceError, OSError, ValueError) as e:
-                    record_error(unit_name(ui), str(e).splitlines()[0])
-                    stages["plan"] += time.perf_counter() - t0
-                    continue
-                except Exception as e:  # an unreadable slide must not stop the run
-                    record_error(unit_name(ui), f"{type(e).__name__}: {e}".splitlines()[0])
-                    stages["plan"] += time.perf_counter() - t0
-                    continue
-                stages["plan"] += time.perf_counter() - t0
-                if not specs:
-                    finish(ui)
-                    continue
-                remaining[ui] = len(specs)
-                for s in specs:
-                    buf.append(s)
-                    if len(buf) == cfg.batch_size:
-                        yield buf
-                        buf = []
+            with ThreadPoolExecutor(1, thread_name_prefix="embedstore-plan") as ahead:
+                nxt = ahead.submit(claim_and_plan)
+                while (got := nxt.result()) is not None:
+                    nxt = ahead.submit(claim_and_plan)
+                    ui, specs, err, dt = got
+                    stages["plan"] += dt
+                    if err is not None or specs is None:
+                        record_error(unit_name(ui), err or "planning failed")
+                        continue
+                    if not specs:
+                        finish(ui)
+                        continue
+                    remaining[ui] = len(specs)
+                    for s in specs:
+                        buf.append(s)
+                        if len(buf) == cfg.batch_size:
+                            yield buf
+                            buf = []
             if buf:
                 yield buf
 
