@@ -236,20 +236,14 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
     from ..backbones import create_backbone
     from ..store.writer import StoreWriter
 
-    workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(8, (os.cpu_count() or 2) - 1))
-    threads = cfg.num_threads
-    if threads is None and not str(device).startswith("cuda"):
-        # on CPU, model threads and decoding workers share the cores: oversubscribing them was
-        # the slowest setting measured (benchmarks/bench_extract.py)
-        threads = max(1, (os.cpu_count() or 2) // max(1, world) - workers)
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     res = ExtractResult()
     stages = res.stages
     for stage in ("plan", "read+decode", "wait", "transfer", "forward", "write"):
         stages[stage] = 0.0
     bb = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=device, precision=cfg.precision,
-                         compile=cfg.compile, num_threads=threads)
+                         compile=cfg.compile, num_threads=cfg.num_threads)
     meta = store_meta_for(bb, disc, cfg, recipe)
     store = Path(cfg.store)
     file_size = meta.tile["tile_size"] if disc.kind == "files" else None
@@ -391,6 +385,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             def __iter__(self) -> Iterator[list[TileSpec]]:
                 return batches()
 
+        workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(8, (os.cpu_count() or 2) - 1))
         dev = torch.device(device)
         loader = torch.utils.data.DataLoader(
             TileDataset(recipe, file_size), batch_sampler=_Sampler(), num_workers=workers,
