@@ -6,7 +6,6 @@ CLI flag > store metadata (this file) > registry default.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +95,3 @@ def check_compatible(store: StoreMeta, given: StoreMeta, path: Path) -> None:
         raise DimensionMismatchError(
             f"{path}: store embeddings are {store.dim}-d, given {given.dim}-d; use another store")
 
-
-def env_flag(name: str) -> str | None:
-    return os.environ.get(name)

@@ -176,7 +176,6 @@ class StoreWriter:
         self._pending_keys: set[str] = set()
         self._ended: set[str] = set()           # units ended whose rows are in the open file
         self._spilled: set[str] = set()         # units with rows in the open file, not ended
-        self._errors: list[tuple[str, str]] = []
         self._file: _OpenFile | None = None
         self._exc: BaseException | None = None
         self.rows_committed = 0
@@ -279,7 +278,6 @@ class StoreWriter:
 
     def add_error(self, unit: str, reason: str, **info: Any) -> None:
         """Record that ``unit`` failed (committed with the next shard, or at close)."""
-        self._errors.append((unit, reason + ("" if not info else "")))
         self._submit(("error", unit, {"reason": reason, **info}))
 
     def flush(self) -> None:
