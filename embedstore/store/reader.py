@@ -131,6 +131,7 @@ class Store:
         self._view_ids = np.concatenate(vids) if vids else np.empty(0, np.int64)
         self._view_num = np.concatenate(vnum) if vnum else np.empty(0, np.uint8)
         self._mapped = mapped
+        self._ranges: dict[str, list[tuple[int, int]]] | None = None
         self._tomb_gen = -1
         self._check_tombstones()
         return self
@@ -284,6 +285,12 @@ class Store:
 
     # -- slides ---------------------------------------------------------------------------
     def _slide_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Slide -> id ranges, read once per snapshot (a MIL epoch calls slide() per slide)."""
+        if self._ranges is None:
+            self._ranges = self._read_slide_ranges()
+        return self._ranges
+
+    def _read_slide_ranges(self) -> dict[str, list[tuple[int, int]]]:
         def read(t: Any) -> dict[str, list[tuple[int, int]]]:
             out: dict[str, list[tuple[int, int]]] = defaultdict(list)
             for k, v in t.cursor(db=self.cat.db["slides"]):
