@@ -18,7 +18,12 @@ heads. A plain kNN (uniform vote) is scored on the same folds for comparison wit
 figures (MobileNetV2 0.88 / 0.74, random ResNet-18 0.85 / 0.66 balanced accuracy on LC25000 /
 Kather). Writes ``benchmarks/results/select-<machine>-<date>.json``.
 
-    python benchmarks/bench_select.py [--k 20] [--folds 5] [--reuse]
+The downstream F1 is the mean of ``--head-seeds`` linear heads (10): with 3, random ResNet-18 and
+random ViT-S (0.006 F1 apart) swapped places in about one draw in six; a note says when two
+candidates' downstream means are within two standard errors of seed noise. The PCam stores
+(5000 tiles x 3 backbones, the slowest part) are kept between runs unless ``--fresh-downstream``.
+
+    python benchmarks/bench_select.py [--k 20] [--folds 5] [--head-seeds 10] [--reuse] [--fresh-downstream]
 """
 from __future__ import annotations
 
@@ -97,13 +102,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--reuse", action="store_true", help="keep cached stores from an earlier run")
+    ap.add_argument("--head-seeds", type=int, default=10)
+    ap.add_argument("--reuse", action="store_true", help="keep cached proxy stores from an earlier run")
+    ap.add_argument("--fresh-downstream", action="store_true", help="re-embed the PCam stores too")
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} is missing: this benchmark needs ../shared/data")
     root = SCRATCH / "select"
-    if not args.reuse and root.exists():
-        shutil.rmtree(root)
+    for old in (root.glob("*") if root.exists() else ()):
+        if not args.reuse and (old.name != "pcam-stores" or args.fresh_downstream):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     proxies = {"kather2016": kather_csv(root / "kather2016.csv"), "lc25000_lung": DATA / "lc25000_lung"}
     task = DATA / "pcam" / "labels.csv"
     rows: list[dict[str, Any]] = []
@@ -111,7 +119,7 @@ def main() -> None:
     t_all, at_start = time.perf_counter(), machine()
     for pname, proxy in proxies.items():
         base = dict(proxy=proxy, backbones=CANDIDATES, k=args.k, folds=args.folds, random_init=True,
-                    cache=root / pname / "stores", progress=False)
+                    cache=root / pname / "stores", head_seeds=args.head_seeds, progress=False)
         print(f"== {pname}: selection over {len(CANDIDATES)} candidates", flush=True)
         first = select_backbones(SelectConfig(out=root / pname / "select", **base))
         print(first.table(), flush=True)
@@ -131,6 +139,7 @@ def main() -> None:
                 "tiles_per_s": c.tiles_written / c.extract_s if c.extract_s else None,
                 "knn_s": c.knn_s, "cached_tiles_written": by_name[c.backbone].tiles_written,
                 "pcam_f1": d.get("f1", (None,))[0], "pcam_f1_std": d.get("f1", (None, None))[1],
+                "pcam_auroc": d.get("auroc", (None,))[0], "pcam_f1_runs": d.get("f1_runs"),
                 "pcam_extract_s": d.get("extract_s"), "fold_scores": c.fold_scores,
             })
         summary[pname] = {
@@ -143,14 +152,14 @@ def main() -> None:
                                                               key=lambda c: -c.downstream["f1"][0])],  # type: ignore[index]
             "spearman": second.spearman, "selection_s": first.elapsed,
             "cached_selection_with_validate_s": second.elapsed,
-            "plots": [first.files["plot"], second.files["plot"]], "notes": first.notes,
+            "plots": [first.files["plot"], second.files["plot"]], "notes": second.notes,
         }
     cols = [("proxy", "proxy", None), ("rank", "rank", "d"), ("backbone", "backbone", None),
             ("weights", "weights", None), ("score", "bal.acc", ".3f"), ("score_std", "±", ".3f"),
             ("plain_knn", "plain", ".3f"), ("centred", "centred", ".3f"), ("reference", "ref.", ".2f"),
             ("extract_s", "extract s", ".1f"), ("tiles_per_s", "tiles/s", ".1f"),
             ("knn_s", "kNN s", ".2f"), ("cached_tiles_written", "re-run tiles", "d"),
-            ("pcam_f1", "PCam F1", ".3f"), ("pcam_f1_std", "±", ".3f")]
+            ("pcam_f1", "PCam F1", ".3f"), ("pcam_f1_std", "±", ".3f"), ("pcam_auroc", "AUROC", ".3f")]
     print()
     print_table(rows, cols, title=f"backbone selection, k={args.k}, {args.folds}-fold CV "
                                   f"(bal.acc: cosine, exp(sim/0.07) vote; plain: uniform vote; centred: --centre)")
@@ -159,7 +168,10 @@ def main() -> None:
               f"{' > '.join(s['ranking'])}; downstream {' > '.join(s['downstream_ranking'])}; "
               f"Spearman {s['spearman'] if s['spearman'] is None else round(s['spearman'], 3)}; "
               f"selection {s['selection_s']:.1f} s ({s['tiles']} tiles x {len(CANDIDATES)} candidates)")
+        for n in s["notes"]:
+            print(f"  note: {n}")
     path = write_results("select", rows, extra={"summary": summary, "k": args.k, "folds": args.folds,
+                                                "head_seeds": args.head_seeds,
                                                 "candidates": CANDIDATES, "reference": {f"{a}/{b}": v for (a, b), v in REFERENCE.items()},
                                                 "total_s": time.perf_counter() - t_all,
                                                 "machine_at_start": at_start})

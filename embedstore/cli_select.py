@@ -29,6 +29,8 @@ from .cli import handled, main
 @click.option("--validate", type=click.Path(path_type=Path),
               help="Downstream task CSV (path,label,split): a linear head per candidate, trained on "
                    "split=train, F1 on split=valid, Spearman against the proxy ranking.")
+@click.option("--head-seeds", type=int, default=10, show_default=True,
+              help="--validate: linear heads trained per candidate (seeds); F1 is their mean.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("selection"), show_default=True,
               help="Output directory: selection.json, selection.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fold assignment seed.")
@@ -39,7 +41,8 @@ from .cli import handled, main
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handled
 def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by: str, metric: str,
-           random_init: bool, centre: bool, cache: Path | None, validate: Path | None, out: Path,
+           random_init: bool, centre: bool, cache: Path | None, validate: Path | None, head_seeds: int,
+           out: Path,
            seed: int, batch_size: int, workers: int | None, threads: int | None, devices: str,
            quiet: bool) -> None:
     """Rank candidate backbones by a kNN proxy task on labelled tiles.
@@ -58,7 +61,8 @@ def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by
     from .select import SelectConfig, select_backbones
     cfg = SelectConfig(proxy=proxy, backbones=tuple(backbones), out=out, k=k, folds=folds,
                        group_by=group_by, metric=metric, random_init=random_init, centre=centre,
-                       seed=seed, cache=cache, validate=validate, batch_size=batch_size,
+                       seed=seed, cache=cache, validate=validate, head_seeds=head_seeds,
+                       batch_size=batch_size,
                        num_workers=workers, num_threads=threads, devices=devices, progress=not quiet)
     res = select_backbones(cfg)
     click.echo(res.table())

@@ -28,7 +28,8 @@ from .errors import EmbedstoreError, SelectionError, UnknownBackboneError
 from .knn import METRICS, KnnConfig, fold_scores
 
 __all__ = ["SelectConfig", "ProxySet", "Candidate", "SelectionResult", "read_proxy", "plan_folds",
-           "select_backbones", "spearman", "average_ranks", "store_dir_name", "small_class_note"]
+           "select_backbones", "spearman", "average_ranks", "seed_noise_notes", "store_dir_name",
+           "small_class_note"]
 
 GROUP_AUTO, GROUP_NONE = "auto", "none"
 
@@ -49,7 +50,7 @@ class SelectConfig:
     cache: Path | None = None            # stores root (None: OUT/stores)
     validate: Path | None = None         # downstream task CSV (path,label,split)
     validate_cache: Path | None = None   # its stores (None: CACHE/validate-<csv stem>)
-    head_seeds: int = 3                  # downstream heads trained per candidate
+    head_seeds: int = 10                 # downstream heads trained per candidate (seed noise ~1/sqrt)
     batch_size: int = 64                 # extraction: tiles per forward pass
     num_workers: int | None = None       # extraction: DataLoader workers (None: runner default)
     num_threads: int | None = None       # extraction: intra-op threads
@@ -63,6 +64,8 @@ class SelectConfig:
             raise SelectionError(f"unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
         if self.folds < 2:
             raise SelectionError(f"--folds must be at least 2, got {self.folds}")
+        if self.head_seeds < 1:
+            raise SelectionError(f"--head-seeds must be at least 1, got {self.head_seeds}")
         KnnConfig(self.k, self.temperature, self.centre)      # validates k and temperature
 
     @property
@@ -333,6 +336,24 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 # -- the run -------------------------------------------------------------------------------
 
+def seed_noise_notes(runs: Sequence[tuple[str, Sequence[float]]], z: float = 2.0) -> list[str]:
+    """Downstream neighbours (by mean F1) whose gap is under ``z`` standard errors of the
+    difference of their seed means: their downstream order, and so Spearman, is not resolved."""
+    stats = sorted(((float(np.mean(r)), float(np.var(r, ddof=1)) / len(r) if len(r) > 1 else float("nan"), n)
+                    for n, r in runs), reverse=True)
+    out = []
+    for (ma, va, a), (mb, vb, b) in zip(stats, stats[1:]):
+        se = float(np.sqrt(va + vb))
+        if not np.isfinite(se):
+            out.append(f"downstream F1 of {a} and {b} comes from one head each: their order is not "
+                       f"tested against seed noise; use --head-seeds 5 or more")
+        elif ma - mb < z * se:
+            out.append(f"downstream F1 of {a} ({ma:.4f}) and {b} ({mb:.4f}) differ by {ma - mb:.4f}, "
+                       f"under {z:g} standard errors ({z * se:.4f}) of seed noise: their downstream "
+                       f"order is not resolved, nor is Spearman; raise --head-seeds")
+    return out
+
+
 def store_dir_name(backbone: str) -> str:
     """A directory name for a backbone name (``hf-hub:ORG/M`` and paths included)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", backbone).strip("._") or "backbone"
@@ -403,7 +424,9 @@ def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
     t0 = time.perf_counter()
     rep = run_seeds(X[tr], y[tr], X[va], y[va], groups=None if g is None else g[tr],
                     config=HeadConfig(kind="linear"), seeds=cfg.head_seeds)
+    f1 = np.array([r["f1"] for r in rep.runs], dtype=np.float64)
     return {"f1": rep.summary["f1"], "balanced_accuracy": rep.summary["balanced_accuracy"],
+            "auroc": rep.summary.get("auroc", (float("nan"), float("nan"))), "f1_runs": f1.tolist(), "seeds": len(f1),
             "train_tiles": int(tr.sum()), "valid_tiles": int(va.sum()), "store": str(store),
             "extract_s": res.elapsed, "tiles_written": res.tiles_written,
             "head_s": time.perf_counter() - t0}
@@ -471,6 +494,9 @@ def select_backbones(cfg: SelectConfig) -> SelectionResult:
             f1.append(c.downstream["f1"][0])
         rho_v = spearman(np.array([c.mean for c in results]), np.array(f1))
         rho = None if np.isnan(rho_v) else rho_v
+        notes_v = seed_noise_notes([(c.backbone, c.downstream["f1_runs"]) for c in results])
+    else:
+        notes_v = []
 
     counts = {c: int((used.labels == c).sum()) for c in used.classes}
     proxy_info = {"source": str(proxy.source), "tiles": int(common.size),
@@ -482,7 +508,7 @@ def select_backbones(cfg: SelectConfig) -> SelectionResult:
     conf = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
             for k, v in asdict(cfg).items()}
     note = small_class_note(used.y, fold, cfg.k, used.classes)
-    result = SelectionResult(conf, proxy_info, ranked, rho, notes=[note] if note else [])
+    result = SelectionResult(conf, proxy_info, ranked, rho, notes=([note] if note else []) + notes_v)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result.files = {"json": str(out / "selection.json"), "plot": str(out / "selection.png")}

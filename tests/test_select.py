@@ -15,7 +15,7 @@ from embedstore.cli import main
 from embedstore.errors import SelectionError
 from embedstore.knn import KnnClassifier, KnnConfig, fold_scores, normalise
 from embedstore.select import (
-    SelectConfig, average_ranks, plan_folds, read_proxy, select_backbones, spearman,
+    SelectConfig, average_ranks, plan_folds, read_proxy, seed_noise_notes, select_backbones, spearman,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +168,17 @@ def test_spearman_average_ranks():
     assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
 
 
+def test_seed_noise_notes_flag_unresolved_downstream_order():
+    rng = np.random.default_rng(0)
+    a, b = 0.80 + 0.01 * rng.standard_normal(10), 0.70 + 0.01 * rng.standard_normal(10)
+    close = 0.701 + 0.01 * rng.standard_normal(10)          # within noise of b
+    assert seed_noise_notes([("a", a), ("b", b)]) == []
+    notes = seed_noise_notes([("b", b), ("close", close), ("a", a)])
+    assert len(notes) == 1 and "not resolved" in notes[0]
+    assert ("close" in notes[0] and " b " in notes[0]) and " a " not in notes[0]
+    assert "one head each" in seed_noise_notes([("a", [0.8]), ("b", [0.7])])[0]
+
+
 # ---------------------------------------------------------------- a real selection, cached
 
 @pytest.fixture(scope="module")
@@ -209,6 +220,27 @@ def test_second_run_reuses_the_cache_through_the_cli(lung_selection, tmp_path):
     d = json.loads((tmp_path / "selection.json").read_text())
     assert [c["tiles_written"] for c in d["candidates"]] == [0, 0]
     assert [c["fold_scores"] for c in d["candidates"]] == [c.fold_scores for c in first.candidates]
+
+
+def test_validate_trains_downstream_heads_and_reports_spearman(lung_selection, tmp_path):
+    """The reduced acceptance run: proxy = shipped lung tiles, downstream = shipped PCam tiles
+    (train/valid), the pretrained MobileNetV2 against a random ResNet-18."""
+    cfg, first = lung_selection
+    res = select_backbones(SelectConfig(proxy=LUNG, backbones=(ONNX, TIMM), out=tmp_path / "v",
+                                        random_init=True, cache=cfg.cache_root,
+                                        validate=PCAM / "labels.csv", validate_cache=tmp_path / "pcam",
+                                        head_seeds=4, num_workers=0, progress=False))
+    best, other = res.candidates
+    assert [c.tiles_written for c in res.candidates] == [0, 0]           # proxy stores reused
+    for c in res.candidates:
+        d = c.downstream
+        assert d["tiles_written"] == 200 and d["seeds"] == 4 and len(d["f1_runs"]) == 4
+        assert d["train_tiles"] + d["valid_tiles"] == 200
+        assert d["f1"][0] == pytest.approx(np.mean(d["f1_runs"]))
+    assert best.downstream["f1"][0] > other.downstream["f1"][0] and best.downstream["auroc"][0] > 0.7
+    assert res.spearman == pytest.approx(1.0)
+    assert "Spearman(proxy score, downstream F1) = 1.000" in res.table()
+    assert json.loads((tmp_path / "v" / "selection.json").read_text())["spearman"] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -266,5 +298,7 @@ def test_other_bad_inputs(tmp_path):
     task = write_csv(tmp_path / "task.csv", rows)
     with pytest.raises(SelectionError, match="no tile has split=valid"):
         run_cfg(tmp_path, LUNG, validate=task)
+    with pytest.raises(SelectionError, match="--head-seeds must be at least 1"):
+        run_cfg(tmp_path, LUNG, head_seeds=0)
     with pytest.raises(SelectionError, match="unknown metric"):
         run_cfg(tmp_path, LUNG, metric="auroc")
