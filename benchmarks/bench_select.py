@@ -18,12 +18,12 @@ heads. A plain kNN (uniform vote) is scored on the same folds for comparison wit
 figures (MobileNetV2 0.88 / 0.74, random ResNet-18 0.85 / 0.66 balanced accuracy on LC25000 /
 Kather). Writes ``benchmarks/results/select-<machine>-<date>.json``.
 
-The downstream F1 is the mean of ``--head-seeds`` linear heads (10): with 3, random ResNet-18 and
-random ViT-S (0.006 F1 apart) swapped places in about one draw in six; a note says when two
+The downstream F1 is the mean of ``--head-seeds`` linear heads (30 here, 10 in `select`): with
+3, random ResNet-18 and random ViT-S (0.006 F1 apart) swapped places in about one draw in six; a note says when two
 candidates' downstream means are within two standard errors of seed noise. The PCam stores
 (5000 tiles x 3 backbones, the slowest part) are kept between runs unless ``--fresh-downstream``.
 
-    python benchmarks/bench_select.py [--k 20] [--folds 5] [--head-seeds 10] [--reuse] [--fresh-downstream]
+    python benchmarks/bench_select.py [--k 20] [--folds 5] [--head-seeds 30] [--reuse] [--fresh-downstream]
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--head-seeds", type=int, default=10)
+    ap.add_argument("--head-seeds", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="keep cached proxy stores from an earlier run")
     ap.add_argument("--fresh-downstream", action="store_true", help="re-embed the PCam stores too")
     args = ap.parse_args()
