@@ -488,13 +488,14 @@ def select_backbones(cfg: SelectConfig) -> SelectionResult:
 
     rho = None
     if task is not None:
-        f1 = []
+        f1, runs = [], []
         for c, (name, rnd) in zip(results, cands):
-            c.downstream = _downstream(cfg, task, name, rnd, vroot)
-            f1.append(c.downstream["f1"][0])
+            c.downstream = d = _downstream(cfg, task, name, rnd, vroot)
+            f1.append(d["f1"][0])
+            runs.append((c.backbone, d["f1_runs"]))
         rho_v = spearman(np.array([c.mean for c in results]), np.array(f1))
         rho = None if np.isnan(rho_v) else rho_v
-        notes_v = seed_noise_notes([(c.backbone, c.downstream["f1_runs"]) for c in results])
+        notes_v = seed_noise_notes(runs)
     else:
         notes_v = []
 

@@ -284,6 +284,28 @@ def test_render_in_blocks_matches_one_block(cmu, monkeypatch):
     assert _mad(blocks, one) < 2.0
 
 
+def test_overview_uses_the_scanner_thumbnail_only_where_it_fits(cmu, cmu_plan, monkeypatch):
+    """The mask is planned on the SVS's own 574x768 thumbnail (not a 6.6 Mpx level-0 render):
+    the same picture within JPEG noise, and the same grid as a render-based plan."""
+    rendered = cmu.render(4.0)
+    with monkeypatch.context() as m:
+        m.setattr(SlideReader, "overview", SlideReader.render)
+        by_render = plan_slide(cmu, 0.5, 224)
+    assert _keys(by_render.grid) == _keys(cmu_plan.grid)
+    calls: list[float] = []
+    monkeypatch.setattr(SlideReader, "render",
+                        lambda self, ds: calls.append(ds) or np.zeros((1, 1, 3), np.uint8))
+    over = cmu.overview(4.0)
+    assert calls == [] and over.shape == rendered.shape == (round(2967 / 4), round(2220 / 4), 3)
+    assert _mad(over, rendered) < 6.0
+    cmu.overview(3.0)                  # finer than the thumbnail (downsample 3.87): render
+    cmu.overview(1000.0)               # far coarser: the thumbnail still beats level 0
+    assert calls == [3.0]
+    with SlideReader(CMU, backend="tifffile") as tr:   # tifffile: no associated images
+        tr.overview(4.0)
+    assert calls == [3.0, 4.0]
+
+
 def _read_in_child(reader, grid, queue):
     queue.put(read_tile(reader, grid, 3))
 
