@@ -148,6 +148,15 @@ def test_morphology_matches_brute_force(r):
         assert np.array_equal(wsi._morph(mask, r, grow), _reference_morph(mask, r, grow))
 
 
+def test_median3_equals_pil_median_filter():
+    from PIL import Image, ImageFilter
+    rng = np.random.default_rng(0)
+    for shape in [(50, 70), (1, 9), (3, 3), (200, 1)]:
+        a = rng.integers(0, 256, shape).astype(np.uint8)
+        ref = np.asarray(Image.fromarray(a).filter(ImageFilter.MedianFilter(3)))
+        assert np.array_equal(wsi.median3(a), ref), shape
+
+
 def test_tissue_mask_finds_stain_and_drops_dust():
     img = np.full((200, 300, 3), 240, np.uint8)
     yy, xx = np.mgrid[:200, :300]
@@ -208,7 +217,9 @@ def cmu_plan(cmu):
 
 
 def test_cmu_metadata_and_regions(cmu):
-    assert cmu.backend == "openslide"
+    assert cmu.backend == "tifffile"                 # auto: Aperio SVS goes to tifffile
+    with SlideReader(CMU, backend="openslide") as osr:
+        assert osr.backend == "openslide" and osr.dimensions == (2220, 2967)
     assert cmu.dimensions == (2220, 2967)
     assert cmu.level_dimensions == [(2220, 2967)] and cmu.level_downsamples == [1.0]
     assert cmu.mpp == pytest.approx(0.499)
@@ -257,23 +268,36 @@ def test_cmu_one_micron_tiles(cmu, cmu_plan):
 
 def test_tifffile_reader_matches_openslide(cmu, cmu_plan):
     g = cmu_plan.grid
-    with SlideReader(CMU, backend="tifffile") as tr:
-        assert tr.backend == "tifffile" and tr.mpp == pytest.approx(0.499)
-        assert tr.level_dimensions == cmu.level_dimensions
+    with SlideReader(CMU, backend="openslide") as osr:
+        assert cmu.mpp == pytest.approx(0.499) and cmu.level_dimensions == osr.level_dimensions
         for i in range(0, len(g), 7):
-            assert _mad(read_tile(tr, g, i), read_tile(cmu, g, i)) < 0.5
-        assert _mad(tr.read_region(-30, 2900, 0, 100, 100),
-                    cmu.read_region(-30, 2900, 0, 100, 100)) < 0.5
+            assert _mad(read_tile(cmu, g, i), read_tile(osr, g, i)) < 0.5
+        assert _mad(cmu.read_region(-30, 2900, 0, 100, 100),
+                    osr.read_region(-30, 2900, 0, 100, 100)) < 0.5
+        with pytest.MonkeyPatch.context() as m:   # the plan OpenSlide's reader makes: the same grid
+            m.setattr(SlideReader, "overview", SlideReader.render)
+            assert _keys(plan_slide(osr, 0.5, 224).grid) == _keys(g)
 
 
-def test_tiff_chunk_reads_equal_whole_level_reads():
+def test_tiff_chunk_reads_equal_whole_level_reads(tmp_path):
+    """A tiled level is read chunk by chunk whatever the cache; a level in strips is decoded
+    whole when it fits half the cache, else strip by strip: the pixels never differ."""
+    import tifffile
+    with SlideReader(CMU, backend="tifffile") as tiled:
+        level = tiled.read_region(0, 0, 0, 2220, 2967)
+    stripped = tmp_path / "strips.tif"
+    tifffile.imwrite(stripped, level, rowsperstrip=64, compression="zlib")
     regions = [(0, 0, 300, 200), (100, 1000, 481, 999), (-50, -60, 200, 200),
                (2100, 2900, 300, 300), (239, 239, 2, 2)]
-    with SlideReader(CMU, backend="tifffile") as whole, \
-            SlideReader(CMU, backend="tifffile", cache_mb=2) as chunked:
+    with SlideReader(stripped, backend="tifffile") as whole, \
+            SlideReader(stripped, backend="tifffile", cache_mb=2) as chunked, \
+            SlideReader(CMU, backend="tifffile", cache_mb=2) as tiled:
+        assert not whole._b()._keys[0].is_tiled
         for x, y, w, h in regions:
-            assert np.array_equal(whole.read_region(x, y, 0, w, h),
-                                  chunked.read_region(x, y, 0, w, h))
+            ref = tiled.read_region(x, y, 0, w, h)
+            assert np.array_equal(whole.read_region(x, y, 0, w, h), ref)
+            assert np.array_equal(chunked.read_region(x, y, 0, w, h), ref)
+        assert (0, -1) in whole._b()._cache and (0, -1) not in chunked._b()._cache
 
 
 def test_render_in_blocks_matches_one_block(cmu, monkeypatch):
@@ -284,26 +308,29 @@ def test_render_in_blocks_matches_one_block(cmu, monkeypatch):
     assert _mad(blocks, one) < 2.0
 
 
-def test_overview_uses_the_scanner_thumbnail_only_where_it_fits(cmu, cmu_plan, monkeypatch):
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_overview_uses_the_scanner_thumbnail_only_where_it_fits(backend, cmu_plan, monkeypatch):
     """The mask is planned on the SVS's own 574x768 thumbnail (not a 6.6 Mpx level-0 render):
     the same picture within JPEG noise, and the same grid as a render-based plan."""
-    rendered = cmu.render(4.0)
+    r = SlideReader(CMU, backend=backend)
+    rendered = r.render(4.0)
     with monkeypatch.context() as m:
         m.setattr(SlideReader, "overview", SlideReader.render)
-        by_render = plan_slide(cmu, 0.5, 224)
-    assert _keys(by_render.grid) == _keys(cmu_plan.grid)
+        by_render = plan_slide(r, 0.5, 224)
+    assert _keys(by_render.grid) == _keys(cmu_plan.grid) == _keys(plan_slide(r, 0.5, 224).grid)
     calls: list[float] = []
     monkeypatch.setattr(SlideReader, "render",
                         lambda self, ds: calls.append(ds) or np.zeros((1, 1, 3), np.uint8))
-    over = cmu.overview(4.0)
+    over = r.overview(4.0)
     assert calls == [] and over.shape == rendered.shape == (round(2967 / 4), round(2220 / 4), 3)
     assert _mad(over, rendered) < 6.0
-    cmu.overview(3.0)                  # finer than the thumbnail (downsample 3.87): render
-    cmu.overview(1000.0)               # far coarser: the thumbnail still beats level 0
+    r.overview(3.0)                    # finer than the thumbnail (downsample 3.87): render
+    r.overview(1000.0)                 # far coarser: the thumbnail still beats level 0
     assert calls == [3.0]
-    with SlideReader(CMU, backend="tifffile") as tr:   # tifffile: no associated images
-        tr.overview(4.0)
+    monkeypatch.setattr(type(r._b()), "associated_size", lambda self, name: None)
+    r.overview(4.0)                    # a slide without a thumbnail: render
     assert calls == [3.0, 4.0]
+    r.close()
 
 
 def _read_in_child(reader, grid, queue):

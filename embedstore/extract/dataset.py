@@ -57,6 +57,11 @@ class TileDataset(torch.utils.data.Dataset):
             self._slides.move_to_end(path)
         return r
 
+    def close(self) -> None:
+        """Close the slides this process opened (workers' copies close when they exit)."""
+        while self._slides:
+            self._slides.popitem(last=False)[1].close()
+
     def _read(self, s: TileSpec) -> np.ndarray:
         from PIL import Image
         if s.x >= 0:

@@ -387,8 +387,9 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
 
         workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(8, (os.cpu_count() or 2) - 1))
         dev = torch.device(device)
+        dataset = TileDataset(recipe, file_size)
         loader = torch.utils.data.DataLoader(
-            TileDataset(recipe, file_size), batch_sampler=_Sampler(), num_workers=workers,
+            dataset, batch_sampler=_Sampler(), num_workers=workers,
             collate_fn=collate, pin_memory=dev.type == "cuda",
             prefetch_factor=4 if workers else None, persistent_workers=False)
         total = sum(len(disc.units[i % nu].files) for i in todo) if disc.kind == "files" else None
@@ -437,6 +438,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
                 if remaining[s.unit] == 0:
                     finish(s.unit)
         bar.close()
+        dataset.close()   # slides opened here (workers=0); workers closed theirs on exit
         t4 = time.perf_counter()
     stages["write"] += time.perf_counter() - t4  # the final flush and commit
     return res
