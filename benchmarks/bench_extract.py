@@ -14,8 +14,8 @@ Side by side, batch 64, on the same tiles and weights, in one process:
   backbone is made, not timed). ResNet-18 (seeded random init, fp32) on ``--resnet-tiles``
   tiles, the shipped int8 ONNX MobileNetV2 on ``--onnx-tiles``. Every thread-budget setting in
   ``--configs`` (DataLoader workers x intra-op threads; ``default`` leaves both to the runner:
-  workers = cores - 1, torch's / onnxruntime's own thread count) is measured; the best
-  end-to-end setting per model is carried into the next sections.
+  ``runner.default_workers``: 0 on 2 cores, else cores - 1; torch's / onnxruntime's own thread
+  count) is measured; the best end-to-end setting per model is carried into the next sections.
 * **slide**: the same from whole slides: ``--slide-copies-*`` copies of the shipped CMU-1 small
   region (``sample_data/wsi``) under different names in the scratch folder, tissue tiles at
   0.5 µm/px, 224 px (the runner plans, masks, saves overlays, reads, embeds), against
@@ -35,7 +35,7 @@ Side by side, batch 64, on the same tiles and weights, in one process:
 Each figure is the median of ``--repeats`` runs. Every end-to-end run is paired with a
 model-only run right next to it (which goes first alternates; budgets rotate) and each ratio
 is the median of the per-pair ratios, because the machine is shared and its load drifts over
-minutes. For a torch model ``default`` resolves to w1/t2 on 2 cores and is measured once. Every end-to-end store is checked
+minutes. For a torch model ``default`` resolves to w0/t2 on 2 cores and is measured once. Every end-to-end store is checked
 against the model-only embeddings (cosine) so both sides did the same work. Scratch lives in
 ``benchmarks/scratch/bench_extract`` (removed at the end unless ``--keep``); results go to
 ``benchmarks/results/bench_extract-<cpu>-<cores>c-<host>-<date>.json``.
@@ -120,8 +120,9 @@ def set_torch_threads(n: int | None) -> None:
 
 
 def runner_default_workers() -> int:
-    """What ExtractConfig(num_workers=None) resolves to (runner.run_process)."""
-    return max(0, min(8, (os.cpu_count() or 2) - 1))
+    """What ExtractConfig(num_workers=None) resolves to on the CPU (runner.default_workers)."""
+    from embedstore.extract.runner import default_workers
+    return default_workers("cpu")
 
 
 def trident_workers(batch: int) -> int:
@@ -347,7 +348,7 @@ def e2e_vs_model(section: str, model: str, budgets: list[Budget], sources: list[
 
 def distinct(model: str, budgets: list[Budget]) -> list[Budget]:
     """Budgets that resolve to different settings (for a torch model, ``default`` is
-    w<cores-1>/t<torch default> and is measured once, under the name ``default``)."""
+    w<default workers>/t<torch default> and is measured once, under the name ``default``)."""
     out: list[Budget] = []
     seen: set[tuple[Any, Any]] = set()
     for b in budgets:

@@ -28,7 +28,9 @@ from .cli import handled, main
 @click.option("--devices", default="cpu", show_default=True,
               help="cpu | cuda:0,cuda:1 | all | cpu,cpu (one process per entry).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, help="DataLoader workers per process (default: cores - 1, at most 8).")
+@click.option("--workers", type=int,
+              help="DataLoader workers per process (default: cores - 1, at most 8; 0 for a CPU model "
+                   "on 2 cores or fewer).")
 @click.option("--threads", type=int, help="Intra-op threads per process.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Inference precision (autocast). Default: fp32 on CPU, the backbone's on GPU.")

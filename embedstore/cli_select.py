@@ -35,7 +35,7 @@ from .cli import handled, main
               help="Output directory: selection.json, selection.png.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fold assignment seed.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Extraction: tiles per forward pass.")
-@click.option("--workers", type=int, help="Extraction: DataLoader workers (default: cores - 1, at most 8).")
+@click.option("--workers", type=int, help="Extraction: DataLoader workers (default as for `extract`).")
 @click.option("--threads", type=int, help="Extraction: intra-op threads.")
 @click.option("--devices", default="cpu", show_default=True, help="Extraction devices, as for `extract`.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

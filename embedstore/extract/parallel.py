@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .runner import ExtractConfig, ExtractResult, run_process
+from .runner import ExtractConfig, ExtractResult, run_process, usable_cores
 from .sources import Discovery
 from .transforms import ViewRecipe
 
@@ -132,7 +132,7 @@ def run_parallel(sources: list[Any], cfg: ExtractConfig, disc: Discovery,
         return _under_torchrun(cfg, disc, recipe, devices)
     world = len(devices)
     port = _free_port()
-    threads = cfg.num_threads or max(1, (os.cpu_count() or 2) // world)
+    threads = cfg.num_threads or max(1, usable_cores() // world)
     from dataclasses import replace
     cfg = replace(cfg, num_threads=threads)
     with tempfile.TemporaryDirectory(prefix="embedstore-ranks-") as out:

@@ -39,7 +39,7 @@ class ExtractConfig:
     views: int | None = None          # K augmented views per tile (None: the store's recipe)
     view_seed: int = 0                # seed of the view recipe
     batch_size: int = 64              # tiles per forward pass
-    num_workers: int | None = None    # DataLoader workers per process (None: cores - 1, ≤ 8)
+    num_workers: int | None = None    # DataLoader workers per process (None: default_workers)
     precision: str | None = None      # fp32 | bf16 | fp16 (None: backbone default)
     dtype: str = "float16"            # on-disk embedding dtype
     task: str | None = None           # name of the labels task (default: the source's name)
@@ -50,6 +50,25 @@ class ExtractConfig:
     progress: bool = True             # tqdm bar
     num_threads: int | None = None    # intra-op threads per process (torch / onnxruntime)
     files_per_unit: int = 256         # files per work unit (the resume granularity)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
+def default_workers(device: str) -> int:
+    """DataLoader workers when not given: cores - 1 (at most 8), except a model on a CPU with
+    at most 2 cores, which decodes in its own process: there a decode process only takes turns
+    with the model's threads (measured on 2 cores, benchmarks/bench_extract.py: workers=0 was
+    faster and closer to the model alone than 1 worker in every case, tiles and slides)."""
+    cores = usable_cores()
+    if device.startswith("cpu") and cores <= 2:
+        return 0
+    return max(0, min(8, cores - 1))
 
 
 @dataclass
@@ -385,7 +404,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
             def __iter__(self) -> Iterator[list[TileSpec]]:
                 return batches()
 
-        workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(8, (os.cpu_count() or 2) - 1))
+        workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
         dev = torch.device(device)
         dataset = TileDataset(recipe, file_size)
         loader = torch.utils.data.DataLoader(
