@@ -307,6 +307,35 @@ def test_bf16_autocast_agrees_with_fp32(tmp_path: Path) -> None:
     assert cos.min() > 0.99
 
 
+def test_threaded_batch_decoding_equals_serial(tmp_path: Path) -> None:
+    """workers=0 decodes a batch across threads: the same tiles, specs and errors, in order,
+    even when the batch spans more slides than stay open (readers evicted mid-batch)."""
+    from embedstore.extract.dataset import TileDataset, TileSpec
+    from embedstore.extract.wsi import SlideReader, plan_slide
+    cmu = SAMPLE / "wsi" / "CMU-1-Small-Region.svs"
+    with SlideReader(cmu) as r:
+        g = plan_slide(r, 0.5, 224).grid
+    specs = []
+    for i in range(5):
+        copy = tmp_path / f"s{i}.svs"
+        shutil.copy(cmu, copy)
+        specs += [TileSpec(0, f"s{i}/{j}", str(copy), int(g.x[j]), int(g.y[j]), g.level, g.read_size,
+                           g.read_size, 224) for j in range(0, len(g), 4)]
+    files = sorted((SAMPLE / "lung").rglob("*.jpeg"))[:12]
+    specs += [TileSpec(1, f.name, str(f), tile_size=224) for f in files]
+    specs.insert(7, TileSpec(1, "gone.jpeg", str(tmp_path / "gone.jpeg"), tile_size=224))
+    serial, threaded = TileDataset(max_open_slides=2), TileDataset(max_open_slides=2, decode_threads=4)
+    a, b = serial.__getitems__(specs), threaded.__getitems__(specs)
+    assert threaded._pool is not None and serial._pool is None
+    assert [x[1] for x in b] == specs and [x[2] is None for x in b] == [x[2] is None for x in a]
+    assert sum(x[2] is not None for x in b) == 1 and "gone.jpeg" in b[7][2]
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a, b) if x[0] is not None)
+    assert len(threaded._slides) == 2 and not threaded._retired        # evicted ones closed
+    serial.close()
+    threaded.close()
+    assert threaded._pool is None and not threaded._slides
+
+
 def test_units_are_balanced_by_tile_count() -> None:
     from embedstore.extract.parallel import plan_claims
     weights = [100, 90, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]

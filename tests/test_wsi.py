@@ -236,7 +236,7 @@ def test_cmu_plan_at_half_micron(cmu, cmu_plan, tmp_path):
     plan = cmu_plan
     frac = plan.mask.mean()
     assert 0.25 < frac < 0.55, frac        # a tissue strip with glass on both sides
-    assert plan.mask_mpp == pytest.approx(2.0, rel=0.01)
+    assert plan.mask_mpp == pytest.approx(4.0, rel=0.01)
     g = plan.grid
     assert g.tile_l0 == pytest.approx(224.45, abs=0.01) and g.read_size == 224
     assert g.level == 0 and g.slide_mpp == pytest.approx(0.499)

@@ -3,12 +3,16 @@
 The sampler (main process) yields batches of *tile specs* — plain tuples that say everything a
 worker needs — so one persistent DataLoader serves every unit of the run, whatever was planned
 after its workers started. Workers open slides lazily (after the fork) and keep a few open.
-A tile that cannot be read comes back flagged with the reason; the run goes on.
+A tile that cannot be read comes back flagged with the reason; the run goes on. With no worker
+processes (``workers=0``) a batch is decoded by a few threads of the main process instead
+(JPEG decoding and resizing release the GIL), so decoding does not leave cores idle.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,32 +39,64 @@ class TileDataset(torch.utils.data.Dataset):
     """Map-style dataset whose "indices" are :class:`TileSpec` tuples."""
 
     def __init__(self, views: ViewRecipe | None = None, file_size: int | None = None,
-                 max_open_slides: int = 4) -> None:
+                 max_open_slides: int = 4, decode_threads: int = 1) -> None:
         self.views = views
         self.file_size = file_size
         self.max_open = max_open_slides
+        self.decode_threads = decode_threads   # threads per batch in the main process
         self._slides: OrderedDict[str, Any] = OrderedDict()
+        self._retired: list[Any] = []   # evicted readers, closed once no batch uses them
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:   # to worker processes: no threads, no handles
+        return {"views": self.views, "file_size": self.file_size, "max_open": self.max_open,
+                "decode_threads": 1}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["views"], state["file_size"], state["max_open"],  # type: ignore[misc]
+                      state["decode_threads"])
 
     def __len__(self) -> int:  # not used: the sampler drives
         return 0
 
     def _reader(self, path: str) -> Any:
-        r = self._slides.get(path)
-        if r is None:
-            from .wsi import SlideReader
-            r = SlideReader(path)
-            self._slides[path] = r
-            while len(self._slides) > self.max_open:
-                _, old = self._slides.popitem(last=False)
-                old.close()
-        else:
-            self._slides.move_to_end(path)
-        return r
+        with self._lock:
+            r = self._slides.get(path)
+            if r is None:
+                from .wsi import SlideReader
+                r = SlideReader(path)
+                self._slides[path] = r
+                while len(self._slides) > self.max_open:   # another thread may still read it
+                    self._retired.append(self._slides.popitem(last=False)[1])
+            else:
+                self._slides.move_to_end(path)
+            return r
 
     def close(self) -> None:
-        """Close the slides this process opened (workers' copies close when they exit)."""
+        """Close the slides and threads of this process (workers' copies go when they exit)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         while self._slides:
             self._slides.popitem(last=False)[1].close()
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            self._retired.pop().close()
+
+    def __getitems__(self, specs: list[TileSpec]) -> list[tuple[np.ndarray | None, TileSpec, str | None, float]]:
+        """A batch (torch's DataLoader calls this when defined): in a worker process one tile
+        after another, in the main process across ``decode_threads`` threads."""
+        if self.decode_threads <= 1 or len(specs) < 2 or torch.utils.data.get_worker_info() is not None:
+            out = [self[s] for s in specs]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="embedstore-decode")
+            out = list(self._pool.map(self.__getitem__, specs))
+        self._close_retired()
+        return out
 
     def _read(self, s: TileSpec) -> np.ndarray:
         from PIL import Image

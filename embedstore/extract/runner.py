@@ -406,7 +406,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
 
         workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
         dev = torch.device(device)
-        dataset = TileDataset(recipe, file_size)
+        dataset = TileDataset(recipe, file_size, decode_threads=usable_cores() if workers == 0 else 1)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_Sampler(), num_workers=workers,
             collate_fn=collate, pin_memory=dev.type == "cuda",

@@ -219,26 +219,35 @@ class _TiffBackend:
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self._cache_max = int(cache_mb * _MIB)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()      # the cache
+        self._io_lock = threading.Lock()   # the shared file position
 
     # cache ---------------------------------------------------------------
     def _cached(self, key: tuple[int, int], make: Any) -> np.ndarray:
+        """The decoded chunk ``key``; ``make`` runs outside the cache lock, so threads decode
+        different chunks at once (two threads may both decode a chunk missing from the cache:
+        the second result is dropped)."""
         with self._lock:
             arr = self._cache.get(key)
             if arr is not None:
                 self._cache.move_to_end(key)
                 return arr
-            arr = make()
+        arr = make()
+        with self._lock:
+            old = self._cache.get(key)
+            if old is not None:
+                return old
             self._cache[key] = arr
             self._cache_bytes += arr.nbytes
             while self._cache_bytes > self._cache_max and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= old.nbytes
+                _, gone = self._cache.popitem(last=False)
+                self._cache_bytes -= gone.nbytes
             return arr
 
     def _whole(self, level: int) -> np.ndarray:
         def make() -> np.ndarray:
-            a = self._frames[level].asarray(maxworkers=1)
+            with self._io_lock:
+                a = self._frames[level].asarray(maxworkers=1)
             return a[..., None] if a.ndim == 2 else a
         return self._cached((level, -1), make)
 
@@ -250,8 +259,9 @@ class _TiffBackend:
 
         def make() -> np.ndarray:
             fh = self._tf.filehandle
-            fh.seek(frame.dataoffsets[index])
-            data = fh.read(nbytes)
+            with self._io_lock:
+                fh.seek(frame.dataoffsets[index])
+                data = fh.read(nbytes)
             arr, _, shape = key.decode(data, index, jpegtables=key.jpegtables,
                                        jpegheader=key.jpegheader)
             if arr is None:
@@ -294,7 +304,8 @@ class _TiffBackend:
         return None if sr is None else (int(sr.shape[1]), int(sr.shape[0]))
 
     def associated(self, name: str) -> np.ndarray:
-        a = self._associated[name].asarray(maxworkers=1)
+        with self._io_lock:
+            a = self._associated[name].asarray(maxworkers=1)
         return _to_rgb(a[..., None] if a.ndim == 2 else a)
 
     def close(self) -> None:
@@ -710,7 +721,7 @@ class SlidePlan:
 
 def plan_slide(reader: SlideReader, target_mpp: float, tile_size: int, *,
                slide_mpp: float | None = None, min_tissue: float = 0.25,
-               mask_max_side: int = 2048, mask_min_mpp: float = 2.0,
+               mask_max_side: int = 2048, mask_min_mpp: float = 4.0,
                close_um: float = 16.0, open_um: float = 8.0) -> SlidePlan:
     """Mask tissue on a thumbnail and plan the grid. ``slide_mpp`` overrides the metadata.
 
