@@ -471,7 +471,7 @@ class SlideReader:
             if same_field and level_ds < ds_thumb <= downsample * 1.01:
                 from PIL import Image
                 img = b.associated("thumbnail")
-                if img.shape[:2] != (oh, ow):   # a few % smaller: bilinear is enough for a mask
+                if img.shape[:2] != (oh, ow):   # bilinear is enough for a tissue mask
                     img = np.asarray(Image.fromarray(img).resize((ow, oh), Image.Resampling.BILINEAR))
                 return img
         return self.render(downsample)
