@@ -336,6 +336,44 @@ def test_threaded_batch_decoding_equals_serial(tmp_path: Path) -> None:
     assert threaded._pool is None and not threaded._slides
 
 
+def test_threaded_decoding_under_concurrent_file_activity(tmp_path: Path) -> None:
+    """Decode threads sharing one tifffile reader while another thread reads the same files
+    (as the planner does): tifffile's lazily built decoders once moved the shared file
+    position between a seek and its read (1 fresh reader in ~40 failed a tile); never again."""
+    import threading
+    from embedstore.extract.dataset import TileDataset, TileSpec
+    from embedstore.extract.wsi import SlideReader, plan_slide, slide_identity
+    cmu = SAMPLE / "wsi" / "CMU-1-Small-Region.svs"
+    with SlideReader(cmu) as r:
+        g = plan_slide(r, 0.5, 224).grid
+    slides = []
+    for i in range(6):
+        slides.append(tmp_path / f"s{i}.svs")
+        shutil.copy(cmu, slides[-1])
+    specs = [TileSpec(0, f"{i}/{j}", str(sl), int(g.x[j]), int(g.y[j]), g.level, g.read_size,
+                      g.read_size, 224) for i, sl in enumerate(slides) for j in range(len(g))]
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            for sl in slides:
+                slide_identity(sl)
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    errors, batches = [], 0
+    try:
+        for _ in range(40):   # fresh readers: the first decodes of a reader are the racy ones
+            ds = TileDataset(decode_threads=4)
+            for b in range(0, len(specs), 32):
+                errors += [e for _, _, e, _ in ds.__getitems__(specs[b:b + 32]) if e]
+                batches += 1
+            ds.close()
+    finally:
+        stop.set()
+        t.join()
+    assert batches >= 400 and errors == []
+
+
 def test_units_are_balanced_by_tile_count() -> None:
     from embedstore.extract.parallel import plan_claims
     weights = [100, 90, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]

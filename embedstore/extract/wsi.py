@@ -221,6 +221,8 @@ class _TiffBackend:
         self._cache_max = int(cache_mb * _MIB)
         self._lock = threading.Lock()      # the cache
         self._io_lock = threading.Lock()   # the shared file position
+        for k in self._keys:   # build tifffile's lazy decoders now, before threads share them
+            _ = k.decode
 
     # cache ---------------------------------------------------------------
     def _cached(self, key: tuple[int, int], make: Any) -> np.ndarray:
