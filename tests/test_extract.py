@@ -338,8 +338,9 @@ def test_threaded_batch_decoding_equals_serial(tmp_path: Path) -> None:
 
 def test_threaded_decoding_under_concurrent_file_activity(tmp_path: Path) -> None:
     """Decode threads sharing one tifffile reader while another thread reads the same files
-    (as the planner does): tifffile's lazily built decoders once moved the shared file
-    position between a seek and its read (1 fresh reader in ~40 failed a tile); never again."""
+    (as the planner does). While tifffile built a page's decoder lazily, on first use by
+    concurrent threads, about 1 fresh reader in 40 handed a tile wrong bytes (a JPEG error);
+    the decoders are now built when the slide opens."""
     import threading
     from embedstore.extract.dataset import TileDataset, TileSpec
     from embedstore.extract.wsi import SlideReader, plan_slide, slide_identity
