@@ -14,15 +14,14 @@ Side by side, batch 64, on the same tiles and weights, in one process:
   backbone is made, not timed). ResNet-18 (seeded random init, fp32) on ``--resnet-tiles``
   tiles, the shipped int8 ONNX MobileNetV2 on ``--onnx-tiles``. Every thread-budget setting in
   ``--configs`` (DataLoader workers x intra-op threads; ``default`` leaves both to the runner:
-  ``runner.default_workers``: 0 on 2 cores, else cores - 1; torch's / onnxruntime's own thread
-  count) is measured; the best end-to-end setting per model is carried into the next sections.
+  ``runner.default_workers``: 0 on 2 cores, else cores - 1; torch's default thread count for
+  both models) is measured; the best end-to-end setting per model is carried into the next sections.
 * **slide**: the same from whole slides: ``--slide-copies-*`` copies of the shipped CMU-1 small
   region (``sample_data/wsi``) under different names in the scratch folder, tissue tiles at
   0.5 µm/px, 224 px (the runner plans, masks, saves overlays, reads, embeds), against
   ``bb.embed`` on the same tiles read beforehand with ``read_tile`` on the same grid. Each
-  of those slides has 55 tissue tiles, 200 times fewer than a real one, so the per-slide work
-  weighs 200 times more; **mosaic** measures the ONNX model on one ``--mosaic`` k x k mosaic of
-  the slide (a tiled JPEG pyramidal TIFF, k^2 x 55 tiles), where it weighs as on real slides.
+  of those slides has 55 tissue tiles, about 200 times fewer than a real one, so the per-slide
+  work (mask, overlay, open, hash) weighs about 200 times more than on a real archive.
 * **trident**: ``--trident-slides`` copies of that slide, ONNX model, embedstore's one
   persistent DataLoader against the loop TRIDENT runs (reproduced here, not imported):
   segmentation + patch coordinates for every slide (here ``plan_slide`` and its saved
@@ -76,7 +75,7 @@ MPP = 0.5
 SLIDE = REPO / "sample_data" / "wsi" / "CMU-1-Small-Region.svs"
 TILE_DIRS = (Path("/work/shared/data/lc25000_lung"), REPO / "sample_data" / "lung")
 TARGETS = {("tiles", RESNET): 0.9, ("tiles", ONNX): 0.8, ("slide", RESNET): 0.8,
-           ("slide", ONNX): 0.8, ("mosaic", ONNX): 0.8, ("trident", ONNX): 1.3}
+           ("slide", ONNX): 0.8, ("trident", ONNX): 1.3}
 WORK = H.SCRATCH / NAME
 
 
@@ -135,11 +134,9 @@ def trident_workers(batch: int) -> int:
 
 
 def thread_key(model: str, threads: int | None) -> int | None:
-    """The model-only baseline a budget is compared with: torch's default thread count is a
-    number (extract leaves it as it is); onnxruntime's default is its own (None)."""
-    if threads is None and model != ONNX:
-        return torch_default_threads()
-    return threads
+    """The model-only baseline a budget is compared with: left unset, both torch and the ONNX
+    backbone run torch's default thread count."""
+    return torch_default_threads() if threads is None else threads
 
 
 def describe(model: str, b: Budget) -> dict[str, Any]:
@@ -147,7 +144,7 @@ def describe(model: str, b: Budget) -> dict[str, Any]:
     if b.threads is not None:
         threads: Any = b.threads
     else:
-        threads = torch_default_threads() if model != ONNX else "onnxruntime default"
+        threads = torch_default_threads()
     return {"workers": workers, "threads": threads}
 
 
@@ -201,39 +198,10 @@ def slide_copies(n: int) -> list[Path]:
     return out
 
 
-def mosaic_slide(k: int) -> Path:
-    """A k x k mosaic of the shipped slide's level 0, written as a whole-slide TIFF the way
-    scanners' converters do (256 px JPEG tiles, levels at 4x and 16x in SubIFDs, um/px in the
-    resolution tags): one slide with k^2 times the tissue, so that the per-slide work (mask,
-    overlay, open, hash) weighs on the pipeline as it does on a real slide of thousands of
-    tiles, not 55."""
-    import tifffile
-    from PIL import Image
-
-    from embedstore.extract.wsi import SlideReader
-    p = WORK / "mosaic" / f"mosaic_{k}x{k}.tiff"
-    if p.exists():
-        return p
-    with SlideReader(SLIDE) as r:
-        W, H = r.dimensions
-        base, mpp = r.read_region(0, 0, 0, W, H), r.mpp
-    full = np.tile(base, (k, k, 1))
-    levels = [np.asarray(Image.fromarray(full).reduce(f)) for f in (4, 16)]
-    p.parent.mkdir(parents=True, exist_ok=True)
-    opts: dict[str, Any] = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb",
-                            "compressionargs": {"level": 90}}
-    with tifffile.TiffWriter(p, bigtiff=True) as tw:
-        tw.write(full, subifds=len(levels), resolution=(1e4 / mpp, 1e4 / mpp),
-                 resolutionunit="CENTIMETER", **opts)
-        for lv in levels:
-            tw.write(lv, subfiletype=1, **opts)
-    return p
-
-
-def slide_grid(path: Path = SLIDE) -> tuple[Any, np.ndarray]:
-    """The tissue grid of a slide (as the runner plans it) and its tiles, read."""
+def slide_grid() -> tuple[Any, np.ndarray]:
+    """The tissue grid of the shipped slide (as the runner plans it) and its tiles, read."""
     from embedstore.extract.wsi import SlideReader, plan_slide, read_tile
-    with SlideReader(path) as r:
+    with SlideReader(SLIDE) as r:
         g = plan_slide(r, MPP, TILE).grid
         tiles = np.stack([read_tile(r, g, i) for i in range(len(g))])
     return g, tiles
@@ -603,8 +571,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx-tiles", type=int, default=1500)
     ap.add_argument("--slide-copies-resnet", type=int, default=4)
     ap.add_argument("--slide-copies-onnx", type=int, default=16)
-    ap.add_argument("--mosaic", type=int, default=4,
-                    help="slide section: also one k x k mosaic of the shipped slide, ONNX (0: skip)")
     ap.add_argument("--trident-slides", type=int, default=50)
     ap.add_argument("--bf16-tiles", type=int, default=256)
     ap.add_argument("--configs", type=Budget.parse, nargs="+",
@@ -618,7 +584,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.resnet_tiles, args.onnx_tiles, args.bf16_tiles = 64, 192, 64
         args.slide_copies_resnet, args.slide_copies_onnx, args.trident_slides = 1, 3, 4
-        args.mosaic = min(args.mosaic, 2)
         args.repeats = 1
 
     torch_default_threads()
@@ -657,13 +622,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows += e2e_vs_model("slide", model, budgets, slides, slide_tiles,
                                      len(grid) * copies, True, args.repeats, models,
                                      store_check_slides(grid))
-        if "slide" in args.sections and args.mosaic > 1:
-            mosaic = mosaic_slide(args.mosaic)
-            mgrid, mtiles = slide_grid(mosaic)
-            print(f"  mosaic: one {args.mosaic}x{args.mosaic} slide, {len(mgrid)} tissue tiles", flush=True)
-            budgets = distinct(ONNX, [Budget(None, None), best[ONNX], Budget(1, 1)])
-            rows += e2e_vs_model("mosaic", ONNX, budgets, [mosaic], mtiles, len(mgrid), True,
-                                 args.repeats, models, store_check_slides(mgrid))
         if "trident" in args.sections:
             slides = slide_copies(args.trident_slides)
             rows.append(trident_section(slides, best[ONNX].threads, args.repeats, len(grid)))
@@ -681,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["bench"] == "trident":
             r["note"] = (f"embedstore vs per-slide loop, {r['slides']} slides; cos min "
                          f"{r['cos_min_vs_model_only']:.4f}")
-        elif r.get("cos_min_vs_model_only") is not None and r["bench"] in ("tiles", "slide", "mosaic"):
+        elif r.get("cos_min_vs_model_only") is not None and r["bench"] in ("tiles", "slide"):
             r["note"] = (r["note"] + "; " if r["note"] else "") + f"cos min {r['cos_min_vs_model_only']:.4f}"
             if r.get("plan_s_per_slide"):
                 r["note"] += (f"; plan {r['plan_s_per_slide']:.2f} s/slide = "
