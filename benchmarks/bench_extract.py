@@ -37,7 +37,7 @@ Side by side, batch 64, on the same tiles and weights, in one process:
 Each figure is the median of ``--repeats`` runs. Every end-to-end run is paired with a
 model-only run right next to it (which goes first alternates; budgets rotate) and each ratio
 is the median of the per-pair ratios, because the machine is shared and its load drifts over
-minutes. For a torch model ``default`` resolves to w0/t2 on 2 cores and is measured once. Every end-to-end store is checked
+minutes. ``default`` resolves to w0/t2 on 2 cores and is measured once. Every end-to-end store is checked
 against the model-only embeddings (cosine) so both sides did the same work. Scratch lives in
 ``benchmarks/scratch/bench_extract`` (removed at the end unless ``--keep``); results go to
 ``benchmarks/results/bench_extract-<cpu>-<cores>c-<host>-<date>.json``.

@@ -19,8 +19,9 @@ figures (MobileNetV2 0.88 / 0.74, random ResNet-18 0.85 / 0.66 balanced accuracy
 Kather). Writes ``benchmarks/results/select-<machine>-<date>.json``.
 
 The downstream F1 is the mean of ``--head-seeds`` linear heads (30 here, 10 in `select`): with
-3, random ResNet-18 and random ViT-S (0.006 F1 apart) swapped places in about one draw in six; a note says when two
-candidates' downstream means are within two standard errors of seed noise. The PCam stores
+3, random ResNet-18 and random ViT-S (about 0.01 F1 apart) swapped places in about one draw in
+six; a note says when two candidates' downstream means are within two standard errors of seed
+noise. The PCam stores
 (5000 tiles x 3 backbones, the slowest part) are kept between runs unless ``--fresh-downstream``.
 
     python benchmarks/bench_select.py [--k 20] [--folds 5] [--head-seeds 30] [--reuse] [--fresh-downstream]

@@ -426,7 +426,8 @@ def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
                     config=HeadConfig(kind="linear"), seeds=cfg.head_seeds)
     f1 = np.array([r["f1"] for r in rep.runs], dtype=np.float64)
     return {"f1": rep.summary["f1"], "balanced_accuracy": rep.summary["balanced_accuracy"],
-            "auroc": rep.summary.get("auroc", (float("nan"), float("nan"))), "f1_runs": f1.tolist(), "seeds": len(f1),
+            "auroc": rep.summary.get("auroc", (float("nan"), float("nan"))),
+            "f1_runs": f1.tolist(), "seeds": len(f1),
             "train_tiles": int(tr.sum()), "valid_tiles": int(va.sum()), "store": str(store),
             "extract_s": res.elapsed, "tiles_written": res.tiles_written,
             "head_s": time.perf_counter() - t0}

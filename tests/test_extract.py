@@ -290,7 +290,8 @@ def test_resume_under_bf16_autocast_agrees_with_uninterrupted(tmp_path: Path) ->
     x, y = a.get(keys).astype(np.float64), b.get(keys).astype(np.float64)
     cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
     assert cos.min() >= 0.9999, cos.min()
-    m0, m1 = a.metadata(a.ids(keys), ("key", "label", "source")), b.metadata(b.ids(keys), ("key", "label", "source"))
+    cols = ("key", "label", "source")
+    m0, m1 = a.metadata(a.ids(keys), cols), b.metadata(b.ids(keys), cols)
     assert all((m0[c] == m1[c]).all() for c in m0)
     assert a.meta.backbone == b.meta.backbone
 

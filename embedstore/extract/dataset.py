@@ -86,7 +86,8 @@ class TileDataset(torch.utils.data.Dataset):
         while self._retired:
             self._retired.pop().close()
 
-    def __getitems__(self, specs: list[TileSpec]) -> list[tuple[np.ndarray | None, TileSpec, str | None, float]]:
+    def __getitems__(self, specs: list[TileSpec]
+                     ) -> list[tuple[np.ndarray | None, TileSpec, str | None, float]]:
         """A batch (torch's DataLoader calls this when defined): in a worker process one tile
         after another, in the main process across ``decode_threads`` threads."""
         if self.decode_threads <= 1 or len(specs) < 2 or torch.utils.data.get_worker_info() is not None:
