@@ -175,14 +175,11 @@ class SelectionResult:
 # -- the proxy set (pure reading, no decoding beyond one image's size) -------------------------
 
 def _first_size(tiles: Sequence[Any]) -> int:
-    from PIL import Image
-    for t in tiles:
-        try:
-            with Image.open(t.path) as im:
-                return int(im.size[0])
-        except Exception:
-            continue
-    raise SelectionError("no readable image among the proxy tiles")
+    from .extract.sources import first_image_side
+    side = first_image_side(t.path for t in tiles)
+    if side is None:
+        raise SelectionError("no readable image among the proxy tiles")
+    return side
 
 
 def _csv_column(csv_path: Path, column: str, keys: Sequence[str]) -> np.ndarray:
@@ -424,10 +421,10 @@ def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
     t0 = time.perf_counter()
     rep = run_seeds(X[tr], y[tr], X[va], y[va], groups=None if g is None else g[tr],
                     config=HeadConfig(kind="linear"), seeds=cfg.head_seeds)
-    f1 = np.array([r["f1"] for r in rep.runs], dtype=np.float64)
+    f1 = [float(r["f1"]) for r in rep.runs]
     return {"f1": rep.summary["f1"], "balanced_accuracy": rep.summary["balanced_accuracy"],
             "auroc": rep.summary.get("auroc", (float("nan"), float("nan"))),
-            "f1_runs": f1.tolist(), "seeds": len(f1),
+            "f1_runs": f1, "seeds": len(f1),
             "train_tiles": int(tr.sum()), "valid_tiles": int(va.sum()), "store": str(store),
             "extract_s": res.elapsed, "tiles_written": res.tiles_written,
             "head_s": time.perf_counter() - t0}

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import BackboneMismatchError, SlideError, SourceError
 from ..store.meta import StoreMeta, read_meta
 from .dataset import TileDataset, TileSpec, collate
-from .sources import Discovery, Unit, discover
+from .sources import Discovery, Unit, discover, first_image_side
 from .transforms import ViewRecipe
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "store_meta_for"]
@@ -125,15 +125,10 @@ class ExtractResult:
 
 
 def _file_size(disc: Discovery) -> int:
-    from PIL import Image
-    for u in disc.units:
-        for t in u.files:
-            try:
-                with Image.open(t.path) as im:
-                    return int(im.size[0])
-            except Exception:
-                continue
-    raise SourceError("no readable image among the sources")
+    side = first_image_side(t.path for u in disc.units for t in u.files)
+    if side is None:
+        raise SourceError("no readable image among the sources")
+    return side
 
 
 def store_meta_for(backbone: Any, disc: Discovery, cfg: ExtractConfig,

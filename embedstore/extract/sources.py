@@ -16,10 +16,11 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import SourceError
 
-__all__ = ["FileTile", "Unit", "Discovery", "discover", "IMAGE_EXTS", "SLIDE_EXTS"]
+__all__ = ["FileTile", "Unit", "Discovery", "discover", "first_image_side", "IMAGE_EXTS", "SLIDE_EXTS"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SLIDE_EXTS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi"}
@@ -56,6 +57,18 @@ class Discovery:
     @property
     def n_files(self) -> int:
         return sum(len(u.files) for u in self.units)
+
+
+def first_image_side(paths: Iterable[str | os.PathLike[str]]) -> int | None:
+    """Width of the first readable image among ``paths`` (header only), None if none is."""
+    from PIL import Image
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                return int(im.size[0])
+        except Exception:  # unreadable: the run records it; look at the next
+            continue
+    return None
 
 
 def _is_slide_tiff(path: Path) -> bool:

@@ -318,11 +318,11 @@ class _TiffBackend:
 def _open_backend(path: str, backend: str, cache_mb: float) -> Any:
     if not os.path.isfile(path):
         raise SlideError(f"slide not found: {path}")
-    problems = []
+    problems: list[str] = []
     if backend == "auto" and path.lower().endswith(".svs"):
         try:  # Aperio: tifffile reads the same tiles, faster (see module notes)
             tfb = _TiffBackend(path, cache_mb)
-        except Exception as e:  # an unusual layout: OpenSlide below
+        except Exception as e:  # an unusual layout: OpenSlide below, tifffile not again
             problems.append("tifffile: " + " ".join(str(e).split()))
         else:
             if tfb.vendor == "aperio":
@@ -348,6 +348,8 @@ def _open_backend(path: str, backend: str, cache_mb: float) -> Any:
                 return tfb
             tfb.close()
             return osb
+    if any(p.startswith("tifffile: ") for p in problems):
+        raise SlideError(f"cannot open slide {path}: " + "; ".join(problems))
     try:
         return _TiffBackend(path, cache_mb)
     except SlideError:
