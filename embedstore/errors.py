@@ -10,8 +10,9 @@ __all__ = [
     "CorruptShardError", "DimensionMismatchError", "BackboneMismatchError",
     "DuplicateKeyError", "UnknownKeyError", "LabelsError", "StoreLockedError",
     "UnknownBackboneError", "WeightsNotFoundError", "SourceError", "SlideError",
-    "IndexError_", "StaleIndexError", "BudgetError", "HeadError", "SelectionError",
-    "VerifyError",
+    "VectorIndexError", "StaleIndexError", "BudgetError", "HeadError", "SelectionError",
+    "CatalogDamagedError", "WriterError", "ConfigError", "ShapeError", "BackboneError",
+    "MissingDependencyError", "ReadOnlyError", "NotFittedError", "RowRangeError",
 ]
 
 
@@ -81,15 +82,15 @@ class SlideError(EmbedstoreError, ValueError):
     """A whole-slide image that cannot be tiled (unreadable, no mpp, ...)."""
 
 
-class IndexError_(EmbedstoreError, ValueError):
+class VectorIndexError(EmbedstoreError, ValueError):
     """A vector index problem (empty store, wrong kind, ...)."""
 
 
-class StaleIndexError(IndexError_):
+class StaleIndexError(VectorIndexError):
     """The index covers fewer rows than the store holds."""
 
 
-class BudgetError(IndexError_):
+class BudgetError(VectorIndexError):
     """No index fits in the given memory budget."""
 
 
@@ -101,5 +102,37 @@ class SelectionError(EmbedstoreError, ValueError):
     """Bad input to backbone selection."""
 
 
-class VerifyError(EmbedstoreError, RuntimeError):
-    """`verify` found a mismatch between the catalog and the shards."""
+class CatalogDamagedError(EmbedstoreError, OSError):
+    """The LMDB catalog cannot be read, or disagrees with the shards it should describe."""
+
+
+class WriterError(EmbedstoreError, RuntimeError):
+    """An error in the background writer, re-raised in the caller with what it concerned."""
+
+
+class ConfigError(EmbedstoreError, ValueError):
+    """An option or argument whose value is out of range or contradicts another."""
+
+
+class ShapeError(EmbedstoreError, ValueError):
+    """An array (embeddings, labels, tiles) of the wrong shape or dtype for the call."""
+
+
+class BackboneError(EmbedstoreError, ValueError):
+    """A backbone that cannot be registered, built or run as asked (spec, graph, provider)."""
+
+
+class MissingDependencyError(EmbedstoreError, ImportError):
+    """An optional package a feature needs is not installed (the message names it)."""
+
+
+class ReadOnlyError(EmbedstoreError, PermissionError):
+    """A write through something opened read-only."""
+
+
+class NotFittedError(EmbedstoreError, RuntimeError):
+    """A model used before it was fitted."""
+
+
+class RowRangeError(EmbedstoreError, IndexError):
+    """A row position outside the matrix."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedstore.augment import (
+from embedstore.heads.augment import (
     AugmentConfig, ViewBank, add_noise, augment_epoch, epoch_generator, feature_dropout,
     mixup_within_class, parse_augment, sample_views,
 )

@@ -15,16 +15,16 @@ from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from embedstore.augment import ViewBank, parse_augment
+from embedstore.heads.augment import ViewBank, parse_augment
 from embedstore.errors import BackboneMismatchError, HeadError, LabelsError, UnknownKeyError
 from embedstore.heads import (
     HeadConfig, HeatmapSpec, SlideBagDataset, check_fingerprint, cross_validate, evaluate, gather_features,
     labelled_set, load_head, predict_store, run_seeds, save_head, sweep, train_head, view_bank,
 )
 from embedstore.heads import metrics as M
-from embedstore.heads.cli_impl import train_head_command
-from embedstore.heads.predict import render_heatmap
-from embedstore.splits import plan_splits
+from embedstore.heads.jobs import train_head_command
+from embedstore.plots import render_heatmap
+from embedstore.heads.splits import plan_splits
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -449,7 +449,7 @@ def test_slide_bag_dataset_reads_bags_from_the_store():
 
 
 def test_train_head_command_end_to_end(tmp_path, monkeypatch):
-    import embedstore.heads.cli_impl as cli
+    import embedstore.heads.jobs as cli
     store, x, y = fake_store(n=600)
     monkeypatch.setattr(cli, "_open", lambda path: store)
     lines: list[str] = []
@@ -464,7 +464,7 @@ def test_train_head_command_end_to_end(tmp_path, monkeypatch):
 
 
 def test_train_head_command_sweeps_inside_each_fold(monkeypatch):
-    import embedstore.heads.cli_impl as cli
+    import embedstore.heads.jobs as cli
     import embedstore.heads.tuning as sw
     store, x, y = fake_store(n=300)
     monkeypatch.setattr(cli, "_open", lambda path: store)
@@ -512,7 +512,7 @@ def test_against_the_real_store(tmp_path):
     res = train_head_command(tmp_path / "store", task="tumor", split="column", seeds=2, epochs=30,
                              augment="views,noise=0.05", out=tmp_path / "head", echo=lambda s: None)
     assert res["summary"]["accuracy"][0] > 0.85
-    from embedstore.heads.cli_impl import predict_command
+    from embedstore.heads.jobs import predict_command
     out = predict_command(tmp_path / "store", head_dir=tmp_path / "head", out=tmp_path / "p.arrow",
                           echo=lambda s: None)
     table = pa.ipc.open_file(str(tmp_path / "p.arrow")).read_all()

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 
-from embedstore.errors import (BudgetError, DimensionMismatchError, IndexError_,
+from embedstore.errors import (BudgetError, DimensionMismatchError, VectorIndexError,
                                StaleIndexError, UnknownKeyError)
 from embedstore.index import (build_index, exact_search, load_index, parse_memory, plan_index,
                               read_index_info, recall_at_k, search, update_index)
@@ -215,9 +215,9 @@ def test_plan_odd_dim_uses_opq_and_bad_inputs() -> None:
     assert plan.factory.startswith("OPQ8_96,IVF2048,PQ8")
     huge = plan_index(400_000_000, 768, parse_memory("64G"), 0.95)
     assert huge.factory.startswith("IVF65536_HNSW32,")   # graph quantizer only for huge nlist
-    with pytest.raises(IndexError_, match="unknown index kind"):
+    with pytest.raises(VectorIndexError, match="unknown index kind"):
         plan_index(10, 8, 1 << 30, 0.95, kind="annoy")
-    with pytest.raises(IndexError_, match="cannot read memory budget"):
+    with pytest.raises(VectorIndexError, match="cannot read memory budget"):
         parse_memory("lots")
     assert parse_memory("1.5G") == int(1.5 * 2**30) and parse_memory("512MiB") == 512 * 2**20
 
@@ -387,7 +387,7 @@ def test_label_and_slide_filters(pq_store: FakeStore) -> None:
     wanted = {"slide07", "slide21"}
     for hit in search(pq_store, vectors=q, k=10, slides=wanted):
         assert len(hit.ids) == 10 and set(hit.meta["slide"]) <= wanted
-    with pytest.raises(IndexError_, match="exclude_same_slide needs queries given by id"):
+    with pytest.raises(VectorIndexError, match="exclude_same_slide needs queries given by id"):
         search(pq_store, vectors=q, exclude_same_slide=True)
 
 
@@ -429,15 +429,15 @@ def test_errors_are_one_line(tmp_path: Path, big: FakeStore) -> None:
         search(store, vectors=np.ones(63, np.float32))
     assert "\n" not in str(err.value)
     empty = FakeStore(tmp_path / "empty", np.zeros((0, 64), np.float16), [])
-    with pytest.raises(IndexError_, match="holds no rows"):
+    with pytest.raises(VectorIndexError, match="holds no rows"):
         build_index(empty)
-    with pytest.raises(IndexError_, match="holds no rows"):
+    with pytest.raises(VectorIndexError, match="holds no rows"):
         search(empty, vectors=np.ones(64, np.float32))
     with pytest.raises(BudgetError, match="at least"):
         build_index(store, memory_budget="10K")
-    with pytest.raises(IndexError_, match="no index in"):
+    with pytest.raises(VectorIndexError, match="no index in"):
         load_index(store)
-    with pytest.raises(IndexError_, match="unknown metric"):
+    with pytest.raises(VectorIndexError, match="unknown metric"):
         build_index(store, metric="l2")
 
 
@@ -447,7 +447,7 @@ def test_gpu_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
     if faiss.get_num_gpus() > 0:
         pytest.skip("a GPU is present")
     store = make_store(tmp_path / "s", 500, seed=9)
-    with pytest.raises(IndexError_, match="faiss sees no GPU"):
+    with pytest.raises(VectorIndexError, match="faiss sees no GPU"):
         build_index(store, gpu=True)
 
 
@@ -465,7 +465,7 @@ def test_rebuild_replaces_files_and_drops_partials(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- CLI bodies
 
 def test_cli_bodies_print_text_and_json(tmp_path: Path) -> None:
-    from embedstore.index.cli_impl import index_command, search_command
+    from embedstore.index.jobs import index_command, search_command
 
     store = make_store(tmp_path / "s", 1_500, seed=12)
     text = index_command(store)
@@ -480,7 +480,7 @@ def test_cli_bodies_print_text_and_json(tmp_path: Path) -> None:
     assert len(out) == 2 and all(len(q["neighbours"]) == 4 for q in out)
     assert {n["label"] for q in out for n in q["neighbours"]} == {"tumor"}
     assert (tmp_path / "g.png").stat().st_size > 0
-    with pytest.raises(IndexError_, match="exactly one"):
+    with pytest.raises(VectorIndexError, match="exactly one"):
         search_command(store, k=3)
 
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from embedstore.cli import main
 from embedstore.errors import SelectionError
-from embedstore.knn import KnnClassifier, KnnConfig, fold_scores, normalise
-from embedstore.select import (
+from embedstore.select.knn import KnnClassifier, KnnConfig, fold_scores, normalise
+from embedstore.select.proxy import (
     SelectConfig, average_ranks, plan_folds, read_proxy, seed_noise_notes, select_backbones, spearman,
 )
 

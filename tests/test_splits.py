@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedstore.augment import ViewBank
+from embedstore.heads.augment import ViewBank
 from embedstore.errors import LabelsError
-from embedstore.splits import (
+from embedstore.heads.splits import (
     Fold, SplitSpec, assert_no_leak, assert_views_follow_tiles, carve_validation, parse_split,
     plan_splits, stratified_group_kfold,
 )

@@ -10,7 +10,8 @@ from .data import LabelledSet, SlideBagDataset, gather_features, labelled_set, r
 from .crossval import SeedReport, cross_validate, run_seeds
 from .models import HeadConfig
 from .persist import check_fingerprint, load_head, save_head
-from .predict import HeatmapSpec, predict_store, render_heatmap
+from ..plots import render_heatmap
+from .predict import HeatmapSpec, predict_store
 from .tuning import DEFAULT_SPACE, SweepResult, sweep
 from .train import TrainedHead, evaluate, train_head
 

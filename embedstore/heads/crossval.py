@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..augment import ViewBank
-from ..splits import Fold, assert_views_follow_tiles
+from .augment import ViewBank
+from .splits import Fold, assert_views_follow_tiles
 from .metrics import SCALAR_METRICS, format_table, mean_std
 from .models import HeadConfig
 from .train import TrainedHead, encode_labels, evaluate, resolve_positive, train_head

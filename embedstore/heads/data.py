@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..augment import ViewBank
+from .augment import ViewBank
 from ..errors import LabelsError, UnknownKeyError
 from .train import check_features
 

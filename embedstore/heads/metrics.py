@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..arrays import average_ranks
+
 __all__ = [
     "confusion_matrix", "f1", "balanced_accuracy", "accuracy", "auroc",
     "classification_metrics", "mean_std", "format_table", "best_f1_threshold",
@@ -69,15 +71,7 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float((t == p).mean()) if t.size else float("nan")
 
 
-def _average_ranks(score: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``score``; tied values share the mean of their ranks."""
-    order = np.argsort(score, kind="mergesort")
-    sorted_score = score[order]
-    _, first, counts = np.unique(sorted_score, return_index=True, return_counts=True)
-    group_rank = first + (counts + 1) / 2.0          # mean of ranks first+1 .. first+count
-    ranks = np.empty(score.size, dtype=np.float64)
-    ranks[order] = np.repeat(group_rank, counts)
-    return ranks
+_average_ranks = average_ranks
 
 
 def _binary_auroc(is_pos: np.ndarray, score: np.ndarray) -> float:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..augment import AugmentConfig
+from .augment import AugmentConfig
 from ..errors import HeadError
 
 __all__ = ["HeadConfig", "HeadModule", "build_module"]

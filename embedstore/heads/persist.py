@@ -14,6 +14,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from ..store.atomic import atomic_path
 from ..errors import BackboneMismatchError, HeadError
 from .models import HeadConfig, build_module
 from .train import TrainedHead
@@ -40,11 +41,8 @@ def _plain(obj: Any) -> Any:
 
 
 def _commit(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def save_head(head: TrainedHead, directory: str | os.PathLike[str]) -> Path:

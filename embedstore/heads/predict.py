@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from ..plots import render_heatmap
+from ..store.atomic import atomic_open
 from ..errors import HeadError
 from .persist import check_fingerprint
 from .train import TrainedHead
 
-__all__ = ["HeatmapSpec", "predict_store", "render_heatmap", "infer_tile_size"]
+__all__ = ["HeatmapSpec", "predict_store"]
 
 META_COLUMNS = ("key", "slide", "x", "y")
 
@@ -79,42 +81,34 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     labels = np.asarray(head.classes, dtype=object)
     counts = np.zeros(len(labels), dtype=np.int64)
     heat: list[tuple[np.ndarray, np.ndarray]] = []
-    tmp = out.with_name(f".{out.name}.partial")
     writer = None
     rows = 0
-    try:
-        with open(tmp, "wb") as sink:
-            for ids, emb in store.scan(batch_size):
-                prob = head.predict_proba(emb)
-                pred = head.decide(prob)
-                counts += np.bincount(pred, minlength=len(labels))
-                meta = store.metadata(ids, columns=META_COLUMNS)
-                cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(labels[pred].tolist())}
-                for i, c in enumerate(head.classes):
-                    cols[f"prob_{c}"] = pa.array(prob[:, i])
-                for name in META_COLUMNS[1:]:
-                    if meta.get(name) is not None:
-                        cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
-                batch = pa.RecordBatch.from_pydict(cols)
-                if writer is None:
-                    schema = batch.schema
-                    writer = pa.ipc.new_file(sink, schema)
-                writer.write_batch(batch if batch.schema == schema else batch.cast(schema))
-                rows += len(ids)
-                if heatmap is not None and meta.get("slide") is not None:
-                    on = np.asarray(meta["slide"], dtype=object) == heatmap.slide
-                    if on.any():
-                        xy = np.stack([np.asarray(meta["x"])[on], np.asarray(meta["y"])[on]], axis=1)
-                        heat.append((xy.astype(np.int64), prob[on, heat_cls]))
+    with atomic_open(out, "wb") as sink:
+        for ids, emb in store.scan(batch_size):
+            prob = head.predict_proba(emb)
+            pred = head.decide(prob)
+            counts += np.bincount(pred, minlength=len(labels))
+            meta = store.metadata(ids, columns=META_COLUMNS)
+            cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(labels[pred].tolist())}
+            for i, c in enumerate(head.classes):
+                cols[f"prob_{c}"] = pa.array(prob[:, i])
+            for name in META_COLUMNS[1:]:
+                if meta.get(name) is not None:
+                    cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
+            batch = pa.RecordBatch.from_pydict(cols)
             if writer is None:
-                raise HeadError(f"store {str(getattr(store, 'path', ''))!r} has no rows to predict")
-            writer.close()
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                schema = batch.schema
+                writer = pa.ipc.new_file(sink, schema)
+            writer.write_batch(batch if batch.schema == schema else batch.cast(schema))
+            rows += len(ids)
+            if heatmap is not None and meta.get("slide") is not None:
+                on = np.asarray(meta["slide"], dtype=object) == heatmap.slide
+                if on.any():
+                    xy = np.stack([np.asarray(meta["x"])[on], np.asarray(meta["y"])[on]], axis=1)
+                    heat.append((xy.astype(np.int64), prob[on, heat_cls]))
+        if writer is None:
+            raise HeadError(f"store {str(getattr(store, 'path', ''))!r} has no rows to predict")
+        writer.close()
     heat_path = None
     if heatmap is not None:
         if not heat:
@@ -129,53 +123,3 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     return {"rows": rows, "seconds": time.perf_counter() - t0, "path": str(out),
             "heatmap": str(heat_path) if heat_path else None,
             "counts": {str(c): int(n) for c, n in zip(labels, counts)}}
-
-
-def infer_tile_size(coords: np.ndarray) -> int:
-    """The tile side in level-0 pixels as the smallest positive step between grid coordinates."""
-    steps = []
-    for axis in (0, 1):
-        u = np.unique(np.asarray(coords)[:, axis])
-        d = np.diff(u)
-        if d.size:
-            steps.append(int(d[d > 0].min()))
-    if not steps:
-        raise HeadError("cannot infer the tile size from a single tile; give HeatmapSpec(tile_size=...)")
-    return min(steps)
-
-
-def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray,
-                   out: str | os.PathLike[str], *, tile_size: int | None = None, alpha: float = 0.5,
-                   title: str = "", cmap: str = "inferno", label: str = "probability") -> Path:
-    """Draw each tile (level-0 ``coords`` (n, 2) int x, y; ``values`` (n,) in [0, 1]) as a
-    semi-transparent square over ``thumbnail`` (h, w, 3) uint8, with a colour bar; writes a PNG."""
-    from matplotlib.figure import Figure      # no pyplot: no global backend state
-
-    thumb = np.asarray(thumbnail)
-    h, w = thumb.shape[:2]
-    side = tile_size if tile_size is not None else infer_tile_size(coords)
-    grid = np.full((h, w), np.nan, dtype=np.float32)
-    x0 = np.floor(coords[:, 0] / downsample).astype(np.int64)
-    y0 = np.floor(coords[:, 1] / downsample).astype(np.int64)
-    x1 = np.maximum(np.ceil((coords[:, 0] + side) / downsample).astype(np.int64), x0 + 1)
-    y1 = np.maximum(np.ceil((coords[:, 1] + side) / downsample).astype(np.int64), y0 + 1)
-    for a, b, c, d, v in zip(x0, x1, y0, y1, values):
-        grid[max(c, 0):min(d, h), max(a, 0):min(b, w)] = v
-    fig = Figure(figsize=(8, 8 * h / max(w, 1) + 0.5), dpi=100)
-    ax = fig.subplots()
-    ax.imshow(thumb)
-    shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha,
-                      interpolation="nearest")
-    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=label)
-    assert bar.solids is not None             # a colorbar of an image always has its solids
-    bar.solids.set_alpha(1.0)                 # the scale itself opaque, the overlay see-through
-    ax.set_title(title)
-    ax.set_axis_off()
-    path = Path(out)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..augment import ViewBank, augment_epoch
+from .augment import ViewBank, augment_epoch
 from ..errors import DimensionMismatchError, HeadError, LabelsError
-from ..splits import carve_validation
+from .splits import carve_validation
 from .metrics import best_f1_threshold, classification_metrics
 from ._optim import AdamW, lr_factor
 from .models import HeadConfig, HeadModule, build_module

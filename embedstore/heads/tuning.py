@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..augment import ViewBank
+from .augment import ViewBank
 from ..errors import HeadError
-from ..splits import Fold, check_fold_counts, check_group_count, stratified_group_kfold
+from .splits import Fold, check_fold_counts, check_group_count, stratified_group_kfold
 from .crossval import cross_validate, pin_positive
 from .metrics import SCALAR_METRICS, format_table
 from .models import HeadConfig

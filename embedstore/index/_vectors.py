@@ -1,4 +1,4 @@
-"""Small shared helpers: metrics, vector preparation, the store protocol the index reads."""
+"""Small shared helpers: metrics and vector preparation."""
 from __future__ import annotations
 
 import logging
@@ -7,32 +7,14 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from embedstore.errors import DimensionMismatchError, IndexError_
+from embedstore.arrays import l2_normalise
+from embedstore.errors import DimensionMismatchError, VectorIndexError
+from embedstore.store.protocol import StoreLike
 
 log = logging.getLogger("embedstore.index")
 
 METRICS = ("cosine", "ip")
 SCAN_BATCH = 65536
-
-
-class StoreLike(Protocol):
-    """What the index needs from a store (embedstore.store's reader provides it)."""
-
-    path: Path
-    dim: int
-    dtype: Any
-
-    def __len__(self) -> int: ...
-    @property
-    def n_rows_committed(self) -> int: ...
-    def scan(self, batch_size: int = SCAN_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
-    def all_ids(self) -> np.ndarray: ...
-    def gather(self, ids: np.ndarray) -> np.ndarray: ...
-    def ids(self, keys: Sequence[str]) -> np.ndarray: ...
-    def keys_of(self, ids: np.ndarray) -> list[str]: ...
-    def metadata(self, ids: np.ndarray, columns: Sequence[str] = ...) -> dict[str, np.ndarray]: ...
-    def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray: ...
-    # optional: is_deleted(ids) -> (m,) bool; without it, tombstones come from all_ids()
 
 
 def deleted(store: StoreLike, ids: np.ndarray) -> np.ndarray:
@@ -53,7 +35,7 @@ def deleted(store: StoreLike, ids: np.ndarray) -> np.ndarray:
 
 def check_metric(metric: str) -> str:
     if metric not in METRICS:
-        raise IndexError_(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        raise VectorIndexError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     return metric
 
 
@@ -62,14 +44,10 @@ def prepare(emb: np.ndarray, metric: str) -> np.ndarray:
 
     Works on one batch at a time; zero vectors stay zero.
     """
-    x = np.array(emb, dtype=np.float32, copy=True, order="C")
-    if x.ndim == 1:
-        x = x[None, :]
     if metric == "cosine":
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-        norms[norms == 0] = 1.0
-        x /= norms[:, None]
-    return x
+        return l2_normalise(emb)
+    x = np.array(emb, dtype=np.float32, copy=True, order="C")
+    return x[None, :] if x.ndim == 1 else x
 
 
 def as_queries(vectors: np.ndarray, dim: int, what: str = "query vectors") -> np.ndarray:
@@ -85,12 +63,12 @@ def as_queries(vectors: np.ndarray, dim: int, what: str = "query vectors") -> np
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        raise IndexError_(f"{what} contain NaN or inf values; clean them before searching")
+        raise VectorIndexError(f"{what} contain NaN or inf values; clean them before searching")
     return arr
 
 
 def require_rows(store: StoreLike) -> int:
     n = len(store)
     if n == 0:
-        raise IndexError_(f"store {store.path} holds no rows; extract tiles into it first")
+        raise VectorIndexError(f"store {store.path} holds no rows; extract tiles into it first")
     return n

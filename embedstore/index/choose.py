@@ -11,10 +11,10 @@ store's memory-mapped vectors (which cost disk, not index memory).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 
-from embedstore.errors import BudgetError, IndexError_
+from embedstore.errors import BudgetError, ConfigError, VectorIndexError
+from embedstore.sizes import format_bytes, parse_size
 
 __all__ = [
     "KINDS", "FLAT_MAX_ROWS", "IndexPlan", "plan_index", "parse_memory", "format_bytes",
@@ -41,7 +41,6 @@ HNSW_QUANTIZER_MIN_LISTS = 1 << 16  # from here, assign to lists through an HNSW
 QUANTIZER_EF_SEARCH = 256        # efSearch of an HNSW quantizer (at least 2 * nprobe at search)
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -70,23 +69,11 @@ class IndexPlan:
 
 
 def parse_memory(value: str | int | float) -> int:
-    """``"8G"``, ``"512M"``, ``"1.5GB"``, ``"800KiB"`` or a byte count -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise IndexError_(f"memory budget must be positive, got {value!r}; e.g. 8G")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(value).upper())
-    if not match or float(match.group(1)) <= 0:
-        raise IndexError_(f"cannot read memory budget {value!r}; use a size like 8G, 512M or 1.5G")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"  # pragma: no cover
+    """A memory budget (``"8G"`` or bytes) -> bytes; a bad one is a one-line VectorIndexError."""
+    try:
+        return parse_size(value, "memory budget")
+    except ConfigError as exc:
+        raise VectorIndexError(str(exc)) from None
 
 
 def _nlist(n: int) -> int:
@@ -207,13 +194,13 @@ def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float 
     largest code that fits). Raises BudgetError (one line, with the minimum needed) when nothing fits.
     """
     if kind not in KINDS:
-        raise IndexError_(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise VectorIndexError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     if n <= 0:
-        raise IndexError_(f"cannot plan an index for {n} rows; the store is empty")
+        raise VectorIndexError(f"cannot plan an index for {n} rows; the store is empty")
     if dim <= 0:
-        raise IndexError_(f"cannot plan an index for dim {dim}")
+        raise VectorIndexError(f"cannot plan an index for dim {dim}")
     if not 0.0 < target_recall <= 1.0:
-        raise IndexError_(f"target recall must be in (0, 1], got {target_recall}")
+        raise VectorIndexError(f"target recall must be in (0, 1], got {target_recall}")
     budget = int(memory_budget_bytes)
     pqs = []
     for m in _pq_m_options(dim):

@@ -14,7 +14,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 
-from embedstore.errors import IndexError_
+from embedstore.errors import VectorIndexError
 from embedstore.index._vectors import (StoreLike, as_queries, deleted, log, prepare,
                                        require_rows)
 from embedstore.index.recall import exact_scan
@@ -52,7 +52,7 @@ class _Filter:
         self.qslide = None
         if same_slide:
             if qids is None:
-                raise IndexError_("exclude_same_slide needs queries given by id or key (a raw "
+                raise VectorIndexError("exclude_same_slide needs queries given by id or key (a raw "
                                   "vector has no slide); pass ids= or keys=")
             slides_q = store.metadata(qids, columns=("slide",))["slide"]
             self.qslide = np.array([self._code(s) for s in slides_q], dtype=np.int64)
@@ -150,9 +150,9 @@ def search(store: StoreLike, vectors: np.ndarray | None = None,
     """
     require_rows(store)
     if sum(x is not None for x in (vectors, ids, keys)) != 1:
-        raise IndexError_("search needs exactly one of vectors=, ids= or keys=")
+        raise VectorIndexError("search needs exactly one of vectors=, ids= or keys=")
     if int(k) < 1:
-        raise IndexError_(f"k must be at least 1, got {k}")
+        raise VectorIndexError(f"k must be at least 1, got {k}")
     k = int(k)
     qids = None if vectors is not None else _query_ids(store, ids, keys)
     raw = store.gather(qids) if qids is not None else as_queries(np.asarray(vectors), store.dim)

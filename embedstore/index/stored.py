@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from embedstore.errors import DimensionMismatchError, IndexError_, StaleIndexError
+from embedstore.store.atomic import atomic_path, atomic_write_text
+from embedstore.errors import DimensionMismatchError, VectorIndexError, StaleIndexError
 from embedstore.index._vectors import StoreLike, deleted, log, prepare
 from embedstore.index.choose import QUANTIZER_EF_SEARCH
 
@@ -92,7 +93,7 @@ def read_index_info(store: StoreLike) -> IndexInfo | None:
     try:
         return IndexInfo.from_json(json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:
-        raise IndexError_(f"unreadable {path}: {exc}; rebuild with `embedstore index "
+        raise VectorIndexError(f"unreadable {path}: {exc}; rebuild with `embedstore index "
                           f"{store.path}`") from exc
 
 
@@ -109,12 +110,12 @@ def require_gpu() -> None:
 
     count = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if count <= 0:
-        raise IndexError_("gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0; is faiss-cpu"
+        raise VectorIndexError("gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0; is faiss-cpu"
                           " installed?); install embedstore[gpu] on a CUDA machine or drop --gpu")
 
 
 def to_gpu(index: Any, kind: str) -> tuple[Any, Any]:
-    """(gpu index, resources to keep alive); raises IndexError_ when faiss cannot move it."""
+    """(gpu index, resources to keep alive); raises VectorIndexError when faiss cannot move it."""
     import faiss
 
     require_gpu()
@@ -124,15 +125,7 @@ def to_gpu(index: Any, kind: str) -> tuple[Any, Any]:
     try:
         return faiss.index_cpu_to_gpu(res, 0, index, options), res
     except RuntimeError as exc:
-        raise IndexError_(f"faiss cannot run a {kind} index on GPU ({exc}); drop --gpu") from exc
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise VectorIndexError(f"faiss cannot run a {kind} index on GPU ({exc}); drop --gpu") from exc
 
 
 def save_index(index: Any, info: IndexInfo, directory: Path) -> IndexInfo:
@@ -141,19 +134,13 @@ def save_index(index: Any, info: IndexInfo, directory: Path) -> IndexInfo:
 
     directory.mkdir(parents=True, exist_ok=True)
     name = f"index-{uuid.uuid4().hex[:12]}.faiss"
-    tmp = directory / (name + ".partial")
-    faiss.write_index(index, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, directory / name)
+    with atomic_path(directory / name) as tmp:
+        faiss.write_index(index, str(tmp))
     info = replace(info, file=name, memory_bytes=(directory / name).stat().st_size,
                    faiss_version=faiss.__version__)
-    tmp_json = directory / (INFO_NAME + ".partial")
-    tmp_json.write_text(json.dumps(info.to_json(), indent=1) + "\n")
-    _fsync(tmp_json)
-    os.replace(tmp_json, directory / INFO_NAME)
-    _fsync(directory)
+    atomic_write_text(directory / INFO_NAME, json.dumps(info.to_json(), indent=1) + "\n")
     for old in directory.iterdir():
-        if old.name != name and (old.suffix == ".faiss" or old.name.endswith(".faiss.partial")):
+        if old.name != name and (old.suffix in (".faiss", ".partial")):
             old.unlink(missing_ok=True)
     return info
 
@@ -242,7 +229,7 @@ def load_index(store: StoreLike, gpu: bool = False, check_stale: bool = True) ->
 
     info = read_index_info(store)
     if info is None:
-        raise IndexError_(f"no index in {index_dir(store)}; build one with "
+        raise VectorIndexError(f"no index in {index_dir(store)}; build one with "
                           f"`embedstore index {store.path}`")
     if info.dim != store.dim:
         raise DimensionMismatchError(f"index has dim {info.dim} but the store holds dim "
@@ -251,11 +238,11 @@ def load_index(store: StoreLike, gpu: bool = False, check_stale: bool = True) ->
         check_fresh(store, info)
     path = index_dir(store) / info.file
     if not path.exists():
-        raise IndexError_(f"{path} named by index.json is missing; rebuild with "
+        raise VectorIndexError(f"{path} named by index.json is missing; rebuild with "
                           f"`embedstore index {store.path}`")
     index = faiss.read_index(str(path))
     if index.ntotal != info.n_covered:
-        raise IndexError_(f"{path} holds {index.ntotal:,} rows but index.json says "
+        raise VectorIndexError(f"{path} holds {index.ntotal:,} rows but index.json says "
                           f"{info.n_covered:,}; rebuild with `embedstore index {store.path}`")
     if gpu and info.kind == "hnsw":
         require_gpu()

@@ -1,4 +1,6 @@
-"""Durable file operations and process identity: the pieces of the commit protocol."""
+"""The rest of the commit protocol: a hashing shard sink, process identity, crash points.
+
+Publishing files whole lives in :mod:`embedstore.store.atomic`."""
 from __future__ import annotations
 
 import hashlib
@@ -7,27 +9,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes, fsync_dir
+
 __all__ = ["fsync_dir", "atomic_write_bytes", "HashingFile", "process_identity",
            "process_alive", "crash_point"]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class HashingFile:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DimensionMismatchError, SourceError
+from .atomic import atomic_path
 from .meta import StoreMeta
 from .writer import StoreWriter
 
@@ -116,8 +117,7 @@ def export_h5(store: Any, out: Path | str, *, progress: bool = True) -> dict[str
         stem = s.rsplit(".", 1)[0] if s.lower().endswith((".svs", ".tif", ".tiff", ".ndpi", ".mrxs")) else s
         path = out / f"{stem}.h5"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["encoder"] = encoder
             f.attrs["slide_id"] = s
             d = f.create_dataset("features", data=bag.emb.astype(np.float32))
@@ -130,6 +130,5 @@ def export_h5(store: Any, out: Path | str, *, progress: bool = True) -> dict[str
                     c.attrs[k] = v
             if "patch_size" not in c.attrs and tile.get("tile_size"):
                 c.attrs["patch_size"] = int(tile["tile_size"])
-        tmp.replace(path)
         rows += len(bag.ids)
     return {"files": len(slides), "rows": rows}

@@ -71,7 +71,7 @@ def read_meta(path: Path) -> StoreMeta:
 
 def write_meta(path: Path, meta: StoreMeta) -> None:
     """Atomically (write, fsync, rename) replace STORE.json."""
-    from ._atomic import atomic_write_bytes
+    from .atomic import atomic_write_bytes
     atomic_write_bytes(Path(path) / META_NAME, (meta.to_json() + "\n").encode())
 
 

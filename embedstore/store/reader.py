@@ -440,14 +440,6 @@ class Store:
             "errors": len(self.errors()),
         }
 
-    def search(self, vectors: np.ndarray | None = None, keys: Sequence[str] | None = None,
-               k: int = 10, **kw: Any) -> Any:
-        """Nearest tiles of each query (vectors (nq, dim), or stored keys, which find themselves
-        first unless ``exclude_self=True``): a list of results with ``keys``, ``ids``, ``scores``.
-        Filters: ``exclude_same_slide``, ``slides``, ``label``/``task``. See embedstore.index."""
-        from ..index.search import search
-        return search(self, vectors=vectors, keys=keys, k=k, **kw)
-
     def writer(self, **kw: Any) -> Any:
         from .writer import StoreWriter
         return StoreWriter(self.path, **kw)

@@ -26,7 +26,8 @@ from typing import Any, TypeGuard
 import numpy as np
 import pyarrow as pa
 
-from ..errors import DimensionMismatchError, DuplicateKeyError, EmbedstoreError, StoreExistsError
+from ..errors import (DimensionMismatchError, DuplicateKeyError, StoreExistsError, StoreNotFoundError,
+                      WriterError)
 from . import _atomic
 from .catalog import Catalog, open_catalog
 from .commit import (apply_commit, apply_staged, file_writers, register_file_writer, stage_commit,
@@ -36,10 +37,6 @@ from .meta import StoreMeta, check_compatible, read_meta, write_meta
 from .schema import META_COLUMNS, base_schema, view_schema
 
 __all__ = ["StoreWriter", "create_store", "clean_leftovers"]
-
-
-class WriterError(EmbedstoreError, RuntimeError):
-    """An error in the background writer, re-raised in the caller with what it concerned."""
 
 
 def create_store(path: Path | str, meta: StoreMeta) -> None:
@@ -139,7 +136,7 @@ class StoreWriter:
         self.lay = Layout(Path(path))
         if not self.lay.meta.exists():
             if meta is None:
-                raise StoreExistsError(f"{path} holds no store and no metadata was given to create one")
+                raise StoreNotFoundError(f"{path} holds no store and no metadata was given to create one")
             try:
                 create_store(self.lay.root, meta)
             except StoreExistsError:

@@ -1,77 +1,21 @@
-"""The ``embedstore`` command line: a thin layer over the Python API.
-
-Exit status: 0 success, 1 completed with errors (some inputs recorded as errors), 2 failure
-(bad input or a broken store: one line on stderr says what and how to fix it).
-"""
+"""Store commands: info, errors, verify, compact, delete, labels, import-h5, export-h5."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-EXIT_PARTIAL, EXIT_FAIL = 1, 2
+from ._app import EXIT_FAIL, _fail, _human, handled, main
 
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(EXIT_FAIL)
-
-
-def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn embedstore's errors (and missing files) into one line and exit status 2."""
-    @functools.wraps(fn)
-    def wrapper(*a: Any, **kw: Any) -> Any:
-        from .errors import EmbedstoreError
-        try:
-            return fn(*a, **kw)
-        except EmbedstoreError as e:
-            _fail(str(e))
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
-    return wrapper
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="embedstore")
-def main() -> None:
-    """embedstore: embed every histology tile once, keep the embeddings in one store, and
-    train heads, search and select backbones over it.
-
-    \b
-    A store is a directory bound to one embedding space (one backbone, one preprocessing,
-    one tile geometry): Arrow shards memory-mapped for reading, an LMDB catalog of keys,
-    shards, labels and errors, and STORE.json describing it.
-
-    \b
-    Typical use:
-      embedstore extract tiles/ --store st --backbone resnet18 --random-init
-      embedstore info st
-      embedstore labels st labels.csv --task tumour
-      embedstore verify st
-    """
-
-
-# -- store commands ---------------------------------------------------------------------
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handled
 def info(store: Path, as_json: bool) -> None:
     """Summarise a store: rows, dim, dtype, backbone, shards, size, tasks, errors."""
-    from .store import open_store
+    from ..store import open_store
     s = open_store(store)
     d = s.info()
     if as_json:
@@ -97,7 +41,7 @@ def info(store: Path, as_json: bool) -> None:
 @handled
 def errors(store: Path) -> None:
     """List the inputs recorded as errors (unit and reason)."""
-    from .store import open_store
+    from ..store import open_store
     errs = open_store(store).errors()
     if not errs:
         click.echo("no errors recorded")
@@ -110,7 +54,7 @@ def errors(store: Path) -> None:
 @handled
 def verify(store: Path) -> None:
     """Check every shard's sha256 and that catalog and shards agree (exit 2 on a mismatch)."""
-    from .store import verify_store
+    from ..store import verify_store
     rep = verify_store(store)
     click.echo(rep.text())
     if not rep.ok:
@@ -122,7 +66,7 @@ def verify(store: Path) -> None:
 @handled
 def compact(store: Path) -> None:
     """Rewrite shards without deleted tiles (ids are kept). Needs no writer running."""
-    from .store import compact as do
+    from ..store import compact as do
     r = do(store)
     click.echo(f"rewrote {r['rewritten']} shard(s), removed {r['removed_rows']} deleted row(s)")
 
@@ -138,7 +82,7 @@ def compact(store: Path) -> None:
 def delete(store: Path, keys: tuple[str, ...], keys_file: Path | None, slides: tuple[str, ...],
            reason: str) -> None:
     """Delete tiles by key or whole slides. Readers hide them at once; `compact` reclaims space."""
-    from .store import delete as do
+    from ..store import delete as do
     ks = list(keys) + ([ln.strip() for ln in keys_file.read_text().splitlines() if ln.strip()]
                        if keys_file else [])
     if not ks and not slides:
@@ -155,7 +99,7 @@ def delete(store: Path, keys: tuple[str, ...], keys_file: Path | None, slides: t
 @handled
 def labels(store: Path, csv_path: Path, task: str, skip_unknown: bool) -> None:
     """Import labels from CSV (columns key or path, label, optional split, group) as a task."""
-    from .store import import_labels, open_store
+    from ..store import import_labels, open_store
     open_store(store)
     r = import_labels(store, csv_path, task, on_unknown="skip" if skip_unknown else "error")
     classes = ", ".join(f"{k}: {v}" for k, v in r["classes"].items())
@@ -171,7 +115,7 @@ def labels(store: Path, csv_path: Path, task: str, skip_unknown: bool) -> None:
 @handled
 def import_h5(src: Path, store: Path, backbone_name: str | None, dtype: str) -> None:
     """Import per-slide HDF5 feature files (TRIDENT / CLAM layout: features, coords)."""
-    from .store.h5io import import_h5 as do
+    from ..store.h5io import import_h5 as do
     r = do(src, store, backbone_name=backbone_name, dtype=dtype)
     click.echo(f"imported {r['files']} file(s), {r['rows']:,} tiles"
                + (f"; {r['skipped']} already imported" if r["skipped"] else ""))
@@ -183,21 +127,7 @@ def import_h5(src: Path, store: Path, backbone_name: str | None, dtype: str) -> 
 @handled
 def export_h5(store: Path, out: Path) -> None:
     """Write one TRIDENT-layout HDF5 file per slide (features, coords, attributes)."""
-    from .store import open_store
-    from .store.h5io import export_h5 as do
+    from ..store import open_store
+    from ..store.h5io import export_h5 as do
     r = do(open_store(store), out)
     click.echo(f"wrote {r['files']} file(s), {r['rows']:,} tiles to {out}")
-
-
-def _register_optional() -> None:
-    """Commands of later parts (extract, index, heads, select) register themselves here."""
-    import importlib
-    for mod in ("cli_extract", "cli_index", "cli_heads", "cli_select"):
-        try:
-            importlib.import_module(f".{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
-
-
-_register_optional()

@@ -7,7 +7,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .cli import handled, main
+from ._app import handled, main
 
 
 @main.command()
@@ -24,8 +24,8 @@ from .cli import handled, main
 def index(store: Path, kind: str, memory_budget: str, target_recall: float, gpu: bool, update: bool,
           as_json: bool) -> None:
     """Build the store's FAISS index (cosine), measure its recall@10 and tune it; saved in STORE/index/."""
-    from .index.cli_impl import index_command
-    from .store import open_store
+    from ..index.jobs import index_command
+    from ..store import open_store
     click.echo(index_command(open_store(store), kind=kind, memory_budget=memory_budget,
                              target_recall=target_recall, gpu=gpu, update=update, as_json=as_json))
 
@@ -35,8 +35,8 @@ def _embedder(st: Any) -> Any:
     def embed(path: Path) -> np.ndarray:
         from PIL import Image
 
-        from .backbones import BackboneSpec, create_backbone
-        from .errors import BackboneMismatchError
+        from ..backbones import BackboneSpec, create_backbone
+        from ..errors import BackboneMismatchError
         spec = BackboneSpec.from_dict(st.meta.backbone)
         rand = st.meta.weights_sha256.startswith("random-init")
         bb = create_backbone(spec, random_init=rand)
@@ -72,9 +72,9 @@ def search(store: Path, key: str | None, image: Path | None, vector: Path | None
            gallery: Path | None, slide_heatmap: str | None, heatmap_out: Path) -> None:
     """Find the tiles most similar to a tile, an image or a vector: a table of rank, similarity,
     key, slide, x, y, label (or --json)."""
-    from .index.cli_impl import search_command
-    from .store import open_store
-    from .tiles import read_tiles
+    from ..index.jobs import search_command
+    from ..store import open_store
+    from ..extract.readback import read_tiles
     st = open_store(store)
 
     def load_tile(k_: str) -> Any:
@@ -95,8 +95,8 @@ def search(store: Path, key: str | None, image: Path | None, vector: Path | None
 def similarity_heatmap(st: Any, query: np.ndarray, slide: str, out: Path) -> Path:
     """Cosine similarity of ``query`` (dim,) to every tile of ``slide``, drawn over its thumbnail
     ("where on this slide is tissue like this?"), rescaled to [0, 1] over the slide."""
-    from .heads.predict import render_heatmap
-    from .tiles import slide_thumbnail
+    from ..plots import render_heatmap
+    from ..extract.readback import slide_thumbnail
     bag = st.slide(slide)
     e = bag.emb.astype(np.float32)
     sims = e @ query / (np.linalg.norm(e, axis=1) * np.linalg.norm(query) + 1e-12)

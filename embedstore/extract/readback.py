@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SourceError
+from ..errors import SourceError
 
 __all__ = ["read_tiles", "slide_path", "slide_thumbnail"]
 
@@ -27,7 +27,7 @@ def slide_path(store: Any, slide: str) -> Path:
 
 def slide_thumbnail(store: Any, slide: str, max_size: int = 1024) -> tuple[np.ndarray, float]:
     """(thumbnail (h, w, 3) uint8, level-0 pixels per thumbnail pixel)."""
-    from .extract.wsi import SlideReader
+    from .wsi import SlideReader
     with SlideReader(slide_path(store, slide)) as r:
         thumb = r.thumbnail(max_size)
         return thumb, r.dimensions[0] / thumb.shape[1]
@@ -45,7 +45,7 @@ def read_tiles(store: Any, ids: np.ndarray, size: int = 160) -> list[np.ndarray 
         for key, slide, src, x, y in zip(meta["key"], meta["slide"], meta["source"], meta["x"], meta["y"]):
             try:
                 if tile.get("kind") == "slides" and x >= 0 and slide:
-                    from .extract.wsi import SlideReader
+                    from .wsi import SlideReader
                     path = str(Path(src or "") / slide)
                     r = readers.get(path) or readers.setdefault(path, SlideReader(path))
                     mpp = units.get(f"slide:{slide}", {}).get("slide_mpp") or r.mpp or tile.get("mpp") or 0.5

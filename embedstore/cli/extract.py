@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli import handled, main
+from ._app import handled, main
 
 
 @main.command()
@@ -58,7 +58,7 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
     Re-running resumes: finished units are skipped, failed ones retried. Exit status 0 when
     everything was embedded, 1 when some inputs were recorded as errors, 2 on failure.
     """
-    from .extract.runner import ExtractConfig, extract as run
+    from ..extract.runner import ExtractConfig, extract as run
     cfg = ExtractConfig(store=store, backbone=backbone, weights=weights, random_init=random_init,
                         target_mpp=target_mpp, slide_mpp=slide_mpp, tile_size=tile_size, views=views,
                         view_seed=view_seed, batch_size=batch_size, num_workers=workers,
@@ -79,7 +79,7 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
 @click.argument("pattern", required=False)
 def backbones(pattern: str | None) -> None:
     """List the named backbones (any timm architecture name also works)."""
-    from .backbones import get_spec, list_backbones
+    from ..backbones import get_spec, list_backbones
     for name in list_backbones(pattern):
         s = get_spec(name)
         mpp = f"{s.native_mpp} µm/px" if s.native_mpp else "-"

@@ -1,11 +1,11 @@
-"""``embedstore select``: the CLI over :func:`embedstore.select.select_backbones`."""
+"""``embedstore select``: the CLI over :func:`embedstore.select.proxy.select_backbones`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from .cli import handled, main
+from ._app import handled, main
 
 
 @main.command()
@@ -58,7 +58,7 @@ def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by
       embedstore select --proxy tiles.csv --backbone mobilenetv2-onnx-int8 \\
           --backbone resnet18 --random-init --validate task.csv --out sel
     """
-    from .select import SelectConfig, select_backbones
+    from ..select.proxy import SelectConfig, select_backbones
     cfg = SelectConfig(proxy=proxy, backbones=tuple(backbones), out=out, k=k, folds=folds,
                        group_by=group_by, metric=metric, random_init=random_init, centre=centre,
                        seed=seed, cache=cache, validate=validate, head_seeds=head_seeds,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .cli import handled, main
+from ._app import handled, main
 
 
 @main.command("train-head")
@@ -36,7 +36,7 @@ def train_head(store: Path, task: str | None, labels: Path | None, head: str, hi
                out: Path | None) -> None:
     """Train a linear or MLP head on the store's embeddings and report F1, balanced accuracy,
     AUROC and the confusion matrix (mean ± std over seeds). Takes seconds: tune freely."""
-    from .heads.cli_impl import train_head_command
+    from ..heads.jobs import train_head_command
     train_head_command(store, task=task, labels=labels, head=head, hidden=hidden, epochs=epochs, lr=lr,
                        weight_decay=weight_decay, dropout=dropout, class_weights=class_weights,
                        split=split, seeds=seeds, augment=augment, sweep=sweep, out=out,
@@ -57,12 +57,12 @@ def predict(store: Path, head_dir: Path, out: Path, batch_size: int, heatmap_sli
             heatmap_class: str | None, heatmap_out: Path | None) -> None:
     """Predict every row of STORE with a head, in constant memory. A head applies to any store
     of the same backbone and transform; another backbone is refused."""
-    from .heads.cli_impl import predict_command
-    from .heads.predict import HeatmapSpec
+    from ..heads.jobs import predict_command
+    from ..heads.predict import HeatmapSpec
     spec = None
     if heatmap_slide:
-        from .store import open_store
-        from .tiles import slide_thumbnail
+        from ..store import open_store
+        from ..extract.readback import slide_thumbnail
         thumb, ds = slide_thumbnail(open_store(store), heatmap_slide)
         png = heatmap_out or Path(out).with_suffix("").with_name(Path(out).stem + "-heatmap.png")
         spec = HeatmapSpec(heatmap_slide, png, thumb, ds, heatmap_class)

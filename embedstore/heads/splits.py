@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import LabelsError
+from ..errors import LabelsError
 
 __all__ = [
     "SplitSpec", "Fold", "parse_split", "plan_splits", "stratified_group_kfold",

@@ -13,14 +13,15 @@ from typing import Callable
 
 import numpy as np
 
-from embedstore.errors import IndexError_
+from embedstore.errors import VectorIndexError
 from embedstore.index._vectors import StoreLike
 from embedstore.index.build import build_index, update_index
 from embedstore.index.choose import format_bytes
 from embedstore.index.search import SearchResult, search
 from embedstore.index.stored import IndexInfo
+from embedstore.plots import save_gallery
 
-__all__ = ["index_command", "search_command", "format_info", "format_results", "save_gallery"]
+__all__ = ["index_command", "search_command", "format_info", "format_results"]
 
 
 def format_info(info: IndexInfo, store_path: Path | str) -> str:
@@ -91,9 +92,9 @@ def search_command(store: StoreLike, key: str | None = None, vector_file: Path |
     a .npy vector file ((dim,) or (nq, dim)); returns a table or JSON to print."""
     given = [x is not None for x in (key, vector_file, image_file)]
     if sum(given) != 1:
-        raise IndexError_("give exactly one of --key, --image or --vector")
+        raise VectorIndexError("give exactly one of --key, --image or --vector")
     if task is not None and label is None:
-        raise IndexError_("--task only applies with --label; add --label L")
+        raise VectorIndexError("--task only applies with --label; add --label L")
     common = dict(k=k, exclude_same_slide=exclude_same_slide, label=label, task=task)
     if key is not None:
         hits = search(store, keys=[key], **common)      # type: ignore[arg-type]
@@ -104,7 +105,7 @@ def search_command(store: StoreLike, key: str | None = None, vector_file: Path |
             names = [f"{vector_file}[{i}]" for i in range(1 if vectors.ndim == 1 else len(vectors))]
         else:
             if embed_image is None:
-                raise IndexError_("searching by image needs the store's backbone; the CLI passes "
+                raise VectorIndexError("searching by image needs the store's backbone; the CLI passes "
                                   "embed_image")
             vectors = np.asarray(embed_image(Path(str(image_file))))
             names = [str(image_file)]
@@ -115,36 +116,3 @@ def search_command(store: StoreLike, key: str | None = None, vector_file: Path |
         return json.dumps([{"query": name, **_result_json(hit)} for hit, name in zip(hits, names)],
                           indent=1)
     return format_results(hits, names)
-
-
-def save_gallery(hits: list[SearchResult], names: list[str], out: Path,
-                 load_tile: Callable[[str], object] | None = None) -> Path:
-    """A grid: one row per query, its neighbours left to right, titled with score and slide.
-    Tiles are drawn when ``load_tile(key)`` returns an image, else the cell shows the key."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = max(1, max((len(h.ids) for h in hits), default=1))
-    fig, axes = plt.subplots(len(hits), cols, figsize=(1.8 * cols, 2.1 * len(hits)),
-                             squeeze=False)
-    for r, (hit, name) in enumerate(zip(hits, names)):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c >= len(hit.ids):
-                continue
-            key = hit.keys[c]
-            image = load_tile(key) if load_tile is not None else None
-            if image is not None:
-                ax.imshow(np.asarray(image))
-            else:
-                ax.text(0.5, 0.5, key.replace("/", "/\n"), ha="center", va="center", fontsize=6)
-            ax.set_title(f"{hit.scores[c]:.3f}\n{hit.meta['slide'][c]}", fontsize=6)
-        axes[r][0].text(-0.1, 0.5, name, transform=axes[r][0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=6)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out

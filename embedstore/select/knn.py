@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SelectionError
+from ..arrays import l2_normalise
+from ..errors import SelectionError
 
 __all__ = ["KnnConfig", "KnnClassifier", "normalise", "fold_scores", "METRICS"]
 
@@ -43,15 +44,7 @@ class KnnConfig:
                                  f"got {self.temperature!r}")
 
 
-def normalise(emb: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
-    """``emb`` (n, dim) any float -> (n, dim) float32 C-contiguous, minus ``mean`` (dim,) when
-    given, each row scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.array(emb, dtype=np.float32, order="C", copy=True)
-    if mean is not None:
-        x -= np.asarray(mean, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norm, out=x, where=norm > 0)
-    return x
+normalise = l2_normalise
 
 
 class KnnClassifier:
@@ -113,7 +106,7 @@ class KnnClassifier:
 
 
 def _metric(name: str, y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    from .heads.metrics import balanced_accuracy, f1
+    from ..heads.metrics import balanced_accuracy, f1
     if name == "balanced_accuracy":
         return balanced_accuracy(y_true, y_pred, n_classes)
     if name == "f1":
@@ -129,7 +122,7 @@ def fold_scores(emb: np.ndarray, y: np.ndarray, fold: np.ndarray, config: KnnCon
     with scores (n_folds,) float64 in fold order and the time spent fitting and predicting."""
     if metric not in METRICS:
         raise SelectionError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    from .heads import metrics as _  # noqa: F401  (imported outside the timed part)
+    from ..heads import metrics as _  # noqa: F401  (imported outside the timed part)
     y = np.asarray(y, dtype=np.int64)
     fold = np.asarray(fold, dtype=np.int64)
     c = int(n_classes if n_classes is not None else y.max() + 1)

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..augment import parse_augment
+from .augment import parse_augment
 from ..errors import HeadError
-from ..splits import Fold, parse_split, plan_splits
+from .splits import Fold, parse_split, plan_splits
 from .data import gather_features, labelled_set, view_bank
 from .crossval import SeedReport, cross_validate, pin_positive
 from .metrics import mean_std

@@ -1,5 +1,5 @@
 """Backbone selection by a proxy task: embed one labelled tile set with every candidate, score
-each embedding space with a cross-validated kNN classifier (`embedstore.knn`), rank them.
+each embedding space with a cross-validated kNN classifier (`embedstore.select.knn`), rank them.
 
 Each candidate's embeddings live in their own store, ``CACHE/<backbone>`` (default cache:
 ``OUT/stores``), made by the same pipeline as ``embedstore extract``; a second run finds every
@@ -24,7 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EmbedstoreError, SelectionError, UnknownBackboneError
+from ..arrays import average_ranks
+from ..plots import plot_selection
+from ..errors import EmbedstoreError, SelectionError, UnknownBackboneError
 from .knn import METRICS, KnnConfig, fold_scores
 
 __all__ = ["SelectConfig", "ProxySet", "Candidate", "SelectionResult", "read_proxy", "plan_folds",
@@ -175,7 +177,7 @@ class SelectionResult:
 # -- the proxy set (pure reading, no decoding beyond one image's size) -------------------------
 
 def _first_size(tiles: Sequence[Any]) -> int:
-    from .extract.sources import first_image_side
+    from ..extract.sources import first_image_side
     side = first_image_side(t.path for t in tiles)
     if side is None:
         raise SelectionError("no readable image among the proxy tiles")
@@ -201,7 +203,7 @@ def read_proxy(source: str | Path, group_by: str = GROUP_AUTO, task_name: str = 
     never groups, any other name is a required CSV column (``slide``, ``patient``...). Tiles
     without a value form a group of their own.
     """
-    from .extract.sources import discover
+    from ..extract.sources import discover
     src = Path(source)
     try:
         disc = discover([src])
@@ -237,7 +239,7 @@ def read_proxy(source: str | Path, group_by: str = GROUP_AUTO, task_name: str = 
     tile = {"kind": "files", "tile_size": _first_size(tiles), "mpp": None}  # as extract records it
     split = None
     if any(t.split for t in tiles):
-        from .splits import SPLIT_NAMES
+        from ..heads.splits import SPLIT_NAMES
         split = np.array([SPLIT_NAMES.get((t.split or "").lower(), "?") for t in tiles], dtype=object)
     return ProxySet(src, keys, labels, groups, column, tile, split)
 
@@ -255,7 +257,7 @@ def plan_folds(y: np.ndarray, groups: np.ndarray | None, folds: int, k: int, see
     """Fold of each row, (n,) int64 in ``0..folds-1``: stratified by ``y`` ((n,) int), grouped by
     ``groups`` ((n,) object, None = own group) so no group has rows in two folds. Pure and seeded;
     refuses inputs that cannot give a fair k-fold kNN, in one line each."""
-    from .splits import stratified_group_kfold
+    from ..heads.splits import stratified_group_kfold
     y = np.asarray(y, dtype=np.int64)
     name = (lambda c: str(classes[c])) if classes is not None else str  # noqa: E731
     counts = np.bincount(y)
@@ -306,18 +308,6 @@ def small_class_note(y: np.ndarray, fold: np.ndarray, k: int, classes: Sequence[
 
 # -- ranking statistics -------------------------------------------------------------------
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` (n,) as float64; tied values share the mean of their ranks."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = np.arange(1, x.size + 1, dtype=np.float64)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two (n,) arrays (average ranks for ties); NaN when n < 2 or
     either side is constant."""
@@ -358,7 +348,7 @@ def store_dir_name(backbone: str) -> str:
 
 def _resolve(names: Sequence[str], random_init: bool) -> list[tuple[str, bool]]:
     """Each candidate and whether it runs random-init weights; unknown names fail first."""
-    from .backbones import get_spec
+    from ..backbones import get_spec
     out: list[tuple[str, bool]] = []
     dirs: dict[str, str] = {}
     for name in names:
@@ -375,7 +365,7 @@ def _resolve(names: Sequence[str], random_init: bool) -> list[tuple[str, bool]]:
 
 
 def _check_geometry(store: Path, tile: dict[str, Any], what: str) -> None:
-    from .store.meta import read_meta
+    from ..store.meta import read_meta
     if (store / "STORE.json").exists():
         have = read_meta(store).tile
         if have != tile:
@@ -384,7 +374,7 @@ def _check_geometry(store: Path, tile: dict[str, Any], what: str) -> None:
 
 
 def _embed(source: Path, store: Path, name: str, random_init: bool, cfg: SelectConfig) -> Any:
-    from .extract.runner import ExtractConfig, extract
+    from ..extract.runner import ExtractConfig, extract
     ecfg = ExtractConfig(store=store, backbone=name, random_init=random_init,
                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                          num_threads=cfg.num_threads, devices=cfg.devices, progress=cfg.progress)
@@ -408,8 +398,8 @@ def _rows_in_store(store: Any, proxy: ProxySet) -> tuple[np.ndarray, np.ndarray]
 
 def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
                 root: Path) -> dict[str, Any]:
-    from .heads import HeadConfig, run_seeds
-    from .store import open_store
+    from ..heads import HeadConfig, run_seeds
+    from ..store import open_store
     store = root / store_dir_name(name)
     res = _embed(task.source, store, name, random_init, cfg)
     s = open_store(store)
@@ -442,7 +432,7 @@ def _read_task(path: Path) -> ProxySet:
 def select_backbones(cfg: SelectConfig) -> SelectionResult:
     """Embed the proxy with every candidate (cached stores), score each by cross-validated kNN,
     rank them, write ``selection.json`` and ``selection.png`` under ``cfg.out``."""
-    from .store import open_store
+    from ..store import open_store
     t_start = time.perf_counter()
     cands = _resolve(cfg.backbones, cfg.random_init)
     proxy = read_proxy(cfg.proxy, cfg.group_by)
@@ -515,43 +505,3 @@ def select_backbones(cfg: SelectConfig) -> SelectionResult:
     result.elapsed = time.perf_counter() - t_start
     (out / "selection.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
-
-
-def _name(source: Path) -> str:
-    return source.parent.name if source.stem == "labels" else source.stem or source.name
-
-
-def plot_selection(result: SelectionResult, path: Path) -> None:
-    """Bar chart of the proxy score (± std over folds), best first; downstream F1 beside it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    cands = result.candidates
-    down = all(c.downstream for c in cands)
-    fig = Figure(figsize=((2.4 + 1.5 * len(cands)) * (2 if down else 1), 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if down else 1, squeeze=False)[0]
-    x = np.arange(len(cands))
-    names = [c.label.replace(" (", "\n(") for c in cands]
-    panels = [(axes[0], [c.mean for c in cands], [c.std for c in cands], f"{result.config['metric']} (± std over folds)",
-               f"proxy: {_name(Path(result.proxy['source']))} ({result.proxy['folds']}-fold kNN, "
-               f"k={result.config['k']})", "#3b75af")]
-    if down:
-        panels.append((axes[1], [c.downstream["f1"][0] for c in cands],   # type: ignore[index]
-                       [c.downstream["f1"][1] for c in cands], "F1 on split=valid (± std over seeds)",  # type: ignore[index]
-                       f"downstream: {_name(Path(result.config['validate']))}"
-                       + (f"  (Spearman {result.spearman:.2f})" if result.spearman is not None else ""),
-                       "#e08a3c"))
-    chance = 1.0 / len(result.proxy["classes"])
-    axes[0].axhline(chance, color="grey", linestyle="--", linewidth=1)
-    axes[0].text(-0.45, chance + 0.01, "chance", ha="left", va="bottom", fontsize=8, color="grey",
-                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 1}, zorder=3)
-    for ax, mean, std, ylabel, title, colour in panels:
-        ax.bar(x, mean, yerr=std, capsize=6, color=colour, edgecolor="black", linewidth=0.6)
-        for xi, m, s in zip(x, mean, std):
-            ax.text(xi, m + s + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=9)
-        ax.set_xticks(x, names, fontsize=8)
-        ax.set_ylim(0, 1.08)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=120)

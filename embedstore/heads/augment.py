@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HeadError
+from ..errors import HeadError
 
 __all__ = ["AugmentConfig", "parse_augment", "ViewBank", "epoch_generator", "sample_views",
            "add_noise", "mixup_within_class", "feature_dropout", "augment_epoch"]

@@ -1,0 +1,31 @@
+"""Byte sizes as people write and read them: ``"8G"`` in, ``"1.5 GB"`` out."""
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+
+__all__ = ["parse_size", "format_bytes"]
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str | int | float, what: str = "memory budget") -> int:
+    """``"8G"``, ``"512M"``, ``"1.5GB"``, ``"800KiB"`` or a positive byte count -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"{what} must be positive, got {value!r}; e.g. 8G")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(value).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot read {what} {value!r}; use a size like 8G, 512M or 1.5G")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> ``"1.5 KB"`` (binary multiples; whole bytes below 1 KB)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
