@@ -178,7 +178,7 @@ def bench_pcam_views(store_path: str, seeds: int = 5) -> list[dict[str, Any]]:
     ``bench_pcam_heads.load_pcam``); the labels are the store's extraction CSV next to it
     (``--pcam-csv``, default ``../shared/data/pcam/labels.csv``)."""
     from bench_pcam_heads import PCAM_CSV, load_pcam, sklearn_lr
-    from embedstore.augment import parse_augment
+    from embedstore.heads.augment import parse_augment
     from embedstore.heads import HeadConfig, run_seeds
     csv = Path(os.environ.get("PCAM_CSV", PCAM_CSV))
     d = load_pcam(store_path, csv)

@@ -185,7 +185,7 @@ def sklearn_lr(d: PCam, mode: str = "default") -> dict[str, Any]:
 # ------------------------------------------------------------------------------ heads
 
 def head_config(kind: str, augment: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
-    from embedstore.augment import AugmentConfig
+    from embedstore.heads.augment import AugmentConfig
     from embedstore.heads import HeadConfig
     params = dict(base or {})
     aug = {**params.pop("augment", {}), **augment}
@@ -410,7 +410,7 @@ def tuned_rows(d: PCam, kind: str, seeds: int, folds: int) -> tuple[list[dict[st
 
 
 def _aug_text(aug: dict[str, Any]) -> str:
-    from embedstore.augment import AugmentConfig
+    from embedstore.heads.augment import AugmentConfig
     return str(AugmentConfig(**aug))
 
 

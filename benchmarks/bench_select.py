@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import SCRATCH, machine, print_table, write_results  # noqa: E402
 
-from embedstore.knn import KnnConfig, fold_scores  # noqa: E402
-from embedstore.select import SelectConfig, plan_folds, read_proxy, select_backbones  # noqa: E402
+from embedstore.select.knn import KnnConfig, fold_scores  # noqa: E402
+from embedstore.select.proxy import SelectConfig, plan_folds, read_proxy, select_backbones  # noqa: E402
 from embedstore.store import open_store  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -14,7 +14,7 @@ from .store.atomic import atomic_path
 
 if TYPE_CHECKING:
     from .index.search import SearchResult
-    from .select.proxy import SelectionResult
+    from .select.ranking import SelectionResult
 
 __all__ = ["render_heatmap", "save_gallery", "plot_selection", "infer_tile_size"]
 

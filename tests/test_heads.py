@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from embedstore.heads.augment import ViewBank, parse_augment
-from embedstore.errors import BackboneMismatchError, HeadError, LabelsError, UnknownKeyError
+from embedstore.errors import BackboneMismatchError, HeadError, LabelsError, ShapeError, UnknownKeyError
 from embedstore.heads import (
     HeadConfig, HeatmapSpec, SlideBagDataset, check_fingerprint, cross_validate, evaluate, gather_features,
     labelled_set, load_head, predict_store, run_seeds, save_head, sweep, train_head, view_bank,
@@ -45,7 +45,7 @@ def gaussians(n: int, dim: int = 16, n_classes: int = 3, sep: float = 3.0, seed:
 
 
 class FakeStore:
-    """The store API the heads code binds to, over in-memory arrays."""
+    """The store API the heads code binds to, over in-memory arrays (``StoreLike`` and more)."""
 
     def __init__(self, emb, slides, xy, labels=None, fingerprint=None, views=None, path="mem://store"):
         self.emb = emb
@@ -56,6 +56,27 @@ class FakeStore:
         self._fp = fingerprint or {"backbone": {"name": "fake"}, "weights_sha256": "abc", "transform": {}}
         self._views = views
         self.path = path
+        self.dim = int(emb.shape[1])
+        self.dtype = emb.dtype
+
+    # -- StoreLike: every row is live, ids are row positions
+    def __len__(self):
+        return len(self.emb)
+
+    @property
+    def n_rows_committed(self):
+        return len(self.emb)
+
+    def all_ids(self):
+        return np.arange(len(self.emb), dtype=np.int64)
+
+    def keys_of(self, ids):
+        return list(self.keys[np.asarray(ids, dtype=np.int64)])
+
+    def labels(self, keys, task=None):
+        if self.task is None:
+            return np.full(len(keys), None, dtype=object)
+        return np.asarray(self.task, dtype=object)[self.ids(list(keys))]
 
     def fingerprint(self):
         return dict(self._fp)
@@ -70,13 +91,15 @@ class FakeStore:
             raise UnknownKeyError(f"{len(missing)} key(s) not in {self.path}, first: {missing[0]!r}")
         return np.array([index[k] for k in keys], dtype=np.int64)
 
-    def scan(self, batch_size):
+    def scan(self, batch_size=65536):
         for a in range(0, len(self.emb), batch_size):
             yield np.arange(a, min(a + batch_size, len(self.emb)), dtype=np.int64), self.emb[a:a + batch_size]
 
     def metadata(self, ids, columns=("key", "slide", "x", "y")):
         ids = np.asarray(ids)
-        table = {"key": self.keys, "slide": self.slide_of, "x": self.xy[:, 0], "y": self.xy[:, 1]}
+        label = np.asarray(self.task if self.task is not None else [None] * len(self.emb), dtype=object)
+        table = {"key": self.keys, "slide": self.slide_of, "x": self.xy[:, 0], "y": self.xy[:, 1],
+                 "label": label}
         return {c: table[c][ids] for c in columns}
 
     def task_table(self, task):
@@ -144,6 +167,8 @@ def test_metric_edge_cases():
     summary = M.mean_std([{"f1": 0.5}, {"f1": 0.7}], names=["f1"])
     assert summary["f1"] == pytest.approx((0.6, 0.1))
     assert "0.6000 ± 0.1000" in M.format_table([{"name": "x", "f1": summary["f1"]}])
+    with pytest.raises(ShapeError, match="1-D class indices"):
+        M.confusion_matrix(np.zeros((2, 2), int), np.zeros(4, int), 2)
 
 
 def test_best_threshold_matches_brute_force():

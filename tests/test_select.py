@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore.cli import main
-from embedstore.errors import SelectionError
-from embedstore.select.knn import KnnClassifier, KnnConfig, fold_scores, normalise
-from embedstore.select.proxy import (
-    SelectConfig, average_ranks, plan_folds, read_proxy, seed_noise_notes, select_backbones, spearman,
-)
+from embedstore.errors import NotFittedError, SelectionError, ShapeError
+from embedstore.arrays import average_ranks, l2_normalise
+from embedstore.select.folds import plan_folds
+from embedstore.select.knn import KnnClassifier, KnnConfig, fold_scores
+from embedstore.select.proxy import SelectConfig, read_proxy, select_backbones
+from embedstore.select.ranking import seed_noise_notes, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 LUNG = ROOT / "sample_data" / "lung"
@@ -91,9 +92,9 @@ def test_knn_equals_bruteforce_reference(k, centre, temperature):
     train, test = np.arange(450), np.arange(450, 600)
     clf = KnnClassifier(KnnConfig(k, temperature, centre)).fit(x[train], y[train], n_classes=4)
     votes, nn = reference_votes(x[train], y[train], x[test], k, temperature, centre, 4)
-    sim, rows = clf.kneighbors(x[test])
-    assert sim.shape == rows.shape == (150, k)
-    assert np.array_equal(np.sort(rows, axis=1), np.sort(nn, axis=1))
+    scores, ids = clf.kneighbors(x[test])
+    assert scores.shape == ids.shape == (150, k)
+    assert np.array_equal(np.sort(ids, axis=1), np.sort(nn, axis=1))
     np.testing.assert_allclose(clf.votes(x[test]), votes, rtol=1e-4)
     assert np.array_equal(clf.predict(x[test]), votes.argmax(axis=1))
     assert (clf.predict(x[test]) == y[test]).mean() > 0.5            # real structure, not noise
@@ -107,8 +108,15 @@ def test_knn_centring_spreads_crowded_similarities_and_zero_rows_are_safe():
     assert centred.kneighbors(x[300:])[0].min() < 0.5          # votes discriminate again
     scores, seconds = fold_scores(x, y, np.arange(400) % 4, KnnConfig(k=10, centre=True))
     assert scores.shape == (4,) and scores.min() > 0.6 and seconds > 0
-    z = normalise(np.zeros((2, 5)), None)
+    z = l2_normalise(np.zeros((2, 5)), None)
     assert np.array_equal(z, np.zeros((2, 5), np.float32))
+
+
+def test_knn_unfitted_and_spearman_misuse_raise_embedstore_errors():
+    with pytest.raises(NotFittedError, match="not fitted"):
+        KnnClassifier().kneighbors(np.zeros((2, 4), np.float32))
+    with pytest.raises(ShapeError, match=r"two \(n,\) arrays"):
+        spearman(np.arange(3.0), np.arange(4.0))
 
 
 def test_knn_refuses_k_above_training_rows():

@@ -15,6 +15,8 @@ import pytest
 
 from embedstore.errors import SlideError, SourceError
 from embedstore.extract import wsi
+from embedstore.extract.wsi import reader as wsi_reader
+from embedstore.extract.wsi import tissue as wsi_tissue
 from embedstore.extract.wsi import (SlideReader, TileGrid, best_level, otsu_threshold,
                                     parse_tile_key, plan_grid, plan_slide, read_tile,
                                     slide_id, slide_identity, tile_key, tissue_mask)
@@ -145,7 +147,7 @@ def _reference_morph(mask, r, grow):
 def test_morphology_matches_brute_force(r):
     mask = np.random.default_rng(r).random((37, 53)) > 0.7
     for grow in (True, False):
-        assert np.array_equal(wsi._morph(mask, r, grow), _reference_morph(mask, r, grow))
+        assert np.array_equal(wsi_tissue._morph(mask, r, grow), _reference_morph(mask, r, grow))
 
 
 def test_median3_equals_pil_median_filter():
@@ -302,7 +304,7 @@ def test_tiff_chunk_reads_equal_whole_level_reads(tmp_path):
 
 def test_render_in_blocks_matches_one_block(cmu, monkeypatch):
     one = cmu.render(4.0)
-    monkeypatch.setattr(wsi, "_RENDER_BLOCK", 300)
+    monkeypatch.setattr(wsi_reader, "_RENDER_BLOCK", 300)
     blocks = cmu.render(4.0)
     assert blocks.shape == one.shape == (round(2967 / 4), round(2220 / 4), 3)
     assert _mad(blocks, one) < 2.0

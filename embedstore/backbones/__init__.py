@@ -17,16 +17,19 @@ from .spec import BackboneSpec, frozen_kwargs
 if TYPE_CHECKING:
     from ._load import build_module, create_backbone
     from .backbone import Backbone, TorchBackbone
+    from .images import image_embedder
     from .onnx import OnnxBackbone
 
 __all__ = [
     "BackboneSpec", "frozen_kwargs", "register_backbone", "list_backbones", "get_spec",
     "create_backbone", "build_module", "Backbone", "TorchBackbone", "OnnxBackbone",
+    "image_embedder",
 ]
 
 _LAZY = {
     "create_backbone": "._load", "build_module": "._load",
     "Backbone": ".backbone", "TorchBackbone": ".backbone", "OnnxBackbone": ".onnx",
+    "image_embedder": ".images",
 }
 
 

@@ -14,7 +14,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..errors import BackboneMismatchError, WeightsNotFoundError
+from ..errors import (BackboneError, BackboneMismatchError, ConfigError, MissingDependencyError,
+                      WeightsNotFoundError)
 from ._registry import get_spec
 from ._weights import (
     WEIGHT_FILES, file_sha256, find_in_hf_cache, hf_cache_dir, find_in_torch_hub_cache,
@@ -39,17 +40,21 @@ def create_backbone(name: str | BackboneSpec, *, weights: str | os.PathLike[str]
     module without memory (for checking shapes of billion-parameter models).
     """
     spec = name if isinstance(name, BackboneSpec) else get_spec(name)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N "
+                          "(CLI --devices cpu | cuda:0,cuda:1 | all)") from None
     if weights is not None and random_init:
-        raise ValueError("pass either weights=FILE or random_init=True, not both")
+        raise ConfigError("pass either weights=FILE or random_init=True, not both")
     if spec.kind == "onnx":
         from .onnx import OnnxBackbone
 
         if precision not in (None, spec.precision):
-            raise ValueError(f"ONNX backbone {spec.name!r} runs its graph's own precision "
-                             f"({spec.precision}); precision={precision!r} cannot be applied")
+            raise ConfigError(f"ONNX backbone {spec.name!r} runs its graph's own precision "
+                              f"({spec.precision}); precision={precision!r} cannot be applied")
         if random_init:
-            raise ValueError(f"ONNX backbone {spec.name!r} has no random initialisation; drop random_init")
+            raise ConfigError(f"ONNX backbone {spec.name!r} has no random initialisation; drop random_init")
         return OnnxBackbone(spec, weights=weights, device=dev, num_threads=num_threads)
 
     explicit = isinstance(name, BackboneSpec)  # e.g. read back from a store: taken as is
@@ -57,7 +62,7 @@ def create_backbone(name: str | BackboneSpec, *, weights: str | os.PathLike[str]
     spec = spec.replace(precision=used)
     if dev.type == "meta":
         if not random_init:
-            raise ValueError("device='meta' builds shapes only; pass random_init=True")
+            raise ConfigError("device='meta' builds shapes only; pass random_init=True")
         return TorchBackbone(spec, build_module(spec, device="meta"), "meta:no-weights", dev)
     if random_init:
         module = _seeded_module(spec, RANDOM_INIT_SEED)
@@ -171,8 +176,8 @@ def build_module(spec: BackboneSpec, *, device: str | torch.device = "cpu") -> E
         with torch.device(device):
             model = transformers.AutoModel.from_config(config)
         return Embedder(_HFTokens(model), spec.pooling, 1 + int(getattr(config, "num_register_tokens", 0)))
-    raise ValueError(f"backbone {spec.name!r} of kind {spec.kind!r} cannot be built without its "
-                     f"weights: {spec.loader_note}")
+    raise BackboneError(f"backbone {spec.name!r} of kind {spec.kind!r} cannot be built without its "
+                        f"weights: {spec.loader_note}")
 
 
 def _resolve_timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +189,7 @@ def _resolve_timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     value = kwargs.get("mlp_layer")
     if isinstance(value, str):
         if value not in allowed:
-            raise ValueError(f"mlp_layer={value!r} is not one of {sorted(allowed)}")
+            raise BackboneError(f"mlp_layer={value!r} is not one of {sorted(allowed)}")
         kwargs["mlp_layer"] = allowed[value]
     if isinstance(kwargs.get("act_layer"), str):
         kwargs["act_layer"] = layers.get_act_layer(kwargs["act_layer"])
@@ -216,8 +221,8 @@ def _import_transformers(spec: BackboneSpec) -> Any:
     try:
         import transformers
     except ImportError:
-        raise ImportError(f"backbone {spec.name!r} needs the transformers package "
-                          f"(`pip install transformers`): {spec.loader_note}") from None
+        raise MissingDependencyError(f"backbone {spec.name!r} needs the transformers package "
+                                     f"(`pip install transformers`): {spec.loader_note}") from None
     return transformers
 
 

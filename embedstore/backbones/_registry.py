@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnknownBackboneError, WeightsNotFoundError
+from ..errors import BackboneError, UnknownBackboneError, WeightsNotFoundError
 from .builtin import BUILTIN_SPECS
 from .spec import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, BackboneSpec, frozen_kwargs
 
@@ -33,8 +33,8 @@ def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> Backbon
     key = spec.name.lower()
     old = _REGISTRY.get(key)
     if old is not None and old != spec and not overwrite:
-        raise ValueError(f"backbone {spec.name!r} is already registered with another spec; "
-                         "pass overwrite=True to replace it")
+        raise BackboneError(f"backbone {spec.name!r} is already registered with another spec; "
+                            "pass overwrite=True to replace it")
     _REGISTRY[key] = spec
     return spec
 

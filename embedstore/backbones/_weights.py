@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import WeightsNotFoundError
+from ..errors import BackboneError, WeightsNotFoundError
 
 __all__ = [
     "WEIGHT_FILES", "hf_cache_dir", "find_in_hf_cache", "find_in_torch_hub_cache",
@@ -99,18 +99,33 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path), device="cpu")
+        try:
+            state: Any = load_file(str(path), device="cpu")
+        except Exception as exc:   # noqa: BLE001  (safetensors' own error class is not public)
+            raise BackboneError(f"refusing {path}: not a readable safetensors file "
+                                f"({_first_line(exc)}); save model.state_dict() with "
+                                "safetensors.torch.save_file") from None
     else:
         import torch
 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # a builtin for now: callers catch pickle.UnpicklingError; errors.py has no such class yet
             raise pickle.UnpicklingError(
                 f"refusing {path}: it is not a plain tensor checkpoint (torch.load weights_only=True "
-                f"failed: {first}); save model.state_dict() with torch.save or safetensors") from None
+                f"failed: {_first_line(exc)}); save model.state_dict() with torch.save or "
+                "safetensors") from None
+        except (RuntimeError, EOFError, ValueError) as exc:   # truncated or not a torch file
+            raise BackboneError(f"refusing {path}: not a readable torch checkpoint "
+                                f"({_first_line(exc)}); save model.state_dict() with torch.save "
+                                "or safetensors") from None
     return _unwrap(state, path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unwrap(state: Any, path: Path) -> dict[str, Any]:

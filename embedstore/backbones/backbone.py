@@ -20,6 +20,7 @@ Random initialisation is seeded: two processes building the same spec get identi
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DimensionMismatchError
+from ..errors import DimensionMismatchError, ShapeError
 from .spec import BackboneSpec
 
 __all__ = ["Backbone", "TorchBackbone", "preprocess_batch", "RANDOM_INIT_SEED"]
@@ -45,7 +46,7 @@ def as_uint8_batch(batch: Any) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"embed() takes a (n, H, W, 3) uint8 tensor or array, got {type(batch).__name__}")
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ValueError(f"embed() takes (n, H, W, 3) uint8 RGB tiles, got {tuple(batch.shape)} "
+        raise ShapeError(f"embed() takes (n, H, W, 3) uint8 RGB tiles, got {tuple(batch.shape)} "
                          f"{batch.dtype}; decode tiles to HWC uint8 first")
     return batch
 
@@ -68,7 +69,7 @@ def preprocess_batch(batch: torch.Tensor, spec: BackboneSpec, device: torch.devi
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-class Backbone:
+class Backbone(abc.ABC):
     """Base class: holds the spec and weights identity; subclasses implement `_run`."""
 
     def __init__(self, spec: BackboneSpec, weights_sha256: str, device: torch.device) -> None:
@@ -104,8 +105,9 @@ class Backbone:
                 f"({tiles.shape[0]}, {self.dim}); fix the spec's dim or pooling")
         return emb.float().cpu()
 
+    @abc.abstractmethod
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``x: (n, 3, S, S) float32`` network input -> ``(n, dim)`` embeddings."""
 
     def to(self, device: str | torch.device) -> Backbone:
         self._device = torch.device(device)

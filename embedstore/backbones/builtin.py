@@ -8,7 +8,7 @@ on huggingface.co and ``huggingface-cli download ORG/MODEL`` on a connected mach
 """
 from __future__ import annotations
 
-from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, frozen_kwargs
+from .spec import BackboneSpec, frozen_kwargs
 
 __all__ = ["BUILTIN_SPECS", "HOPTIMUS_MEAN", "HOPTIMUS_STD", "SHIPPED_ONNX"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import WeightsNotFoundError
+from ..errors import BackboneError, WeightsNotFoundError
 from ._weights import file_sha256
 from .backbone import Backbone
 from .spec import BackboneSpec
@@ -51,8 +51,8 @@ def find_pooled_output(model: Any, output: str | None = None) -> PooledOutput:
         return PooledOutput(output, onnx.TensorProto.FLOAT, None, None)
     pools = [n for n in graph.node if n.op_type in _POOLS]
     if not pools:
-        raise ValueError("no GlobalAveragePool node in the ONNX graph; register a spec with "
-                         "kwargs={'output': TENSOR_NAME} naming the embedding tensor")
+        raise BackboneError("no GlobalAveragePool node in the ONNX graph; register a spec with "
+                            "kwargs={'output': TENSOR_NAME} naming the embedding tensor")
     pool = pools[-1]  # graph nodes are topologically sorted: the last pool feeds the head
     name = pool.output[0]
     for node in graph.node:
@@ -64,11 +64,11 @@ def find_pooled_output(model: Any, output: str | None = None) -> PooledOutput:
     inits = {t.name: t for t in graph.initializer}
     scale_name, zp_name = pool.input[3], pool.input[4]  # y_scale, y_zero_point
     if scale_name not in inits or zp_name not in inits:
-        raise ValueError(f"quantised pool {pool.name!r} has no constant output scale/zero point")
+        raise BackboneError(f"quantised pool {pool.name!r} has no constant output scale/zero point")
     scale = numpy_helper.to_array(inits[scale_name])
     zero_point = numpy_helper.to_array(inits[zp_name])
     if scale.size != 1 or zero_point.size != 1:
-        raise ValueError(f"quantised pool {pool.name!r} has per-channel output quantisation")
+        raise BackboneError(f"quantised pool {pool.name!r} has per-channel output quantisation")
     return PooledOutput(name, inits[zp_name].data_type, float(scale.reshape(())),
                         int(zero_point.reshape(())))
 
@@ -123,8 +123,8 @@ def _session(model: Any, device: torch.device, num_threads: int | None) -> Any:
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError("onnxruntime has no CUDAExecutionProvider here; install "
-                             "onnxruntime-gpu or use device='cpu'")
+            raise BackboneError("onnxruntime has no CUDAExecutionProvider here; install "
+                                "onnxruntime-gpu or use device='cpu'")
         providers.insert(0, "CUDAExecutionProvider")
     return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
 
@@ -132,7 +132,11 @@ def _session(model: Any, device: torch.device, num_threads: int | None) -> Any:
 def _load_graph(path: Path, output: str | None) -> tuple[Any, PooledOutput]:
     import onnx
 
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:   # noqa: BLE001  (protobuf's DecodeError, onnx's own checks)
+        raise BackboneError(f"{path} is not a readable ONNX model ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); pass an exported .onnx file") from None
     pooled = find_pooled_output(model, output)
     return expose_output(model, pooled), pooled
 

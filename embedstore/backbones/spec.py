@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import BackboneError
+
 __all__ = [
     "BackboneSpec", "frozen_kwargs", "KINDS", "POOLINGS", "PRECISIONS", "INTERPOLATIONS",
     "IMAGENET_MEAN", "IMAGENET_STD",
@@ -40,7 +42,7 @@ def _canonical_json(obj: Mapping[str, Any]) -> str:
     try:
         return json.dumps(dict(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"backbone kwargs must be JSON values (name classes by string): {exc}") from None
+        raise BackboneError(f"backbone kwargs must be JSON values (name classes by string): {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +71,13 @@ class BackboneSpec:
         elif isinstance(self.kwargs, (tuple, list)):  # or (key, value) pairs
             object.__setattr__(self, "kwargs", _canonical_json(dict(self.kwargs)))
         else:
-            parsed = json.loads(self.kwargs)
+            try:
+                parsed = json.loads(self.kwargs)
+            except ValueError as exc:
+                raise BackboneError(f"backbone {self.name!r}: kwargs {self.kwargs!r} is not JSON "
+                                    f"({exc})") from None
             if not isinstance(parsed, dict):
-                raise ValueError(f"backbone {self.name!r}: kwargs must be a JSON object, got {self.kwargs!r}")
+                raise BackboneError(f"backbone {self.name!r}: kwargs must be a JSON object, got {self.kwargs!r}")
             object.__setattr__(self, "kwargs", _canonical_json(parsed))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -83,8 +89,8 @@ class BackboneSpec:
         self._check()
 
     def _check(self) -> None:
-        def bad(field: str, value: object, allowed: str) -> ValueError:
-            return ValueError(f"backbone {self.name!r}: {field}={value!r} is invalid; use {allowed}")
+        def bad(field: str, value: object, allowed: str) -> BackboneError:
+            return BackboneError(f"backbone {self.name!r}: {field}={value!r} is invalid; use {allowed}")
 
         if not self.name or self.name != self.name.strip():
             raise bad("name", self.name, "a non-empty name without surrounding spaces")
@@ -134,7 +140,12 @@ class BackboneSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"backbone spec has unknown fields {unknown}; written by a newer embedstore?")
+            raise BackboneError(f"backbone spec has unknown fields {unknown}; written by a newer embedstore?")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.name not in data]
+        if required:
+            raise BackboneError(f"backbone spec {dict(data).get('name', '?')!r} lacks the fields "
+                                f"{required}; it was not written by embedstore's BackboneSpec.to_dict()")
         values = dict(data)
         for key in ("mean", "std"):
             if key in values:

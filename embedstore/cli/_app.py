@@ -1,49 +1,73 @@
-"""The ``embedstore`` click group and how every command reports failure.
+"""The ``embedstore`` click group, how every command reports failure, and ``--json`` output.
 
-Exit status: 0 success, 1 completed with errors (some inputs recorded as errors), 2 failure
-(bad input or a broken store: one line on stderr says what and how to fix it).
+Exit status: 0 success, 1 completed with errors (some inputs recorded as errors), 2 failure.
+A failure is one line on stderr: an :class:`~embedstore.errors.EmbedstoreError` (or a missing
+file) says what was wrong and how to fix it; any other exception names the command and the
+exception and points to ``embedstore --debug``, which also prints the traceback.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
+import numpy as np
 
-from ..sizes import format_bytes
+from ..errors import EmbedstoreError
+
+__all__ = ["EXIT_PARTIAL", "EXIT_FAIL", "main", "fail", "json_option", "echo_json", "progress_echo"]
 
 EXIT_PARTIAL, EXIT_FAIL = 1, 2
+MAX_MESSAGE = 500                # characters of an unexpected exception's message shown
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def fail(msg: str) -> NoReturn:
+    """Print ``error: msg`` (one line) on stderr and exit with status 2."""
+    click.echo(f"error: {_one_line(msg)}", err=True)
     sys.exit(EXIT_FAIL)
 
 
-def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn embedstore's errors (and missing files) into one line and exit status 2."""
-    @functools.wraps(fn)
-    def wrapper(*a: Any, **kw: Any) -> Any:
-        from ..errors import EmbedstoreError
+def _message(exc: Exception, command: str) -> str:
+    """The one line a failure of ``command`` prints (without the ``error: `` prefix)."""
+    if isinstance(exc, EmbedstoreError):
+        return str(exc)
+    if isinstance(exc, OSError) and getattr(exc, "filename", None):   # missing file, no access...
+        return f"{exc.strerror or exc}: {exc.filename}"
+    text = _one_line(str(exc))
+    text = text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
+    return (f"{command} failed unexpectedly: {type(exc).__name__}" + (f": {text}" if text else "")
+            + f"; rerun as `embedstore --debug {command} ...` for the traceback")
+
+
+class _Group(click.Group):
+    """A click group that turns every exception of a command into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return fn(*a, **kw)
-        except EmbedstoreError as e:
-            _fail(str(e))
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
-    return wrapper
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise                                     # usage errors keep click's own report
+        except Exception as exc:                      # noqa: BLE001  (the one place that may)
+            if ctx.params.get("debug"):
+                traceback.print_exc(file=sys.stderr)
+            fail(_message(exc, ctx.invoked_subcommand or "embedstore"))
 
 
-_human = format_bytes
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="embedstore")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On failure, also print the full traceback.")
+def main(debug: bool) -> None:
     """embedstore: embed every histology tile once, keep the embeddings in one store, and
     train heads, search and select backbones over it.
 
@@ -58,4 +82,40 @@ def main() -> None:
       embedstore info st
       embedstore labels st labels.csv --task tumour
       embedstore verify st
+
+    \b
+    Exit status: 0 success, 1 completed with errors (inputs recorded as errors in the store),
+    2 failure (one line on stderr; `embedstore --debug COMMAND ...` adds the traceback).
+    Every command that prints a result takes --json: one JSON document on stdout.
     """
+
+
+def json_option(fn: F) -> F:
+    """The ``--json`` flag (parameter ``as_json``) every command that prints a result takes."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as one JSON document on stdout.")(fn)
+
+
+def _plain(value: Any) -> Any:
+    """What json.dumps cannot write itself: numpy values, paths, dataclasses, sets."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def echo_json(obj: Any) -> None:
+    """Print ``obj`` as one JSON document on stdout."""
+    click.echo(json.dumps(obj, indent=2, default=_plain))
+
+
+def progress_echo(as_json: bool) -> Callable[[str], None]:
+    """Where a command's progress lines go: stdout, or stderr when stdout carries the JSON."""
+    return (lambda msg: click.echo(msg, err=True)) if as_json else click.echo

@@ -1,13 +1,15 @@
-"""``embedstore extract``: the CLI over :func:`embedstore.extract.runner.extract`."""
+"""``embedstore extract`` (the CLI over :func:`embedstore.extract.runner.extract`) and
+``embedstore backbones``."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from ._app import handled, main
+from ._app import echo_json, json_option, main
 
 
 @main.command()
@@ -45,12 +47,13 @@ from ._app import handled, main
 @click.option("--rows-per-shard", type=int, default=65536, show_default=True,
               help="Rows per committed shard (a shard is also committed every 30 s of work).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@handled
+@json_option
 def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str | None,
             random_init: bool, target_mpp: float | None, slide_mpp: float | None,
             tile_size: int | None, views: int | None, view_seed: int, devices: str, batch_size: int,
             workers: int | None, threads: int | None, precision: str | None, dtype: str,
-            task: str | None, min_tissue: float, compile_: bool, files_per_unit: int, rows_per_shard: int, quiet: bool) -> None:
+            task: str | None, min_tissue: float, compile_: bool, files_per_unit: int, rows_per_shard: int, quiet: bool,
+            as_json: bool) -> None:
     """Embed tiles into STORE. SOURCE is a folder of tiles (class sub-folders become labels),
     a CSV manifest (path,label[,split,slide]), a slide file or a folder of slides.
 
@@ -69,6 +72,9 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
     res = run(list(sources), cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         sys.exit(res.exit_code)
+    if as_json:
+        echo_json({**dataclasses.asdict(res), "tiles_per_s": res.tiles_per_s, "exit_code": res.exit_code})
+        sys.exit(res.exit_code)
     click.echo(res.summary())
     if res.overlays:
         click.echo(f"tissue overlays: {', '.join(res.overlays[:4])}" + (" ..." if len(res.overlays) > 4 else ""))
@@ -77,10 +83,14 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
 
 @main.command()
 @click.argument("pattern", required=False)
-def backbones(pattern: str | None) -> None:
+@json_option
+def backbones(pattern: str | None, as_json: bool) -> None:
     """List the named backbones (any timm architecture name also works)."""
     from ..backbones import get_spec, list_backbones
-    for name in list_backbones(pattern):
-        s = get_spec(name)
+    specs = [get_spec(name) for name in list_backbones(pattern)]
+    if as_json:
+        echo_json([s.to_dict() for s in specs])
+        return
+    for s in specs:
         mpp = f"{s.native_mpp} µm/px" if s.native_mpp else "-"
-        click.echo(f"{name:24s} {s.kind:12s} dim {s.dim:<5d} {s.precision:5s} {mpp:10s} {s.hub_id or s.model_id}")
+        click.echo(f"{s.name:24s} {s.kind:12s} dim {s.dim:<5d} {s.precision:5s} {mpp:10s} {s.hub_id or s.model_id}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ._app import handled, main
+from ._app import echo_json, json_option, main, progress_echo
 
 
 @main.command("train-head")
@@ -29,18 +29,21 @@ from ._app import handled, main
 @click.option("--positive", help="Positive class for binary F1 (default: the minority class).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Directory to save the head (safetensors + JSON).")
-@handled
+@json_option
 def train_head(store: Path, task: str | None, labels: Path | None, head: str, hidden: int, epochs: int,
                lr: float | None, weight_decay: float, dropout: float, class_weights: str, split: str,
                seeds: int, augment: str | None, sweep: bool, positive: str | None, seed: int,
-               out: Path | None) -> None:
+               out: Path | None, as_json: bool) -> None:
     """Train a linear or MLP head on the store's embeddings and report F1, balanced accuracy,
     AUROC and the confusion matrix (mean ± std over seeds). Takes seconds: tune freely."""
     from ..heads.jobs import train_head_command
-    train_head_command(store, task=task, labels=labels, head=head, hidden=hidden, epochs=epochs, lr=lr,
-                       weight_decay=weight_decay, dropout=dropout, class_weights=class_weights,
-                       split=split, seeds=seeds, augment=augment, sweep=sweep, out=out,
-                       positive=positive, seed=seed, echo=click.echo)
+    result = train_head_command(store, task=task, labels=labels, head=head, hidden=hidden, epochs=epochs,
+                                lr=lr, weight_decay=weight_decay, dropout=dropout,
+                                class_weights=class_weights, split=split, seeds=seeds, augment=augment,
+                                sweep=sweep, out=out, positive=positive, seed=seed,
+                                echo=progress_echo(as_json))
+    if as_json:
+        echo_json(result)
 
 
 @main.command()
@@ -52,9 +55,9 @@ def train_head(store: Path, task: str | None, labels: Path | None, head: str, hi
 @click.option("--heatmap", "heatmap_slide", help="Slide whose class probability to draw over its thumbnail.")
 @click.option("--heatmap-class", help="Class to draw (default: the positive class).")
 @click.option("--heatmap-out", type=click.Path(path_type=Path), help="PNG path (default: next to --out).")
-@handled
+@json_option
 def predict(store: Path, head_dir: Path, out: Path, batch_size: int, heatmap_slide: str | None,
-            heatmap_class: str | None, heatmap_out: Path | None) -> None:
+            heatmap_class: str | None, heatmap_out: Path | None, as_json: bool) -> None:
     """Predict every row of STORE with a head, in constant memory. A head applies to any store
     of the same backbone and transform; another backbone is refused."""
     from ..heads.jobs import predict_command
@@ -66,4 +69,7 @@ def predict(store: Path, head_dir: Path, out: Path, batch_size: int, heatmap_sli
         thumb, ds = slide_thumbnail(open_store(store), heatmap_slide)
         png = heatmap_out or Path(out).with_suffix("").with_name(Path(out).stem + "-heatmap.png")
         spec = HeatmapSpec(heatmap_slide, png, thumb, ds, heatmap_class)
-    predict_command(store, head_dir=head_dir, out=out, batch_size=batch_size, heatmap=spec, echo=click.echo)
+    result = predict_command(store, head_dir=head_dir, out=out, batch_size=batch_size, heatmap=spec,
+                             echo=progress_echo(as_json))
+    if as_json:
+        echo_json(result)

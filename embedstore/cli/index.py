@@ -1,13 +1,70 @@
-"""``embedstore index`` and ``embedstore search``: CLI over :mod:`embedstore.index`."""
+"""``embedstore index`` and ``embedstore search``: CLI over :mod:`embedstore.index.jobs`, and
+how their results read as text or JSON."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
-from ._app import handled, main
+from ..sizes import format_bytes
+from ._app import echo_json, json_option, main
+
+if TYPE_CHECKING:
+    from ..index import IndexInfo, SearchResult
+
+__all__ = ["index", "search", "format_info", "format_results", "results_json"]
+
+
+def format_info(info: IndexInfo, store_path: Path | str) -> str:
+    """The index record as the text ``embedstore index`` prints."""
+    met = "met" if info.recall_met else "NOT met"
+    lines = [
+        f"index {Path(store_path) / 'index'}",
+        f"  factory        {info.factory} ({info.kind}, {info.metric})",
+        f"  rows           {info.n_covered:,} (ids up to {info.max_id:,}; "
+        f"{info.n_added:,} added since the build)",
+        f"  search params  {info.params}",
+        f"  recall@10      {info.recall_at_10:.3f} on {info.n_queries:,} held-out queries "
+        f"(target {info.target_recall}: {met})",
+        f"  speed          {info.qps:,.0f} queries/s (batched)",
+        f"  build          {info.build_seconds:.1f}s + {info.tune_seconds:.1f}s tuning, "
+        f"{format_bytes(info.memory_bytes)} on disk",
+        f"  why            {info.reason}",
+    ]
+    return "\n".join(lines)
+
+
+def _plain(value: object) -> object:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def format_results(hits: list[SearchResult], queries: list[str]) -> str:
+    """A table per query: rank, score, key, slide, x, y, label."""
+    out = []
+    for hit, name in zip(hits, queries):
+        out.append(f"query {name}  ({hit.method})")
+        out.append(f"  {'#':>3} {'score':>7}  {'key':<40} {'slide':<24} {'x':>7} {'y':>7}  label")
+        for j, (key, score) in enumerate(zip(hit.keys, hit.scores)):
+            meta = {col: _plain(vals[j]) for col, vals in hit.meta.items()}
+            out.append(f"  {j + 1:>3} {score:>7.4f}  {key:<40} {str(meta.get('slide')):<24} "
+                       f"{str(meta.get('x')):>7} {str(meta.get('y')):>7}  "
+                       f"{'' if meta.get('label') is None else meta.get('label')}")
+        if not hit.keys:
+            out.append("  (no tile passes the filters)")
+    return "\n".join(out)
+
+
+def results_json(hits: list[SearchResult], queries: list[str]) -> list[dict[str, Any]]:
+    """One dict per query: its name, method, keys, ids, scores and each neighbour's metadata."""
+    return [{"query": name, "query_id": hit.query_id, "method": hit.method,
+             "keys": list(hit.keys), "ids": [int(i) for i in hit.ids],
+             "scores": [round(float(s), 6) for s in hit.scores],   # as the Python API returns them
+             "neighbours": [{"id": int(i), "key": key, "score": round(float(s), 6),
+                             **{col: _plain(vals[j]) for col, vals in hit.meta.items()}}
+                            for j, (i, key, s) in enumerate(zip(hit.ids, hit.keys, hit.scores))]}
+            for hit, name in zip(hits, queries)]
 
 
 @main.command()
@@ -19,36 +76,18 @@ from ._app import handled, main
               help="recall@10 vs exact search, measured on held-out queries; search parameters are tuned to it.")
 @click.option("--gpu", is_flag=True, help="Build and search with faiss-gpu (the `gpu` extra).")
 @click.option("--update", is_flag=True, help="Add rows committed since the build, without retraining.")
-@click.option("--json", "as_json", is_flag=True, help="Print the index record as JSON.")
-@handled
+@json_option
 def index(store: Path, kind: str, memory_budget: str, target_recall: float, gpu: bool, update: bool,
           as_json: bool) -> None:
     """Build the store's FAISS index (cosine), measure its recall@10 and tune it; saved in STORE/index/."""
     from ..index.jobs import index_command
     from ..store import open_store
-    click.echo(index_command(open_store(store), kind=kind, memory_budget=memory_budget,
-                             target_recall=target_recall, gpu=gpu, update=update, as_json=as_json))
-
-
-def _embedder(st: Any) -> Any:
-    """Embed an image file with the store's own backbone (from STORE.json)."""
-    def embed(path: Path) -> np.ndarray:
-        from PIL import Image
-
-        from ..backbones import BackboneSpec, create_backbone
-        from ..errors import BackboneMismatchError
-        spec = BackboneSpec.from_dict(st.meta.backbone)
-        rand = st.meta.weights_sha256.startswith("random-init")
-        bb = create_backbone(spec, random_init=rand)
-        if bb.weights_sha256 != st.meta.weights_sha256:
-            raise BackboneMismatchError(f"the weights found for {spec.name!r} differ from the ones that "
-                                        f"made {st.path} (sha256 {st.meta.weights_sha256[:12]}...)")
-        img = np.asarray(Image.open(path).convert("RGB"))
-        size = (st.meta.tile or {}).get("tile_size")
-        if size and img.shape[:2] != (size, size):
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
-        return bb.embed(img[None]).numpy()[0]
-    return embed
+    info = index_command(open_store(store), kind=kind, memory_budget=memory_budget,
+                         target_recall=target_recall, gpu=gpu, update=update)
+    if as_json:
+        echo_json(info.to_json())
+    else:
+        click.echo(format_info(info, store))
 
 
 @main.command()
@@ -62,47 +101,32 @@ def _embedder(st: Any) -> Any:
 @click.option("--exclude-same-slide", is_flag=True, help="Leave out tiles of the query's own slide (leakage).")
 @click.option("--label", help="Only tiles with this label ...")
 @click.option("--task", help="... of this task (default: the labels recorded at extraction).")
-@click.option("--json", "as_json", is_flag=True, help="Print keys, ids, scores and metadata as JSON.")
+@json_option
 @click.option("--gallery", type=click.Path(path_type=Path), help="PNG of the neighbours' tiles with their scores.")
 @click.option("--slide-heatmap", help="Also draw the query's similarity to every tile of this slide over its thumbnail.")
 @click.option("--heatmap-out", type=click.Path(path_type=Path), default="similarity.png", show_default=True)
-@handled
 def search(store: Path, key: str | None, image: Path | None, vector: Path | None, k: int,
            exclude_same_slide: bool, label: str | None, task: str | None, as_json: bool,
            gallery: Path | None, slide_heatmap: str | None, heatmap_out: Path) -> None:
     """Find the tiles most similar to a tile, an image or a vector: a table of rank, similarity,
-    key, slide, x, y, label (or --json)."""
+    key, slide, x, y, label (or --json: keys, ids, scores and metadata)."""
+    from ..backbones.images import image_embedder
+    from ..extract.readback import read_tiles, slide_thumbnail
     from ..index.jobs import search_command
     from ..store import open_store
-    from ..extract.readback import read_tiles
     st = open_store(store)
-
-    def load_tile(k_: str) -> Any:
-        return read_tiles(st, st.ids([k_]))[0]
-    click.echo(search_command(st, key=key, vector_file=vector, image_file=image, k=k,
-                              exclude_same_slide=exclude_same_slide, label=label, task=task,
-                              as_json=as_json, gallery=gallery, embed_image=_embedder(st),
-                              load_tile=load_tile))
-    if gallery and not as_json:
-        click.echo(f"gallery: {gallery}")
-    if slide_heatmap:
-        q = (st.get([key]) if key else np.load(vector) if vector else _embedder(st)(image)[None])
-        out = similarity_heatmap(st, np.asarray(q, np.float32).reshape(-1, st.dim)[0], slide_heatmap, heatmap_out)
-        if not as_json:
-            click.echo(f"similarity heatmap over {slide_heatmap}: {out}")
-
-
-def similarity_heatmap(st: Any, query: np.ndarray, slide: str, out: Path) -> Path:
-    """Cosine similarity of ``query`` (dim,) to every tile of ``slide``, drawn over its thumbnail
-    ("where on this slide is tissue like this?"), rescaled to [0, 1] over the slide."""
-    from ..plots import render_heatmap
-    from ..extract.readback import slide_thumbnail
-    bag = st.slide(slide)
-    e = bag.emb.astype(np.float32)
-    sims = e @ query / (np.linalg.norm(e, axis=1) * np.linalg.norm(query) + 1e-12)
-    lo, hi = float(sims.min()), float(sims.max())
-    values = (sims - lo) / (hi - lo) if hi > lo else np.ones_like(sims)
-    thumb, ds = slide_thumbnail(st, slide)
-    return render_heatmap(thumb, ds, bag.coords, values, out,
-                          title=f"{slide}: similarity to the query (cosine {lo:.2f} .. {hi:.2f})",
-                          label="similarity (min..max of the slide)")
+    run = search_command(
+        st, key=key, vector_file=vector, image_file=image, k=k, exclude_same_slide=exclude_same_slide,
+        label=label, task=task, gallery=gallery, slide_heatmap=slide_heatmap, heatmap_out=heatmap_out,
+        embed_image=image_embedder(st.meta.backbone, st.meta.weights_sha256,
+                                   (st.meta.tile or {}).get("tile_size"), st.path),
+        load_tile=lambda k_: read_tiles(st, st.ids([k_]))[0],
+        thumbnail=lambda slide: slide_thumbnail(st, slide))
+    if as_json:
+        echo_json(results_json(run.hits, run.queries))
+        return
+    click.echo(format_results(run.hits, run.queries))
+    if run.gallery:
+        click.echo(f"gallery: {run.gallery}")
+    if run.heatmap:
+        click.echo(f"similarity heatmap over {slide_heatmap}: {run.heatmap}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ._app import handled, main
+from ._app import echo_json, json_option, main
 
 
 @main.command()
@@ -39,12 +39,12 @@ from ._app import handled, main
 @click.option("--threads", type=int, help="Extraction: intra-op threads.")
 @click.option("--devices", default="cpu", show_default=True, help="Extraction devices, as for `extract`.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@handled
+@json_option
 def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by: str, metric: str,
            random_init: bool, centre: bool, cache: Path | None, validate: Path | None, head_seeds: int,
            out: Path,
            seed: int, batch_size: int, workers: int | None, threads: int | None, devices: str,
-           quiet: bool) -> None:
+           quiet: bool, as_json: bool) -> None:
     """Rank candidate backbones by a kNN proxy task on labelled tiles.
 
     \b
@@ -65,5 +65,8 @@ def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by
                        batch_size=batch_size,
                        num_workers=workers, num_threads=threads, devices=devices, progress=not quiet)
     res = select_backbones(cfg)
+    if as_json:
+        echo_json(res.to_dict())
+        return
     click.echo(res.table())
     click.echo(f"wrote {res.files['json']} and {res.files['plot']}")

@@ -13,12 +13,16 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
+from ..errors import ShapeError
 from .transforms import ViewRecipe, make_views
+
+if TYPE_CHECKING:
+    from .wsi import SlideReader
 
 __all__ = ["TileSpec", "TileDataset", "collate"]
 
@@ -44,8 +48,8 @@ class TileDataset(torch.utils.data.Dataset):
         self.file_size = file_size
         self.max_open = max_open_slides
         self.decode_threads = decode_threads   # threads per batch in the main process
-        self._slides: OrderedDict[str, Any] = OrderedDict()
-        self._retired: list[Any] = []   # evicted readers, closed once no batch uses them
+        self._slides: OrderedDict[str, SlideReader] = OrderedDict()
+        self._retired: list[SlideReader] = []   # evicted readers, closed once no batch uses them
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -60,7 +64,7 @@ class TileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:  # not used: the sampler drives
         return 0
 
-    def _reader(self, path: str) -> Any:
+    def _reader(self, path: str) -> SlideReader:
         with self._lock:
             r = self._slides.get(path)
             if r is None:
@@ -130,7 +134,7 @@ def collate(items: list[tuple[np.ndarray | None, TileSpec, str | None, float]]) 
     ok = [(tile, spec) for tile, spec, _, _ in items if tile is not None]
     shapes = {tile.shape for tile, _ in ok}
     if len(shapes) > 1:  # files of several sizes: the dataset resizes to one, so this is a bug
-        raise ValueError(f"tiles of different shapes in one batch: {sorted(shapes)}")
+        raise ShapeError(f"tiles of different shapes in one batch: {sorted(shapes)}")
     tiles = torch.from_numpy(np.stack([tile for tile, _ in ok])) if ok else torch.empty(0, dtype=torch.uint8)
     return {"tiles": tiles, "specs": [spec for _, spec in ok],
             "failed": [(it[1], it[2]) for it in items if it[0] is None],

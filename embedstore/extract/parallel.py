@@ -1,9 +1,9 @@
 """One process per device, coordinated by torch.distributed.
 
 ``--devices cuda:0,cuda:1`` (or ``cpu,cpu`` to test without GPUs) spawns one process per device
-on this machine; under ``torchrun`` the ranks come from the environment instead. Units are
-claimed dynamically from an atomic counter in the c10d key-value store, over one list of pending
-units that every rank computes identically (largest first, so the tail is balanced by tile
+on this machine; under ``torchrun`` the ranks come from the environment instead. Work items
+are claimed dynamically from an atomic counter in the c10d key-value store, over one work list
+(``pending.read_work``) that every rank computes identically (largest first, so the tail is balanced by tile
 count, not slide count). Each rank writes its own shards; LMDB serialises the commits.
 At the end the ranks' summaries are gathered on rank 0.
 """
@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .runner import ExtractConfig, ExtractResult, run_process, usable_cores
+from ..store import apply_staged_commits
+from ..store.atomic import atomic_write_text
+from ..store.layout import Layout
+from .config import ExtractConfig, ExtractResult, usable_cores
+from .pending import read_work
+from .runner import run_process
 from .sources import Discovery
 from .transforms import ViewRecipe
 
@@ -42,62 +49,64 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _claimer(store: Any, todo: list[int]) -> Any:
+def _claimer(kv: Any, n: int) -> Callable[[], int | None]:
+    """Claims from the counter in the c10d store ``kv``: the next index into the work list."""
     def claim() -> int | None:
-        j = int(store.add(CLAIM_KEY, 1)) - 1
-        return todo[j] if j < len(todo) else None
+        j = int(kv.add(CLAIM_KEY, 1)) - 1
+        return j if j < n else None
     return claim
 
 
 def _worker(rank: int, world: int, port: int, cfg: ExtractConfig, disc: Discovery,
             recipe: ViewRecipe | None, devices: list[str], out_dir: str) -> None:
     import torch.distributed as dist
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
-                          timeout=timedelta(minutes=30))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    kv = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
+                       timeout=timedelta(minutes=30))
+    dist.init_process_group("gloo", store=kv, rank=rank, world_size=world)
     try:
-        res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, store,
+        res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, kv,
                          staged_mode())
-        Path(out_dir, f"rank{rank}.json").write_text(_dump(res))
+        atomic_write_text(Path(out_dir, f"rank{rank}.json"), _dump(res))
     finally:
         dist.destroy_process_group()
+
+
+class _Committer:
+    """Rank 0 of a staged run: applies the other ranks' staged commits every second."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="embedstore-committer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            if Layout(self.store).meta.exists():
+                apply_staged_commits(self.store)
+
+    def close(self) -> None:
+        """Stop, then apply what is left (every rank has staged all it wrote)."""
+        self._stop.set()
+        self._thread.join()
+        apply_staged_commits(self.store)
 
 
 def _rank_body(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, device: str,
                rank: int, world: int, kv: Any, staged_mode: bool = False) -> ExtractResult:
     """One rank. With ``staged_mode`` (several nodes), only rank 0 writes the catalog: the
     other ranks stage their commits and rank 0 applies them while it works and at the end."""
-    import threading
-
     import torch.distributed as dist
-
-    from ..store.catalog import open_catalog
-    from ..store.commit import apply_staged
-    from ..store.layout import Layout
-    from .runner import _pending_units
     staged = staged_mode and rank != 0
-    # every rank computes the same pending list (before anything is written this run)
-    todo = _pending_units(disc, Path(cfg.store), ExtractResult(), lambda u, r: None,
-                          views=recipe is not None, lock=not staged)
+    # every rank computes the same work list (before anything is written this run)
+    work = read_work(disc, cfg.store, views=recipe is not None, lock=not staged)
     dist.barrier()
-    stop = threading.Event()
-    committer = None
-    if staged_mode and rank == 0:
-        lay = Layout(Path(cfg.store))
-
-        def commit_loop() -> None:
-            while not stop.wait(1.0):
-                if lay.meta.exists():
-                    apply_staged(lay, open_catalog(lay.root))
-        committer = threading.Thread(target=commit_loop, name="embedstore-committer", daemon=True)
-        committer.start()
-    res = run_process(cfg, disc, recipe, device, rank=rank, world=world,
-                      claim=_claimer(kv, todo), sync=dist.barrier, staged=staged)
+    committer = _Committer(Path(cfg.store)) if staged_mode and rank == 0 else None
+    res = run_process(cfg, disc, recipe, device, rank=rank, world=world, work=work,
+                      claim=_claimer(kv, len(work.items)), sync=dist.barrier, staged=staged)
     dist.barrier()  # every rank has staged all it wrote
     if committer is not None:
-        stop.set()
-        committer.join()
-        apply_staged(lay, open_catalog(lay.root))
+        committer.close()
     dist.barrier()
     return res
 
@@ -123,6 +132,16 @@ def _load(text: str) -> ExtractResult:
     return ExtractResult(**d)
 
 
+def _combine(dumps: list[str]) -> ExtractResult:
+    """The run's result from its ranks' (every rank skipped the same units done before)."""
+    total = ExtractResult()
+    for d in dumps:
+        part = _load(d)
+        total.merge(part)
+        total.units_skipped = max(total.units_skipped, part.units_skipped)
+    return total
+
+
 def run_parallel(sources: list[Any], cfg: ExtractConfig, disc: Discovery,
                  recipe: ViewRecipe | None, devices: list[str]) -> ExtractResult:
     import tempfile
@@ -138,12 +157,7 @@ def run_parallel(sources: list[Any], cfg: ExtractConfig, disc: Discovery,
     with tempfile.TemporaryDirectory(prefix="embedstore-ranks-") as out:
         mp.start_processes(_worker, args=(world, port, cfg, disc, recipe, devices, out),
                            nprocs=world, join=True, start_method="spawn")
-        total = ExtractResult()
-        for r in range(world):
-            part = _load(Path(out, f"rank{r}.json").read_text())
-            total.merge(part)
-            total.units_skipped = max(total.units_skipped, part.units_skipped)
-    return total
+        return _combine([Path(out, f"rank{r}.json").read_text() for r in range(world)])
 
 
 def _under_torchrun(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None,
@@ -164,9 +178,4 @@ def _under_torchrun(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | No
         dist.all_gather_object(parts, _dump(res))
     finally:
         dist.destroy_process_group()
-    total = ExtractResult()
-    for p in parts:
-        part = _load(p)
-        total.merge(part)
-        total.units_skipped = max(total.units_skipped, part.units_skipped)
-    return total
+    return _combine(parts)

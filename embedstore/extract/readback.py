@@ -6,16 +6,20 @@ with the tile geometry in STORE.json that is enough to read the pixels again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import SourceError
 
+if TYPE_CHECKING:
+    from ..store import Store
+    from .wsi import SlideReader
+
 __all__ = ["read_tiles", "slide_path", "slide_thumbnail"]
 
 
-def slide_path(store: Any, slide: str) -> Path:
+def slide_path(store: Store, slide: str) -> Path:
     """The slide file of ``slide`` (its id, relative to the source root recorded per tile)."""
     bag = store.slide(slide)
     src = store.metadata(bag.ids[:1], ("source",))["source"][0]
@@ -25,7 +29,7 @@ def slide_path(store: Any, slide: str) -> Path:
     return p
 
 
-def slide_thumbnail(store: Any, slide: str, max_size: int = 1024) -> tuple[np.ndarray, float]:
+def slide_thumbnail(store: Store, slide: str, max_size: int = 1024) -> tuple[np.ndarray, float]:
     """(thumbnail (h, w, 3) uint8, level-0 pixels per thumbnail pixel)."""
     from .wsi import SlideReader
     with SlideReader(slide_path(store, slide)) as r:
@@ -33,13 +37,13 @@ def slide_thumbnail(store: Any, slide: str, max_size: int = 1024) -> tuple[np.nd
         return thumb, r.dimensions[0] / thumb.shape[1]
 
 
-def read_tiles(store: Any, ids: np.ndarray, size: int = 160) -> list[np.ndarray | None]:
+def read_tiles(store: Store, ids: np.ndarray, size: int = 160) -> list[np.ndarray | None]:
     """Pixels of the tiles ``ids`` as (size, size, 3) uint8 images (None where unreadable)."""
     from PIL import Image
     meta = store.metadata(np.asarray(ids), ("key", "slide", "source", "x", "y"))
     tile = store.meta.tile or {}
     out: list[np.ndarray | None] = []
-    readers: dict[str, Any] = {}
+    readers: dict[str, SlideReader] = {}
     units = store.units() if tile.get("kind") == "slides" else {}
     try:
         for key, slide, src, x, y in zip(meta["key"], meta["slide"], meta["source"], meta["x"], meta["y"]):

@@ -6,7 +6,7 @@ Array level (no store needed): ``train_head``, ``evaluate``, ``run_seeds``, ``cr
 """
 from __future__ import annotations
 
-from .data import LabelledSet, SlideBagDataset, gather_features, labelled_set, read_labels_csv, view_bank
+from .data import LabelledSet, SlideBagDataset, gather_features, labelled_set, view_bank
 from .crossval import SeedReport, cross_validate, run_seeds
 from .models import HeadConfig
 from .persist import check_fingerprint, load_head, save_head
@@ -19,5 +19,5 @@ __all__ = [
     "HeadConfig", "TrainedHead", "train_head", "evaluate", "run_seeds", "cross_validate",
     "SeedReport", "sweep", "SweepResult", "DEFAULT_SPACE", "save_head", "load_head",
     "check_fingerprint", "predict_store", "HeatmapSpec", "render_heatmap", "LabelledSet",
-    "labelled_set", "read_labels_csv", "gather_features", "view_bank", "SlideBagDataset",
+    "labelled_set", "gather_features", "view_bank", "SlideBagDataset",
 ]

@@ -1,11 +1,15 @@
 """The thin layer between a store and the array-level head code.
 
-Labels come from a store task (``store.task_table``) or from a CSV / mapping keyed by tile key;
-embeddings are gathered once into memory; slide-level work gets a ``Dataset`` of per-slide bags.
+Labels come from a store task (``store.task_table``) or from a CSV (read by the store's
+``read_labels_csv``) / mapping keyed by tile key; embeddings are gathered once into memory;
+slide-level work gets a ``Dataset`` of per-slide bags.
+
+Functions that need only what ``StoreLike`` declares take one; those that also read tasks,
+views or slides (``task_table``, ``views``, ``slides``, ``slide``: not in the protocol yet) take
+``Any`` and use nothing else.
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -16,10 +20,11 @@ from torch.utils.data import Dataset
 
 from .augment import ViewBank
 from ..errors import LabelsError, UnknownKeyError
+from ..store.labels import read_labels_csv
+from ..store.protocol import StoreLike
 from .train import check_features
 
-__all__ = ["LabelledSet", "read_labels_csv", "labelled_set", "gather_features", "view_bank",
-           "SlideBagDataset"]
+__all__ = ["LabelledSet", "labelled_set", "gather_features", "view_bank", "SlideBagDataset"]
 
 
 @dataclass(frozen=True)
@@ -43,30 +48,7 @@ class LabelledSet:
         return self.columns.get("group") if name != "slide" else None
 
 
-def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Columns of a labels CSV: ``key`` (or ``path``) and ``label`` required; ``split``, ``slide``,
-    ``patient``... kept as extra columns. Each column is (n,) object."""
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = list(reader)
-    except FileNotFoundError:
-        raise LabelsError(f"labels file {str(path)!r} does not exist") from None
-    key_col = "key" if "key" in header else "path" if "path" in header else None
-    if key_col is None or "label" not in header:
-        raise LabelsError(f"labels file {str(path)!r} needs columns key (or path) and label; "
-                          f"it has {header}")
-    cols = {h: np.array([(r.get(h) or "").strip() for r in rows], dtype=object) for h in header}
-    cols["key"] = cols.pop(key_col)
-    empty = np.flatnonzero(cols["label"] == "")
-    if empty.size:
-        raise LabelsError(f"labels file {str(path)!r} has {empty.size} rows without a label "
-                          f"(first key: {cols['key'][empty[0]]!r}); fill or drop them")
-    return cols
-
-
-def _lookup_ids(store: Any, keys: np.ndarray) -> np.ndarray:
+def _lookup_ids(store: StoreLike, keys: np.ndarray) -> np.ndarray:
     """Store ids of ``keys`` (n,) int64; unknown keys become one LabelsError line."""
     try:
         return np.asarray(store.ids([str(k) for k in keys]), dtype=np.int64)
@@ -75,7 +57,7 @@ def _lookup_ids(store: Any, keys: np.ndarray) -> np.ndarray:
                           f"store's tile keys (paths relative to the extracted folder or CSV)") from None
 
 
-def _store_slides(store: Any, ids: np.ndarray) -> np.ndarray | None:
+def _store_slides(store: StoreLike, ids: np.ndarray) -> np.ndarray | None:
     try:
         slides = store.metadata(ids, columns=("slide",)).get("slide")
     except (KeyError, ValueError):
@@ -90,53 +72,61 @@ def labelled_set(store: Any, *, task: str | None = None,
                  labels: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> LabelledSet:
     """The labelled tiles of a store task (``task=None``: the labels recorded at extraction), or
     of ``labels``: a ``{key: label}`` mapping, a column dict from ``read_labels_csv``, or a CSV
-    path. Unknown keys are refused in one line."""
+    path. Unknown keys are refused in one line. (``store``: Any, it reads ``task_table``.)"""
     if task is not None and labels is not None:
         raise LabelsError("give a store task (--task NAME) or a labels file (--labels CSV), not both")
-    columns: dict[str, np.ndarray | None] = {}
-    if labels is None:
-        t = store.task_table(task)
-        ids = np.asarray(t["ids"], dtype=np.int64)
-        keys = np.asarray(t["keys"], dtype=object)
-        lab = np.array([None if v is None else str(v) for v in t["label"]], dtype=object)
-        split = None if t.get("split") is None else np.asarray(t["split"], dtype=object)
-        if t.get("group") is not None:
-            columns["group"] = np.asarray(t["group"], dtype=object)
-        if ids.size == 0:
-            what = f"task {task!r}" if task is not None else "the extraction labels"
-            raise LabelsError(f"{what} label no tiles in store {str(store.path)!r}; import labels "
-                              f"with a task or give --labels CSV")
-    else:
-        cols = read_labels_csv(labels) if isinstance(labels, (str, os.PathLike)) else labels
-        if "key" in cols and "label" in cols and not isinstance(cols["key"], str):
-            table = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
-        else:
-            table = {"key": np.array(list(cols.keys()), dtype=object),
-                     "label": np.array([str(v) for v in cols.values()], dtype=object)}
-        keys, lab = table.pop("key"), table.pop("label")
-        split = table.pop("split", None)
-        columns.update(table)
-        uniq, count = np.unique(keys.astype(str), return_counts=True)
-        if (count > 1).any():
-            raise LabelsError(f"label key {uniq[count > 1][0]!r} appears {count.max()} times; one label per tile")
-        ids = _lookup_ids(store, keys)
-    keep = np.array([v is not None and v != "" for v in lab], dtype=bool)
-    ids, keys, lab = ids[keep], keys[keep], lab[keep]
-    split = split[keep] if split is not None else None
-    columns = {k: (v[keep] if v is not None else None) for k, v in columns.items()}
+    every = _from_task(store, task) if labels is None else _from_labels(store, labels)
+    keep = np.array([v is not None and v != "" for v in every.labels], dtype=bool)
+    columns = {k: (v[keep] if v is not None else None) for k, v in every.columns.items()}
+    ids = every.ids[keep]
     if "slide" not in columns:
         columns["slide"] = _store_slides(store, ids)
-    return LabelledSet(ids, keys, lab, split, columns)
+    return LabelledSet(ids, every.keys[keep], every.labels[keep],
+                       every.split[keep] if every.split is not None else None, columns)
 
 
-def gather_features(store: Any, ids: np.ndarray) -> np.ndarray:
+def _from_task(store: Any, task: str | None) -> LabelledSet:
+    """Every row of a store task, unlabelled ones included (``labelled_set`` drops those)."""
+    t = store.task_table(task)
+    ids = np.asarray(t["ids"], dtype=np.int64)
+    if ids.size == 0:
+        what = f"task {task!r}" if task is not None else "the extraction labels"
+        raise LabelsError(f"{what} label no tiles in store {str(store.path)!r}; import labels "
+                          f"with a task or give --labels CSV")
+    lab = np.array([None if v is None else str(v) for v in t["label"]], dtype=object)
+    split = None if t.get("split") is None else np.asarray(t["split"], dtype=object)
+    columns: dict[str, np.ndarray | None] = {}
+    if t.get("group") is not None:
+        columns["group"] = np.asarray(t["group"], dtype=object)
+    return LabelledSet(ids, np.asarray(t["keys"], dtype=object), lab, split, columns)
+
+
+def _from_labels(store: StoreLike, labels: Mapping[str, Any] | str | os.PathLike[str]) -> LabelledSet:
+    """Every row of a labels CSV, column dict or ``{key: label}`` mapping, with its store ids."""
+    cols = read_labels_csv(labels) if isinstance(labels, (str, os.PathLike)) else labels
+    if "key" in cols and "label" in cols and not isinstance(cols["key"], str):
+        table = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
+    else:
+        table = {"key": np.array(list(cols.keys()), dtype=object),
+                 "label": np.array([str(v) for v in cols.values()], dtype=object)}
+    keys, lab = table.pop("key"), table.pop("label")
+    split = table.pop("split", None)
+    uniq, count = np.unique(keys.astype(str), return_counts=True)
+    if (count > 1).any():
+        raise LabelsError(f"label key {uniq[count > 1][0]!r} appears {count.max()} times; one label per tile")
+    columns: dict[str, np.ndarray | None] = dict(table)
+    return LabelledSet(_lookup_ids(store, keys), keys, lab, split, columns)
+
+
+def gather_features(store: StoreLike, ids: np.ndarray) -> np.ndarray:
     """The embeddings of ``ids`` gathered once: (n, dim) in the store's dtype; NaNs refused."""
     return check_features(np.asarray(store.gather(np.asarray(ids, dtype=np.int64))),
-                          f"embeddings in store {str(getattr(store, 'path', ''))!r}")
+                          f"embeddings in store {str(store.path)!r}")
 
 
 def view_bank(store: Any, ids: np.ndarray) -> ViewBank | None:
     """The stored views of the tiles ``ids``, gathered once (None when the store has none).
+    (``store``: Any, it reads ``views()``.)
 
     Only the views of ``ids`` are read: ``store.views()`` gives each view's base tile id
     (``.ids``) and reads view rows with ``.gather(j)``; a plain ``(view_ids, view_num, view_emb)``
@@ -165,6 +155,7 @@ class SlideBagDataset(Dataset):
     Labels: ``labels`` maps slide name -> label; or ``task`` is a store task whose keys are slide
     names, or whose tile labels agree within each slide; neither = unlabelled bags.
     Use ``batch_size=1`` (bags differ in length) or a collate function of your own.
+    (``store``: Any, it reads ``slides``, ``slide`` and ``task_table``.)
     """
 
     def __init__(self, store: Any, task: str | None = None, labels: Mapping[str, Any] | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..arrays import average_ranks
+from ..errors import ShapeError
 
 __all__ = [
     "confusion_matrix", "f1", "balanced_accuracy", "accuracy", "auroc",
@@ -26,7 +27,7 @@ __all__ = [
 def _codes(y: np.ndarray) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D class indices, got shape {y.shape}")
+        raise ShapeError(f"labels must be 1-D class indices, got shape {y.shape}")
     return y.astype(np.int64, copy=False)
 
 
@@ -71,15 +72,12 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float((t == p).mean()) if t.size else float("nan")
 
 
-_average_ranks = average_ranks
-
-
 def _binary_auroc(is_pos: np.ndarray, score: np.ndarray) -> float:
     n_pos = int(is_pos.sum())
     n_neg = is_pos.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _average_ranks(np.asarray(score, dtype=np.float64))
+    ranks = average_ranks(np.asarray(score, dtype=np.float64))
     u = ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 

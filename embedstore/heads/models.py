@@ -10,7 +10,7 @@ from torch import nn
 from .augment import AugmentConfig
 from ..errors import HeadError
 
-__all__ = ["HeadConfig", "HeadModule", "build_module"]
+__all__ = ["HeadConfig", "HeadModule", "build_head_module"]
 
 KINDS = ("linear", "mlp")
 SCHEDULES = ("cosine", "constant")
@@ -109,7 +109,7 @@ class HeadModule(nn.Module):
         return self.body(self.standardise(x))
 
 
-def build_module(cfg: HeadConfig, dim: int, n_classes: int, mean: torch.Tensor | None = None,
+def build_head_module(cfg: HeadConfig, dim: int, n_classes: int, mean: torch.Tensor | None = None,
                  std: torch.Tensor | None = None) -> HeadModule:
     """A fresh head for ``dim`` inputs and ``n_classes`` outputs (identity standardisation by default)."""
     if cfg.kind == "linear":

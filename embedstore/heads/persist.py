@@ -10,13 +10,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors.torch import load_file, save_file
 
 from ..store.atomic import atomic_path
 from ..errors import BackboneMismatchError, HeadError
-from .models import HeadConfig, build_module
+from .models import HeadConfig, build_head_module
 from .train import TrainedHead
 
 __all__ = ["save_head", "load_head", "check_fingerprint", "HEAD_JSON", "HEAD_WEIGHTS"]
@@ -40,7 +40,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _commit(path: Path, write: Any) -> None:
+def _commit(path: Path, write: Callable[[Path], object]) -> None:
     with atomic_path(path) as tmp:
         write(tmp)
 
@@ -82,7 +82,7 @@ def load_head(directory: str | os.PathLike[str]) -> TrainedHead:
                         f"reads ({VERSION}); upgrade embedstore")
     cfg = HeadConfig.from_dict(meta["config"])
     classes = [str(c) for c in meta["classes"]]
-    module = build_module(cfg, int(meta["dim"]), len(classes))
+    module = build_head_module(cfg, int(meta["dim"]), len(classes))
     try:
         state = load_file(str(d / HEAD_WEIGHTS))
         module.load_state_dict(state, strict=True)

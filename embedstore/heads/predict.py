@@ -62,12 +62,26 @@ def _column(values: Any, null_below_zero: bool = False) -> Any:
     return pa.array(arr)
 
 
+def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: dict[str, Any]) -> Any:
+    """One Arrow record batch: key, pred ((b,) labels), prob_<class> per class ((b, c) prob), and
+    slide, x, y when ``meta`` has them."""
+    import pyarrow as pa
+    cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(pred.tolist())}
+    for i, c in enumerate(classes):
+        cols[f"prob_{c}"] = pa.array(prob[:, i])
+    for name in META_COLUMNS[1:]:
+        if meta.get(name) is not None:
+            cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
+    return pa.RecordBatch.from_pydict(cols)
+
+
 def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str], batch_size: int = 65536,
                   heatmap: HeatmapSpec | None = None, check: bool = True) -> dict[str, Any]:
     """Predict every live row of ``store`` and write ``out_path`` (Arrow IPC file).
 
     Refuses (BackboneMismatchError) a store whose fingerprint differs from the head's, before
     writing anything. Returns ``{"rows", "seconds", "path", "heatmap", "counts"}``.
+    (``store``: Any, it reads ``fingerprint()``, which ``StoreLike`` lacks.)
     """
     import pyarrow as pa
 
@@ -89,13 +103,7 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
             pred = head.decide(prob)
             counts += np.bincount(pred, minlength=len(labels))
             meta = store.metadata(ids, columns=META_COLUMNS)
-            cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(labels[pred].tolist())}
-            for i, c in enumerate(head.classes):
-                cols[f"prob_{c}"] = pa.array(prob[:, i])
-            for name in META_COLUMNS[1:]:
-                if meta.get(name) is not None:
-                    cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
-            batch = pa.RecordBatch.from_pydict(cols)
+            batch = _record_batch(head.classes, labels[pred], prob, meta)
             if writer is None:
                 schema = batch.schema
                 writer = pa.ipc.new_file(sink, schema)

@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from ..errors import DimensionMismatchError, HeadError, LabelsError
 from .splits import carve_validation
 from .metrics import best_f1_threshold, classification_metrics
 from ._optim import AdamW, lr_factor
-from .models import HeadConfig, HeadModule, build_module
+from .models import HeadConfig, HeadModule, build_head_module
 
 __all__ = ["TrainedHead", "train_head", "evaluate", "encode_labels", "resolve_positive",
            "check_features"]
@@ -172,42 +172,87 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
     cfg = config or HeadConfig()
     t0 = time.perf_counter()
     X_train = check_features(X_train, "training embeddings")
-    codes, classes = encode_labels(y_train, classes)
+    codes, class_list = _training_codes(X_train, y_train, views, classes)
+    positive = resolve_positive(class_list, codes, cfg.positive)
+    fit, X_val, val_codes = _early_stopping_rows(cfg, X_train, codes, X_val, y_val, class_list,
+                                                 groups, positive, seed)
+    data = _standardise(cfg, X_train, codes, fit, X_val, val_codes, views, len(class_list))
+    module, history = _fit(cfg, data, len(class_list), seed, threads)
+    head = TrainedHead(module, cfg, class_list, positive)
+    valid_metrics = _tune_and_score(head, data)
+    head.history = {**history, "n_fit": int(data.y.numel()),
+                    "n_valid": int(data.yv.numel()) if data.yv is not None else 0,
+                    "seconds": time.perf_counter() - t0}
+    if valid_metrics:
+        head.metrics["valid"] = valid_metrics
+    return head
+
+
+def _training_codes(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray, views: ViewBank | None,
+                    classes: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """``(codes (n,) int64, classes)`` of the training labels; one line for labels that cannot train."""
+    codes, class_list = encode_labels(y_train, classes)
     if codes.size != X_train.shape[0]:
         raise LabelsError(f"{codes.size} labels for {X_train.shape[0]} embeddings; give one label per row")
     present = np.unique(codes)
     if present.size < 2:
-        raise LabelsError(f"only one class ({classes[present[0]]}) in the training labels; "
+        raise LabelsError(f"only one class ({class_list[present[0]]}) in the training labels; "
                           f"a classifier needs at least two")
     if views is not None and views.ids.size != codes.size:
         raise HeadError(f"view bank has {views.ids.size} rows for {codes.size} training rows")
-    positive = resolve_positive(classes, codes, cfg.positive)
-    n_classes = len(classes)
+    return codes, class_list
 
+
+def _early_stopping_rows(cfg: HeadConfig, X_train: np.ndarray, codes: np.ndarray,
+                         X_val: np.ndarray | None, y_val: Sequence[Any] | np.ndarray | None,
+                         classes: list[str], groups: np.ndarray | None, positive: int | None,
+                         seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(fit, X_val, val_codes)``: the training rows that fit, and the early-stopping set — the
+    one given, or one carved from the training rows by ``groups`` (None when neither is used)."""
     fit = np.arange(codes.size)
-    val_codes: np.ndarray | None
     if X_val is not None:
         X_val = check_features(X_val, "validation embeddings")
         if y_val is None:
             raise LabelsError("X_val given without y_val")
-        val_codes, _ = encode_labels(y_val, classes)
-    elif cfg.valid_fraction > 0 and (cfg.patience > 0 or (positive is not None and cfg.tune_threshold)):
+        return fit, X_val, encode_labels(y_val, classes)[0]
+    if cfg.valid_fraction > 0 and (cfg.patience > 0 or (positive is not None and cfg.tune_threshold)):
         fit, held = carve_validation(codes, groups, cfg.valid_fraction, seed)
         if held.size == 0 or fit.size == 0 or np.unique(codes[fit]).size < 2:
-            fit, held = np.arange(codes.size), np.empty(0, dtype=np.int64)
-        X_val, val_codes = (X_train[held], codes[held]) if held.size else (None, None)
-    else:
-        val_codes = None
-    y_fit = codes[fit]
-    bank = views.take(fit) if views is not None and fit.size != codes.size else views
+            return np.arange(codes.size), None, None
+        return fit, X_train[held], codes[held]
+    return fit, None, None
 
-    x = _owned_float32(X_train, None if fit.size == codes.size else fit)     # (n_fit, dim)
+
+@dataclass
+class _Problem:
+    """The standardised training problem: every tensor one float32 copy, made once."""
+    x: torch.Tensor                  # (n_fit, dim) standardised fitting rows
+    y: torch.Tensor                  # (n_fit,) int64 their class indices
+    y_fit: np.ndarray                # (n_fit,) int64 the same, for the augmentation
+    mean: torch.Tensor               # (dim,) of the fitting rows
+    std: torch.Tensor                # (dim,) of the fitting rows (1 for constant features)
+    weight: torch.Tensor | None      # (c,) class weights of the loss
+    xv: torch.Tensor | None          # (n_valid, dim) standardised early-stopping rows
+    yv: torch.Tensor | None          # (n_valid,) int64
+    val_codes: np.ndarray | None     # (n_valid,) int64, as yv
+    bank: ViewBank | None            # the views of the fitting rows
+    bank_emb: torch.Tensor | None    # (m, dim) standardised views, when views are sampled
+
+
+def _standardise(cfg: HeadConfig, X_train: np.ndarray, codes: np.ndarray, fit: np.ndarray,
+                 X_val: np.ndarray | None, val_codes: np.ndarray | None, views: ViewBank | None,
+                 n_classes: int) -> _Problem:
+    """Standardise the fitting rows by their own mean and std, and the validation rows and
+    views by the same statistics."""
+    whole = fit.size == codes.size
+    y_fit = codes[fit]
+    bank = views.take(fit) if views is not None and not whole else views
+    x = _owned_float32(X_train, None if whole else fit)     # (n_fit, dim)
     mean = x.mean(dim=0)
     x.sub_(mean)
     std = torch.linalg.vector_norm(x, dim=0).div_(math.sqrt(x.shape[0]))
     std[std < 1e-6] = 1.0                       # a constant feature standardises to 0
     x.div_(std)
-    y = torch.from_numpy(y_fit)
     xv = yv = None
     if X_val is not None and val_codes is not None:
         xv = _owned_float32(X_val, None).sub_(mean).div_(std)
@@ -215,26 +260,31 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
     bank_emb = None
     if cfg.augment.views and bank is not None and bank.emb.shape[0]:
         bank_emb = _owned_float32(bank.emb, None).sub_(mean).div_(std)
-    weight = _class_weights(y_fit, n_classes, cfg.class_weights)
+    return _Problem(x, torch.from_numpy(y_fit), y_fit, mean, std,
+                    _class_weights(y_fit, n_classes, cfg.class_weights), xv, yv,
+                    val_codes if xv is not None else None, bank, bank_emb)
 
-    n = y.numel()
+
+def _fit(cfg: HeadConfig, data: _Problem, n_classes: int, seed: int,
+         threads: int | None) -> tuple[HeadModule, dict[str, Any]]:
+    """Build the head and train it epoch by epoch, keeping the weights of the best validation
+    loss (early stopping). Returns the module in eval mode and its training history."""
+    n, dim = data.x.shape
     bs = cfg.batch_rows(n)
-    steps_per_epoch = math.ceil(n / bs)
     width = cfg.hidden if cfg.kind == "mlp" else n_classes
-    dim = x.shape[1]
     if threads is None and bs * dim * width < SMALL_STEP:
         threads = 1
     with torch.random.fork_rng(devices=[]), _torch_threads(threads):
         torch.manual_seed(seed)
-        module = build_module(cfg, dim, n_classes, mean, std)
+        module = build_head_module(cfg, dim, n_classes, data.mean, data.std)
         body = module.body
         opt = AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        factor = lr_factor(cfg.schedule, cfg.epochs * steps_per_epoch)
+        factor = lr_factor(cfg.schedule, cfg.epochs * math.ceil(n / bs))
         order_gen = torch.Generator().manual_seed(seed)
         sample_p = None
         if cfg.balanced_sampling:
-            counts = torch.bincount(y, minlength=n_classes).to(torch.float64)
-            sample_p = (1.0 / counts.clamp_min(1))[y]
+            counts = torch.bincount(data.y, minlength=n_classes).to(torch.float64)
+            sample_p = (1.0 / counts.clamp_min(1))[data.y]
         batch = torch.empty(bs, dim)
         train_loss: list[float] = []
         valid_loss: list[float] = []
@@ -242,27 +292,18 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
         epoch = 0
         for epoch in range(cfg.epochs):
             body.train()
-            xe = augment_epoch(x, y_fit, cfg.augment, seed=seed, epoch=epoch, bank=bank,
-                               bank_emb=bank_emb) if cfg.augment.active else x
+            xe = augment_epoch(data.x, data.y_fit, cfg.augment, seed=seed, epoch=epoch, bank=data.bank,
+                               bank_emb=data.bank_emb) if cfg.augment.active else data.x
             if sample_p is not None:
                 order = torch.multinomial(sample_p, n, replacement=True, generator=order_gen)
             else:
                 order = torch.randperm(n, generator=order_gen)
-            total = 0.0
-            for a in range(0, n, bs):
-                idx = order[a:a + bs]
-                xb = torch.index_select(xe, 0, idx, out=batch[:idx.numel()])   # no per-step allocation
-                loss = F.cross_entropy(body(xb), y[idx], weight=weight)
-                opt.zero_grad()
-                loss.backward()
-                opt.step(factor(opt.steps))
-                total += loss.item() * idx.numel()
-            train_loss.append(total / n)
-            if xv is None or yv is None or cfg.patience == 0:
+            train_loss.append(_epoch(body, opt, factor, xe, data.y, order, batch, data.weight))
+            if data.xv is None or data.yv is None or cfg.patience == 0:
                 continue
             body.eval()
             with torch.no_grad():
-                vl = float(F.cross_entropy(body(xv), yv, weight=weight))
+                vl = float(F.cross_entropy(body(data.xv), data.yv, weight=data.weight))
             valid_loss.append(vl)
             if vl < best[0] - MIN_DELTA:
                 best = (vl, epoch, copy.deepcopy(body.state_dict()))
@@ -271,25 +312,40 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
         if best[1] >= 0:
             body.load_state_dict(best[2])
     module.eval()
+    return module, {"epochs_run": epoch + 1, "best_epoch": best[1] + 1 if best[1] >= 0 else epoch + 1,
+                    "stopped_early": epoch + 1 < cfg.epochs, "train_loss": train_loss,
+                    "valid_loss": valid_loss}
 
-    head = TrainedHead(module, cfg, list(classes), positive)
-    valid_metrics: dict[str, Any] = {}
-    if xv is not None and yv is not None and val_codes is not None:
-        with torch.inference_mode():
-            prob = torch.softmax(body(xv), dim=1).numpy()
-        if positive is not None and cfg.tune_threshold:
-            threshold, best_f1 = best_f1_threshold(val_codes == positive, prob[:, positive])
-            head.threshold = None if math.isnan(best_f1) else threshold
-        valid_metrics = classification_metrics(val_codes, prob, head.decide(prob), positive)
-    head.history = {
-        "epochs_run": epoch + 1, "best_epoch": best[1] + 1 if best[1] >= 0 else epoch + 1,
-        "stopped_early": epoch + 1 < cfg.epochs, "train_loss": train_loss, "valid_loss": valid_loss,
-        "n_fit": int(n), "n_valid": int(yv.numel()) if yv is not None else 0,
-        "seconds": time.perf_counter() - t0,
-    }
-    if valid_metrics:
-        head.metrics["valid"] = valid_metrics
-    return head
+
+def _epoch(body: torch.nn.Module, opt: AdamW, factor: Callable[[int], float], xe: torch.Tensor,
+           y: torch.Tensor, order: torch.Tensor, batch: torch.Tensor,
+           weight: torch.Tensor | None) -> float:
+    """One pass over the rows in ``order``, ``len(batch)`` rows a step; the mean training loss."""
+    n, bs = order.numel(), batch.shape[0]
+    total = 0.0
+    for a in range(0, n, bs):
+        idx = order[a:a + bs]
+        xb = torch.index_select(xe, 0, idx, out=batch[:idx.numel()])   # no per-step allocation
+        loss = F.cross_entropy(body(xb), y[idx], weight=weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(factor(opt.steps))
+        total += loss.item() * idx.numel()
+    return total / n
+
+
+def _tune_and_score(head: TrainedHead, data: _Problem) -> dict[str, Any]:
+    """Binary heads: the F1-maximising threshold on the early-stopping rows (when asked); then
+    the metrics there. Empty without early-stopping rows."""
+    if data.xv is None or data.val_codes is None:
+        return {}
+    with torch.inference_mode():
+        prob = torch.softmax(head.module.body(data.xv), dim=1).numpy()
+    positive = head.positive
+    if positive is not None and head.config.tune_threshold:
+        threshold, best_f1 = best_f1_threshold(data.val_codes == positive, prob[:, positive])
+        head.threshold = None if math.isnan(best_f1) else threshold
+    return classification_metrics(data.val_codes, prob, head.decide(prob), positive)
 
 
 def evaluate(head: TrainedHead, X: np.ndarray, y: Sequence[Any] | np.ndarray) -> dict[str, Any]:

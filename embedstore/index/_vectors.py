@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from embedstore.arrays import l2_normalise
-from embedstore.errors import DimensionMismatchError, VectorIndexError
+from embedstore.errors import DimensionMismatchError, ShapeError, VectorIndexError
 from embedstore.store.protocol import StoreLike
 
 log = logging.getLogger("embedstore.index")
@@ -55,11 +53,15 @@ def as_queries(vectors: np.ndarray, dim: int, what: str = "query vectors") -> np
     arr = np.asarray(vectors)
     if arr.ndim == 1:
         arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        seen = arr.shape[-1] if arr.ndim >= 1 else "a scalar"
+    if arr.ndim != 2:
+        raise DimensionMismatchError(f"{what} must be (dim,) or (nq, dim) with dim {dim}, got "
+                                     f"shape {tuple(np.shape(vectors))}")
+    if arr.shape[1] != dim:
         raise DimensionMismatchError(
-            f"{what} have dim {seen} (shape {tuple(arr.shape)}) but the store holds dim {dim};"
+            f"{what} have dim {arr.shape[1]} (shape {tuple(arr.shape)}) but the store holds dim {dim};"
             " embed them with the store's backbone")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ShapeError(f"{what} must be numbers, got dtype {arr.dtype}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():

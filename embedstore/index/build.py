@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS, two_level_centroids
-from embedstore.index._vectors import (SCAN_BATCH, StoreLike, check_metric, log, prepare,
-                                       require_rows)
-from embedstore.index.choose import (QUANTIZER_EF_SEARCH, IndexPlan, format_bytes, parse_memory,
-                                     plan_index)
+from embedstore.index._vectors import SCAN_BATCH, check_metric, log, prepare, require_rows
+from embedstore.index.choose import QUANTIZER_EF_SEARCH, IndexPlan, parse_memory, plan_index
 from embedstore.index.recall import exact_scan, tune
 from embedstore.index.stored import (IndexInfo, VectorIndex, index_dir, load_index, now_iso,
                                      require_gpu, save_index, to_gpu)
+from embedstore.sizes import format_bytes
+from embedstore.store.protocol import StoreLike
 
 __all__ = ["build_index", "update_index"]
 
@@ -67,12 +67,12 @@ def _query_sample(store: StoreLike, n_queries: int, seed: int, metric: str
     return qids, prepare(store.gather(qids), metric)
 
 
-def _without_self(found: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+def _without_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
     """(nq, m) ids -> (nq, k): each query's own row removed, so a stored query is scored like
     a new one (its own row would otherwise be a free hit in every top-k)."""
-    keep = found != qids[:, None]
+    keep = ids != qids[:, None]
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(found, order, axis=1)
+    return np.take_along_axis(ids, order, axis=1)
 
 
 def _add_rows(index: Any, store: StoreLike, metric: str, batch_size: int,

@@ -17,7 +17,7 @@ from embedstore.errors import BudgetError, ConfigError, VectorIndexError
 from embedstore.sizes import format_bytes, parse_size
 
 __all__ = [
-    "KINDS", "FLAT_MAX_ROWS", "IndexPlan", "plan_index", "parse_memory", "format_bytes",
+    "KINDS", "FLAT_MAX_ROWS", "IndexPlan", "plan_index", "parse_memory",
 ]
 
 KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")

@@ -1,118 +1,109 @@
-"""Bodies of ``embedstore index`` and ``embedstore search``: plain arguments in, printable text
-(or JSON) out. The CLI module opens the store and parses flags; nothing here touches argv.
+"""Bodies of ``embedstore index`` and ``embedstore search``: plain arguments in, results out.
+The CLI opens the store, parses flags and prints what these return; nothing here touches argv
+or formats output.
 
     embedstore index STORE [--kind auto] [--memory-budget 8G] [--target-recall 0.95] [--gpu] [--update]
     embedstore search STORE --key KEY | --image FILE | --vector FILE.npy [-k 10]
         [--exclude-same-slide] [--label L [--task T]] [--json] [--gallery OUT.png]
+        [--slide-heatmap SLIDE [--heatmap-out PNG]]
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
 
 from embedstore.errors import VectorIndexError
-from embedstore.index._vectors import StoreLike
 from embedstore.index.build import build_index, update_index
-from embedstore.index.choose import format_bytes
 from embedstore.index.search import SearchResult, search
+from embedstore.index.similarity import Thumbnail, similarity_heatmap
 from embedstore.index.stored import IndexInfo
 from embedstore.plots import save_gallery
+from embedstore.store.protocol import StoreLike
 
-__all__ = ["index_command", "search_command", "format_info", "format_results"]
+if TYPE_CHECKING:
+    from embedstore.store import Store
 
-
-def format_info(info: IndexInfo, store_path: Path | str) -> str:
-    met = "met" if info.recall_met else "NOT met"
-    lines = [
-        f"index {Path(store_path) / 'index'}",
-        f"  factory        {info.factory} ({info.kind}, {info.metric})",
-        f"  rows           {info.n_covered:,} (ids up to {info.max_id:,}; "
-        f"{info.n_added:,} added since the build)",
-        f"  search params  {info.params}",
-        f"  recall@10      {info.recall_at_10:.3f} on {info.n_queries:,} held-out queries "
-        f"(target {info.target_recall}: {met})",
-        f"  speed          {info.qps:,.0f} queries/s (batched)",
-        f"  build          {info.build_seconds:.1f}s + {info.tune_seconds:.1f}s tuning, "
-        f"{format_bytes(info.memory_bytes)} on disk",
-        f"  why            {info.reason}",
-    ]
-    return "\n".join(lines)
+__all__ = ["index_command", "search_command", "SearchRun"]
 
 
 def index_command(store: StoreLike, kind: str = "auto", memory_budget: str = "8G",
-                  target_recall: float = 0.95, gpu: bool = False, update: bool = False,
-                  as_json: bool = False) -> str:
-    """Build (or with ``update``, extend) the store's index; returns the summary to print."""
-    info = update_index(store) if update else build_index(
-        store, kind=kind, memory_budget=memory_budget, target_recall=target_recall, gpu=gpu)
-    if as_json:
-        return json.dumps(info.to_json(), indent=1)
-    return format_info(info, store.path)
+                  target_recall: float = 0.95, gpu: bool = False,
+                  update: bool = False) -> IndexInfo:
+    """Build (or with ``update``, extend) the store's index; returns what ``index.json`` records."""
+    if update:
+        return update_index(store)
+    return build_index(store, kind=kind, memory_budget=memory_budget, target_recall=target_recall,
+                       gpu=gpu)
 
 
-def _result_json(hit: SearchResult) -> dict:
-    return {"query_id": hit.query_id, "method": hit.method,
-            "keys": list(hit.keys), "ids": [int(i) for i in hit.ids],
-            "scores": [round(float(s), 6) for s in hit.scores],   # as the Python API returns them
-            "neighbours": [{"id": int(i), "key": key, "score": round(float(s), 6),
-                            **{name: _plain(col[j]) for name, col in hit.meta.items()}}
-                           for j, (i, key, s) in enumerate(zip(hit.ids, hit.keys, hit.scores))]}
+@dataclass(frozen=True)
+class SearchRun:
+    """What one ``embedstore search`` found and wrote."""
+
+    queries: list[str]              # a name per query: the key, FILE.npy[i] or the image path
+    hits: list[SearchResult]        # aligned with queries, best first
+    gallery: Path | None = None     # the neighbours' tiles, when asked for
+    heatmap: Path | None = None     # the first query's similarity over a slide, when asked for
 
 
-def _plain(value: object) -> object:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def format_results(hits: list[SearchResult], queries: list[str]) -> str:
-    out = []
-    for hit, name in zip(hits, queries):
-        out.append(f"query {name}  ({hit.method})")
-        out.append(f"  {'#':>3} {'score':>7}  {'key':<40} {'slide':<24} {'x':>7} {'y':>7}  label")
-        for j, (key, score) in enumerate(zip(hit.keys, hit.scores)):
-            meta = {name: _plain(col[j]) for name, col in hit.meta.items()}
-            out.append(f"  {j + 1:>3} {score:>7.4f}  {key:<40} {str(meta.get('slide')):<24} "
-                       f"{str(meta.get('x')):>7} {str(meta.get('y')):>7}  "
-                       f"{'' if meta.get('label') is None else meta.get('label')}")
-        if not hit.keys:
-            out.append("  (no tile passes the filters)")
-    return "\n".join(out)
+def _queries(store: StoreLike, key: str | None, vector_file: Path | str | None,
+             image_file: Path | str | None,
+             embed_image: Callable[[Path], np.ndarray] | None) -> tuple[list[str], np.ndarray | None]:
+    """(query names, vectors (nq, dim) or (dim,); None when the query is the stored ``key``)."""
+    given = [x is not None for x in (key, vector_file, image_file)]
+    if sum(given) != 1:
+        raise VectorIndexError("give exactly one of --key, --image or --vector")
+    if key is not None:
+        return [key], None
+    if vector_file is not None:
+        try:
+            vectors = np.load(Path(vector_file))
+        except (ValueError, OSError, EOFError) as exc:
+            raise VectorIndexError(f"{vector_file} is not a readable .npy array "
+                                   f"({' '.join(str(exc).split())[:160]}); save the query vectors "
+                                   "with numpy.save") from None
+        if not isinstance(vectors, np.ndarray):
+            raise VectorIndexError(f"{vector_file} holds several arrays (.npz); save one (nq, dim) "
+                                   "array with numpy.save")
+        return [f"{vector_file}[{i}]" for i in range(1 if vectors.ndim == 1 else len(vectors))], vectors
+    if embed_image is None:
+        raise VectorIndexError("searching by image needs the store's backbone; the CLI passes "
+                               "embed_image")
+    return [str(image_file)], np.asarray(embed_image(Path(str(image_file))))
 
 
 def search_command(store: StoreLike, key: str | None = None, vector_file: Path | str | None = None,
                    image_file: Path | str | None = None, k: int = 10,
                    exclude_same_slide: bool = False, label: str | None = None,
-                   task: str | None = None, as_json: bool = False,
-                   gallery: Path | str | None = None,
+                   task: str | None = None, gallery: Path | str | None = None,
                    embed_image: Callable[[Path], np.ndarray] | None = None,
-                   load_tile: Callable[[str], object] | None = None) -> str:
+                   load_tile: Callable[[str], object] | None = None,
+                   slide_heatmap: str | None = None, heatmap_out: Path | str = "similarity.png",
+                   thumbnail: Thumbnail | None = None) -> SearchRun:
     """Search by tile key, by image (``embed_image`` embeds it with the store's backbone) or by
-    a .npy vector file ((dim,) or (nq, dim)); returns a table or JSON to print."""
-    given = [x is not None for x in (key, vector_file, image_file)]
-    if sum(given) != 1:
-        raise VectorIndexError("give exactly one of --key, --image or --vector")
+    a .npy vector file ((dim,) or (nq, dim)). ``gallery``: also draw the neighbours' tiles
+    (``load_tile(key)`` reads one); ``slide_heatmap``: also draw the first query's similarity
+    to every tile of that slide over its thumbnail (``thumbnail(slide)`` reads it)."""
     if task is not None and label is None:
         raise VectorIndexError("--task only applies with --label; add --label L")
+    names, vectors = _queries(store, key, vector_file, image_file, embed_image)
     common = dict(k=k, exclude_same_slide=exclude_same_slide, label=label, task=task)
-    if key is not None:
-        hits = search(store, keys=[key], **common)      # type: ignore[arg-type]
-        names = [key]
+    if vectors is None:
+        hits = search(store, keys=[str(key)], **common)  # type: ignore[arg-type]
     else:
-        if vector_file is not None:
-            vectors = np.load(Path(vector_file))
-            names = [f"{vector_file}[{i}]" for i in range(1 if vectors.ndim == 1 else len(vectors))]
-        else:
-            if embed_image is None:
-                raise VectorIndexError("searching by image needs the store's backbone; the CLI passes "
-                                  "embed_image")
-            vectors = np.asarray(embed_image(Path(str(image_file))))
-            names = [str(image_file)]
         hits = search(store, vectors=vectors, **common)  # type: ignore[arg-type]
-    if gallery is not None:
-        save_gallery(hits, names, Path(gallery), load_tile)
-    if as_json:
-        return json.dumps([{"query": name, **_result_json(hit)} for hit, name in zip(hits, names)],
-                          indent=1)
-    return format_results(hits, names)
+    drawn = save_gallery(hits, names, Path(gallery), load_tile) if gallery is not None else None
+    heatmap = None
+    if slide_heatmap is not None:
+        if thumbnail is None:
+            raise VectorIndexError("a slide heatmap needs the slide's thumbnail; the CLI passes "
+                                   "thumbnail")
+        first = store.gather(store.ids([str(key)])) if vectors is None else vectors
+        query = np.asarray(first, np.float32).reshape(-1, store.dim)[0]
+        # a slide's bag is the real store's (StoreLike has no slide())
+        heatmap = similarity_heatmap(cast("Store", store), query, slide_heatmap, Path(heatmap_out),
+                                     thumbnail)
+    return SearchRun(names, hits, drawn, heatmap)

@@ -12,8 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from embedstore.index._vectors import SCAN_BATCH, StoreLike, as_queries, check_metric, prepare
+from embedstore.index._vectors import SCAN_BATCH, as_queries, check_metric, prepare
 from embedstore.index.choose import IndexPlan
+from embedstore.store.protocol import StoreLike
 
 __all__ = ["exact_search", "exact_scan", "recall_at_k", "tune", "Tuned"]
 
@@ -42,36 +43,36 @@ def exact_scan(store: StoreLike, q: np.ndarray, k: int, metric: str,
 
     nq = len(q)
     heap = faiss.ResultHeap(nq, k, keep_max=True)
-    for ids, emb in store.scan(batch_size):
-        if len(ids) == 0:
+    for batch_ids, emb in store.scan(batch_size):
+        if len(batch_ids) == 0:
             continue
-        ids = np.asarray(ids, dtype=np.int64)
+        batch_ids = np.asarray(batch_ids, dtype=np.int64)
         x = prepare(emb, metric)
+        kb = min(k, len(batch_ids))
         if allow is None:
-            kb = min(k, len(ids))
-            dist, local = faiss.knn(q, x, kb, metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(dist, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
+            scores, local = faiss.knn(q, x, kb, metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(scores, np.where(local >= 0, batch_ids[np.maximum(local, 0)], -1))
             continue
-        mask = np.asarray(allow(ids), dtype=bool)
+        mask = np.asarray(allow(batch_ids), dtype=bool)
         for s in range(0, nq, _FILTER_QUERY_CHUNK):
             e = min(nq, s + _FILTER_QUERY_CHUNK)
-            scores = q[s:e] @ x.T
-            scores[~(mask if mask.ndim == 1 else mask[s:e])] = -np.inf
-            kb = min(k, len(ids))
-            top = np.argpartition(-scores, kb - 1, axis=1)[:, :kb]
-            dist = np.take_along_axis(scores, top, axis=1)
-            found = np.where(np.isfinite(dist), ids[top], -1)
-            heap.add_result_subset(np.arange(s, e, dtype=np.int64), dist, found)
+            block = q[s:e] @ x.T                     # (chunk, b) scores of this batch
+            block[~(mask if mask.ndim == 1 else mask[s:e])] = -np.inf
+            top = np.argpartition(-block, kb - 1, axis=1)[:, :kb]
+            scores = np.take_along_axis(block, top, axis=1)
+            ids = np.where(np.isfinite(scores), batch_ids[top], -1)
+            heap.add_result_subset(np.arange(s, e, dtype=np.int64), scores, ids)
     heap.finalize()
-    dist, found = heap.D.copy(), heap.I.copy()
-    dist[found < 0] = -np.inf
-    return dist.astype(np.float32), found.astype(np.int64)
+    scores, ids = heap.D.copy(), heap.I.copy()
+    scores[ids < 0] = -np.inf
+    return scores.astype(np.float32), ids.astype(np.int64)
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of each query's true top-k (ids >= 0) present in its found top-k."""
-    found, truth = np.asarray(found)[:, :k], np.asarray(truth)[:, :k]
-    hits = (found[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
+def recall_at_k(ids: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of each query's true top-k ids (truth (nq, >=k), ids >= 0) present in its
+    found top-k ``ids`` (nq, >=k)."""
+    ids, truth = np.asarray(ids)[:, :k], np.asarray(truth)[:, :k]
+    hits = (ids[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
     per_query = hits.any(axis=1).sum(axis=1)
     denom = np.maximum((truth >= 0).sum(axis=1), 1)
     return float(np.mean(per_query / denom))
@@ -90,9 +91,9 @@ class Tuned:
 
 def _measure(run: RunFn, q: np.ndarray, truth: np.ndarray, k: int, params: dict) -> dict:
     t0 = time.perf_counter()
-    found = run(q, k, params)
+    ids = run(q, k, params)
     dt = max(time.perf_counter() - t0, 1e-9)
-    return {**params, "recall": round(recall_at_k(found, truth, k), 4),
+    return {**params, "recall": round(recall_at_k(ids, truth, k), 4),
             "qps": round(len(q) / dt, 1)}
 
 

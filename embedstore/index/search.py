@@ -15,10 +15,10 @@ from typing import Collection, Sequence
 import numpy as np
 
 from embedstore.errors import VectorIndexError
-from embedstore.index._vectors import (StoreLike, as_queries, deleted, log, prepare,
-                                       require_rows)
+from embedstore.index._vectors import as_queries, deleted, log, prepare, require_rows
 from embedstore.index.recall import exact_scan
 from embedstore.index.stored import VectorIndex, check_fresh, load_index, read_index_info
+from embedstore.store.protocol import StoreLike
 
 __all__ = ["SearchResult", "search"]
 
@@ -175,9 +175,9 @@ def search(store: StoreLike, vectors: np.ndarray | None = None,
                      pending.size, k)
     if pending.size:
         allow = filt.allow_scan(pending) if filt.restrictive else None
-        scores, found = exact_scan(store, q[pending], k, metric, allow=allow)
+        scan_scores, scan_ids = exact_scan(store, q[pending], k, metric, allow=allow)
         for j, row in enumerate(pending):
-            out[row] = _take(scores[j], found[j], found[j] >= 0, k)
+            out[row] = _take(scan_scores[j], scan_ids[j], scan_ids[j] >= 0, k)
     if qids is not None and not exclude_self and metric == "cosine":
         out = _self_first(store, q, qids, filt, out, k)   # (under "ip" a row may beat itself)
     return _assemble(store, out, qids, task, method)
@@ -213,19 +213,19 @@ def _self_first(store: StoreLike, q: np.ndarray, qids: np.ndarray, filt: _Filter
     self_ok = filt.allowed(qids[:, None], np.arange(len(qids)))[:, 0]
     self_score = np.einsum("ij,ij->i", q, q).astype(np.float32)
     fixed = []
-    for j, (scores, found) in enumerate(out):
+    for j, (scores, ids) in enumerate(out):
         if self_ok[j]:
-            other = found != qids[j]
+            other = ids != qids[j]
             scores = np.concatenate([[self_score[j]], scores[other]])[:k].astype(np.float32)
-            found = np.concatenate([[qids[j]], found[other]])[:k].astype(np.int64)
-        fixed.append((scores, found))
+            ids = np.concatenate([[qids[j]], ids[other]])[:k].astype(np.int64)
+        fixed.append((scores, ids))
     return fixed
 
 
 def _assemble(store: StoreLike, out: list, qids: np.ndarray | None, task: str | None,
               method: str) -> list[SearchResult]:
-    sizes = [len(found) for _, found in out]
-    every = np.concatenate([found for _, found in out]) if out else np.empty(0, np.int64)
+    sizes = [len(ids) for _, ids in out]
+    every = np.concatenate([ids for _, ids in out]) if out else np.empty(0, np.int64)
     meta: dict[str, np.ndarray] = {}
     keys: list[str] = []
     if len(every):
@@ -233,11 +233,11 @@ def _assemble(store: StoreLike, out: list, qids: np.ndarray | None, task: str | 
         keys = [str(key) for key in meta.pop("key")]
         meta["label"] = np.asarray(store.labels(keys, task=task), dtype=object)
     results, start = [], 0
-    for j, ((scores, found), size) in enumerate(zip(out, sizes)):
+    for j, ((scores, ids), size) in enumerate(zip(out, sizes)):
         part = slice(start, start + size)
         start += size
         results.append(SearchResult(
-            ids=found, keys=keys[part], scores=scores,
+            ids=ids, keys=keys[part], scores=scores,
             meta={name: np.asarray(col)[part] for name, col in meta.items()}
             if meta else {"slide": np.empty(0, object), "x": np.empty(0, np.int64),
                           "y": np.empty(0, np.int64), "label": np.empty(0, object)},

@@ -7,7 +7,6 @@ record, so a crash leaves either the previous index or the new one, never a mix.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -18,8 +17,9 @@ import numpy as np
 
 from embedstore.store.atomic import atomic_path, atomic_write_text
 from embedstore.errors import DimensionMismatchError, VectorIndexError, StaleIndexError
-from embedstore.index._vectors import StoreLike, deleted, log, prepare
+from embedstore.index._vectors import deleted, log
 from embedstore.index.choose import QUANTIZER_EF_SEARCH
+from embedstore.store.protocol import StoreLike
 
 __all__ = ["IndexInfo", "VectorIndex", "load_index", "read_index_info", "index_dir",
            "check_fresh", "require_gpu"]

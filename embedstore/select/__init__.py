@@ -1,7 +1,15 @@
-"""Backbone selection by a proxy task: kNN over each candidate's embeddings of a labelled set."""
+"""Backbone selection by a proxy task: kNN over each candidate's embeddings of a labelled set.
+
+``proxy``: the configuration, the proxy set and the run; ``folds``: grouped, stratified folds;
+``knn``: the kNN classifier and its fold scores; ``ranking``: the ranked result and its statistics.
+"""
 from __future__ import annotations
 
-from .knn import KnnConfig, fold_scores
-from .proxy import SelectConfig, SelectionResult, select_backbones
+from .folds import plan_folds
+from .knn import KnnClassifier, KnnConfig, fold_scores
+from .proxy import ProxySet, SelectConfig, read_proxy, select_backbones
+from .ranking import Candidate, SelectionResult, seed_noise_notes, spearman
 
-__all__ = ["KnnConfig", "fold_scores", "SelectConfig", "SelectionResult", "select_backbones"]
+__all__ = ["SelectConfig", "ProxySet", "read_proxy", "plan_folds", "select_backbones",
+           "KnnConfig", "KnnClassifier", "fold_scores", "SelectionResult", "Candidate", "spearman",
+           "seed_noise_notes"]

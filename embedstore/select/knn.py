@@ -6,10 +6,11 @@ The rule, fixed here once:
   ``IndexFlatIP``). With ``centre=True`` the mean of the *training* rows is subtracted from
   training and query rows first; foundation-model embeddings share a large common component
   that otherwise dominates every cosine.
-- **Vote**: each of the ``k`` nearest training rows adds ``exp(sim / temperature)`` to its class
+- **Vote**: each of the ``k`` nearest training rows adds ``exp(score / temperature)`` to its class
   (temperature 0.07, the weighting of the non-parametric classifiers of Wu et al. 2018 and DINO's
-  kNN evaluation). Closer neighbours count exponentially more; with ``sim`` in [-1, 1] the
-  weights stay within float64 range for any temperature above ~0.0015.
+  kNN evaluation), ``score`` being its cosine similarity. Closer neighbours count exponentially
+  more; with ``score`` in [-1, 1] the weights stay within float64 range for any temperature
+  above ~0.0015.
 - **Prediction**: the class with the largest vote; equal votes go to the lowest class index.
 
 Rows whose norm is zero (possible after centring) stay zero: similarity 0 to every row.
@@ -23,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from ..arrays import l2_normalise
-from ..errors import SelectionError
+from ..errors import NotFittedError, SelectionError
 
-__all__ = ["KnnConfig", "KnnClassifier", "normalise", "fold_scores", "METRICS"]
+__all__ = ["KnnConfig", "KnnClassifier", "fold_scores", "METRICS"]
 
 METRICS = ("balanced_accuracy", "f1")   # f1 = macro F1 over the classes
 
@@ -33,7 +34,7 @@ METRICS = ("balanced_accuracy", "f1")   # f1 = macro F1 over the classes
 @dataclass(frozen=True)
 class KnnConfig:
     k: int = 20                  # neighbours that vote
-    temperature: float = 0.07    # vote weight exp(sim / temperature)
+    temperature: float = 0.07    # vote weight exp(score / temperature)
     centre: bool = False         # subtract the training mean before L2-normalising
 
     def __post_init__(self) -> None:
@@ -43,8 +44,6 @@ class KnnConfig:
             raise SelectionError(f"temperature must be > 0.0015 (exp(1/T) overflows below), "
                                  f"got {self.temperature!r}")
 
-
-normalise = l2_normalise
 
 
 class KnnClassifier:
@@ -77,27 +76,27 @@ class KnnClassifier:
             raise SelectionError("embeddings hold NaN or inf; re-extract the store")
         self.n_classes = int(n_classes if n_classes is not None else y.max() + 1)
         self._mean = emb.mean(axis=0, dtype=np.float64).astype(np.float32) if self.config.centre else None
-        x = normalise(emb, self._mean)
+        x = l2_normalise(emb, self._mean)
         self._index = faiss.IndexFlatIP(x.shape[1])
         self._index.add(x)
         self._y = y
         return self
 
     def kneighbors(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(sim, rows)``: (n, k) float32 cosine similarities, largest first, and (n, k) int64
-        positions of the neighbours among the training rows."""
+        """``(scores, ids)``: (n, k) float32 cosine similarities, largest first, and (n, k) int64
+        ids of the neighbours in this classifier's index: positions among the training rows."""
         if self._index is None:
-            raise RuntimeError("fit() the classifier first")
-        sim, rows = self._index.search(normalise(emb, self._mean), self.config.k)
-        return sim, rows
+            raise NotFittedError("the kNN classifier is not fitted; call fit(emb, y) first")
+        scores, ids = self._index.search(l2_normalise(emb, self._mean), self.config.k)
+        return scores, ids
 
     def votes(self, emb: np.ndarray) -> np.ndarray:
-        """(n, n_classes) float64: summed ``exp(sim / temperature)`` of the neighbours per class."""
-        sim, rows = self.kneighbors(emb)
-        n = sim.shape[0]
-        w = np.exp(sim.astype(np.float64) / self.config.temperature)
+        """(n, n_classes) float64: summed ``exp(score / temperature)`` of the neighbours per class."""
+        scores, ids = self.kneighbors(emb)
+        n = scores.shape[0]
+        w = np.exp(scores.astype(np.float64) / self.config.temperature)
         out = np.zeros((n, self.n_classes), dtype=np.float64)
-        np.add.at(out, (np.repeat(np.arange(n), sim.shape[1]), self._y[rows].ravel()), w.ravel())
+        np.add.at(out, (np.repeat(np.arange(n), scores.shape[1]), self._y[ids].ravel()), w.ravel())
         return out
 
     def predict(self, emb: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Backbone selection by a proxy task: embed one labelled tile set with every candidate, score
-each embedding space with a cross-validated kNN classifier (`embedstore.select.knn`), rank them.
+each embedding space with a cross-validated kNN classifier (`embedstore.select.knn`) on folds
+from `embedstore.select.folds`, rank them (`embedstore.select.ranking`).
 
 Each candidate's embeddings live in their own store, ``CACHE/<backbone>`` (default cache:
 ``OUT/stores``), made by the same pipeline as ``embedstore extract``; a second run finds every
@@ -18,20 +19,25 @@ import csv
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..arrays import average_ranks
 from ..plots import plot_selection
 from ..errors import EmbedstoreError, SelectionError, UnknownBackboneError
+from ..store.atomic import atomic_write_text
+from ..store.protocol import StoreLike
+from .folds import group_codes, plan_folds, small_class_note
 from .knn import METRICS, KnnConfig, fold_scores
+from .ranking import Candidate, SelectionResult, rank_candidates, seed_noise_notes, spearman
 
-__all__ = ["SelectConfig", "ProxySet", "Candidate", "SelectionResult", "read_proxy", "plan_folds",
-           "select_backbones", "spearman", "average_ranks", "seed_noise_notes", "store_dir_name",
-           "small_class_note"]
+if TYPE_CHECKING:
+    from ..extract.runner import ExtractResult
+    from ..store import Store
+
+__all__ = ["SelectConfig", "ProxySet", "read_proxy", "select_backbones", "store_dir_name"]
 
 GROUP_AUTO, GROUP_NONE = "auto", "none"
 
@@ -47,7 +53,7 @@ class SelectConfig:
     metric: str = "balanced_accuracy"    # balanced_accuracy | f1 (macro)
     random_init: bool = False            # untrained weights for candidates that can have them
     centre: bool = False                 # subtract the training-fold mean before normalising
-    temperature: float = 0.07            # kNN vote weight exp(sim / temperature)
+    temperature: float = 0.07            # kNN vote weight exp(score / temperature)
     seed: int = 0                        # fold assignment seed
     cache: Path | None = None            # stores root (None: OUT/stores)
     validate: Path | None = None         # downstream task CSV (path,label,split)
@@ -98,80 +104,6 @@ class ProxySet:
         g = None if self.groups is None else self.groups[rows]
         sp = None if self.split is None else self.split[rows]
         return ProxySet(self.source, self.keys[rows], self.labels[rows], g, self.group_by, self.tile, sp)
-
-
-@dataclass
-class Candidate:
-    backbone: str                  # the name given
-    weights: str                   # "pretrained" | "random init"
-    store: str                     # its proxy store
-    dim: int = 0                   # embedding dimension
-    fold_scores: list[float] = field(default_factory=list)
-    mean: float = float("nan")     # metric mean over folds
-    std: float = float("nan")      # metric std over folds (population)
-    extract_s: float = 0.0         # extract() wall time (a cached run: the time to find it done)
-    tiles_written: int = 0         # tiles embedded by this run (0 when the cache held them all)
-    extract_errors: int = 0        # inputs extract() recorded as errors
-    knn_s: float = 0.0             # kNN fit + predict over all folds
-    rank: int = 0                  # 1 = best proxy score
-    downstream: dict[str, Any] | None = None   # validate: f1/balanced accuracy mean, std, times
-
-    @property
-    def label(self) -> str:
-        return self.backbone + (" (random init)" if self.weights == "random init" else "")
-
-
-@dataclass
-class SelectionResult:
-    config: dict[str, Any]                 # the SelectConfig, JSON-ready
-    proxy: dict[str, Any]                  # source, tiles, classes, groups, folds
-    candidates: list[Candidate]            # best first
-    spearman: float | None = None          # proxy score vs downstream F1 (validate only)
-    elapsed: float = 0.0                   # the whole selection, seconds
-    files: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)   # caveats about this proxy and these settings
-
-    def table(self) -> str:
-        metric = self.config["metric"]
-        head = ["rank", "backbone", "weights", f"{metric} (mean ± std)", "extract s", "kNN s"]
-        if any(c.downstream for c in self.candidates):
-            head.append("downstream F1")
-        rows = []
-        for c in self.candidates:
-            ex = f"{c.extract_s:.1f}" + (" (cached)" if c.tiles_written == 0 else "")
-            row = [str(c.rank), c.backbone, c.weights, f"{c.mean:.4f} ± {c.std:.4f}", ex, f"{c.knn_s:.3f}"]
-            if len(head) == 7:
-                d = c.downstream
-                row.append(f"{d['f1'][0]:.4f} ± {d['f1'][1]:.4f}" if d else "-")
-            rows.append(row)
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
-        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-        p = self.proxy
-        lines.append(f"proxy {p['source']}: {p['tiles']} tiles, {len(p['classes'])} classes, "
-                     f"{p['folds']}-fold CV " + (f"grouped by {p['group_by']} ({p['groups']} groups)"
-                                                 if p["group_by"] else "ungrouped")
-                     + f", k={self.config['k']}" + (", centred" if self.config["centre"] else ""))
-        lines += [f"note: {n}" for n in self.notes]
-        if p["tiles_missing"]:
-            lines.append(f"{p['tiles_missing']} proxy tile(s) missing from some store (unreadable: "
-                         f"`embedstore errors STORE`); every candidate is scored on the same {p['tiles']}")
-        rnd = [c.backbone for c in self.candidates if c.weights == "random init"]
-        kept = [c.backbone for c in self.candidates if c.weights != "random init"]
-        if self.config["random_init"]:
-            lines.append(f"random init applied to: {', '.join(rnd) or 'none'}"
-                         + (f"; not to {', '.join(kept)} (own weights)" if kept else ""))
-        if self.spearman is not None:
-            lines.append(f"Spearman(proxy score, downstream F1) = {self.spearman:.3f}")
-        elif any(c.downstream for c in self.candidates):
-            lines.append("Spearman undefined (fewer than 2 candidates or constant scores)")
-        lines.append(f"selection time {self.elapsed:.1f} s")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "proxy": self.proxy,
-                "candidates": [asdict(c) for c in self.candidates], "spearman": self.spearman,
-                "elapsed_s": self.elapsed, "files": self.files, "notes": self.notes}
 
 
 # -- the proxy set (pure reading, no decoding beyond one image's size) -------------------------
@@ -244,102 +176,7 @@ def read_proxy(source: str | Path, group_by: str = GROUP_AUTO, task_name: str = 
     return ProxySet(src, keys, labels, groups, column, tile, split)
 
 
-def _group_codes(groups: np.ndarray) -> np.ndarray:
-    """(n,) int64 codes; a missing group (None) is a group of its own."""
-    named = np.array([f"g:{g}" if g is not None else f"row:{i}" for i, g in enumerate(groups)],
-                     dtype=object)
-    _, codes = np.unique(named.astype(str), return_inverse=True)
-    return codes.astype(np.int64).reshape(-1)
-
-
-def plan_folds(y: np.ndarray, groups: np.ndarray | None, folds: int, k: int, seed: int = 0,
-               classes: Sequence[str] | None = None, group_by: str | None = None) -> np.ndarray:
-    """Fold of each row, (n,) int64 in ``0..folds-1``: stratified by ``y`` ((n,) int), grouped by
-    ``groups`` ((n,) object, None = own group) so no group has rows in two folds. Pure and seeded;
-    refuses inputs that cannot give a fair k-fold kNN, in one line each."""
-    from ..heads.splits import stratified_group_kfold
-    y = np.asarray(y, dtype=np.int64)
-    name = (lambda c: str(classes[c])) if classes is not None else str  # noqa: E731
-    counts = np.bincount(y)
-    present = np.flatnonzero(counts)
-    if present.size < 2:
-        raise SelectionError(f"the proxy has one class ({name(int(present[0])) if present.size else 'none'}); "
-                             f"a proxy needs tiles of at least two classes")
-    low = [int(c) for c in present if counts[c] < folds]
-    if low:
-        c = low[0]
-        raise SelectionError(f"class {name(c)!r} has {counts[c]} tile(s), fewer than the {folds} folds; "
-                             f"add tiles, drop the class or use --folds {max(2, int(counts[c]))}")
-    codes = None if groups is None else _group_codes(np.asarray(groups, dtype=object))
-    if codes is not None:
-        n_groups = int(codes.max()) + 1
-        if n_groups < folds:
-            raise SelectionError(f"only {n_groups} distinct {group_by or 'group'} value(s) for {folds} folds; "
-                                 f"use --folds {max(2, n_groups)} or --group-by none")
-    fold = stratified_group_kfold(y, codes, folds, seed=seed)
-    sizes = np.bincount(fold, minlength=folds)
-    if (sizes == 0).any():
-        raise SelectionError(f"grouping by {group_by or 'group'} leaves fold {int(np.argmin(sizes))} empty; "
-                             f"use fewer --folds")
-    smallest_train = int(y.size - sizes.max())
-    if k > smallest_train:
-        raise SelectionError(f"k={k} is larger than the smallest training fold ({smallest_train} tiles); "
-                             f"use --k {smallest_train} or less, or fewer --folds")
-    if codes is not None:
-        for f in range(folds):
-            assert not np.isin(codes[fold == f], codes[fold != f]).any(), "a group straddles folds"
-    return fold
-
-
-def small_class_note(y: np.ndarray, fold: np.ndarray, k: int, classes: Sequence[str]) -> str | None:
-    """A caveat when ``k`` exceeds some class's training tiles in some fold: the k neighbours
-    then cannot all come from that class, and large classes outvote it."""
-    y, fold = np.asarray(y, dtype=np.int64), np.asarray(fold, dtype=np.int64)
-    n_classes = len(classes)
-    train = np.array([np.bincount(y[fold != f], minlength=n_classes) for f in np.unique(fold)])
-    present = train[:, np.bincount(y, minlength=n_classes) > 0]
-    low = int(present.min())
-    if k <= low:
-        return None
-    c = int(np.flatnonzero(np.bincount(y, minlength=n_classes) > 0)[np.argmin(present.min(axis=0))])
-    return (f"k={k} exceeds the {low} training tiles of class {classes[c]!r} in some fold: larger "
-            f"classes outvote it (--k {max(1, low)} or less avoids that)")
-
-
-# -- ranking statistics -------------------------------------------------------------------
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two (n,) arrays (average ranks for ties); NaN when n < 2 or
-    either side is constant."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"spearman needs two (n,) arrays, got {a.shape} and {b.shape}")
-    if a.size < 2:
-        return float("nan")
-    ra, rb = average_ranks(a) - (a.size + 1) / 2, average_ranks(b) - (b.size + 1) / 2
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
 # -- the run -------------------------------------------------------------------------------
-
-def seed_noise_notes(runs: Sequence[tuple[str, Sequence[float]]], z: float = 2.0) -> list[str]:
-    """Downstream neighbours (by mean F1) whose gap is under ``z`` standard errors of the
-    difference of their seed means: their downstream order, and so Spearman, is not resolved."""
-    stats = sorted(((float(np.mean(r)), float(np.var(r, ddof=1)) / len(r) if len(r) > 1 else float("nan"), n)
-                    for n, r in runs), reverse=True)
-    out = []
-    for (ma, va, a), (mb, vb, b) in zip(stats, stats[1:]):
-        se = float(np.sqrt(va + vb))
-        if not np.isfinite(se):
-            out.append(f"downstream F1 of {a} and {b} comes from one head each: their order is not "
-                       f"tested against seed noise; use --head-seeds 5 or more")
-        elif ma - mb < z * se:
-            out.append(f"downstream F1 of {a} ({ma:.4f}) and {b} ({mb:.4f}) differ by {ma - mb:.4f}, "
-                       f"under {z:g} standard errors ({z * se:.4f}) of seed noise: their downstream "
-                       f"order is not resolved, nor is Spearman; raise --head-seeds")
-    return out
-
 
 def store_dir_name(backbone: str) -> str:
     """A directory name for a backbone name (``hf-hub:ORG/M`` and paths included)."""
@@ -373,7 +210,7 @@ def _check_geometry(store: Path, tile: dict[str, Any], what: str) -> None:
                                  f"the {what} ({tile}); use another --cache or delete that store")
 
 
-def _embed(source: Path, store: Path, name: str, random_init: bool, cfg: SelectConfig) -> Any:
+def _embed(source: Path, store: Path, name: str, random_init: bool, cfg: SelectConfig) -> ExtractResult:
     from ..extract.runner import ExtractConfig, extract
     ecfg = ExtractConfig(store=store, backbone=name, random_init=random_init,
                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -381,9 +218,9 @@ def _embed(source: Path, store: Path, name: str, random_init: bool, cfg: SelectC
     return extract([source], ecfg)
 
 
-def _rows_in_store(store: Any, proxy: ProxySet) -> tuple[np.ndarray, np.ndarray]:
+def _rows_in_store(store: StoreLike, proxy: ProxySet) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, ids)``: positions of the proxy tiles the store holds and their ids; labels checked."""
-    present = set(store.keys())
+    present = set(store.keys_of(store.all_ids()))
     rows = np.flatnonzero([k in present for k in proxy.keys])
     ids = store.ids(proxy.keys[rows].tolist()) if rows.size else np.empty(0, np.int64)
     recorded = store.metadata(ids, ("label",))["label"]
@@ -404,12 +241,12 @@ def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
     res = _embed(task.source, store, name, random_init, cfg)
     s = open_store(store)
     rows, ids = _rows_in_store(s, task)
-    X = np.asarray(s.gather(ids), dtype=np.float32)
+    emb = np.asarray(s.gather(ids), dtype=np.float32)
     y, sp = task.labels[rows], task.split[rows]  # type: ignore[index]
     g = None if task.groups is None else task.groups[rows]
     tr, va = sp == "train", sp == "valid"
     t0 = time.perf_counter()
-    rep = run_seeds(X[tr], y[tr], X[va], y[va], groups=None if g is None else g[tr],
+    rep = run_seeds(emb[tr], y[tr], emb[va], y[va], groups=None if g is None else g[tr],
                     config=HeadConfig(kind="linear"), seeds=cfg.head_seeds)
     f1 = [float(r["f1"]) for r in rep.runs]
     return {"f1": rep.summary["f1"], "balanced_accuracy": rep.summary["balanced_accuracy"],
@@ -432,7 +269,6 @@ def _read_task(path: Path) -> ProxySet:
 def select_backbones(cfg: SelectConfig) -> SelectionResult:
     """Embed the proxy with every candidate (cached stores), score each by cross-validated kNN,
     rank them, write ``selection.json`` and ``selection.png`` under ``cfg.out``."""
-    from ..store import open_store
     t_start = time.perf_counter()
     cands = _resolve(cfg.backbones, cfg.random_init)
     proxy = read_proxy(cfg.proxy, cfg.group_by)
@@ -444,7 +280,26 @@ def select_backbones(cfg: SelectConfig) -> SelectionResult:
         _check_geometry(root / store_dir_name(name), proxy.tile, f"proxy {proxy.source}")
         if task is not None:
             _check_geometry(vroot / store_dir_name(name), task.tile, f"task {task.source}")
+    results, stores = _embed_candidates(cfg, cands, proxy, root)
+    used, fold = _score_candidates(cfg, results, stores, proxy)
+    ranked = rank_candidates(results)
+    rho: float | None = None
+    notes: list[str] = []
+    if task is not None:
+        rho, notes = _validate(cfg, task, cands, results, vroot)
+    note = small_class_note(used.y, fold, cfg.k, used.classes)
+    conf = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(cfg).items()}
+    result = SelectionResult(conf, _proxy_info(cfg, proxy, used, fold), ranked, rho,
+                             notes=([note] if note else []) + notes)
+    _write(result, Path(cfg.out), t_start)
+    return result
 
+
+def _embed_candidates(cfg: SelectConfig, cands: Sequence[tuple[str, bool]], proxy: ProxySet,
+                      root: Path) -> tuple[list[Candidate], list[Store]]:
+    """Each candidate's proxy store (embedded now, or found done) and its record so far."""
+    from ..store import open_store
     results, stores = [], []
     for name, rnd in cands:
         path = root / store_dir_name(name)
@@ -454,54 +309,58 @@ def select_backbones(cfg: SelectConfig) -> SelectionResult:
                                  extract_s=res.elapsed, tiles_written=res.tiles_written,
                                  extract_errors=len(res.errors)))
         stores.append(s)
-    for c, s in zip(results[1:], stores[1:]):
+    for s in stores[1:]:
         if s.meta.tile != stores[0].meta.tile:
             raise SelectionError(f"stores {stores[0].path} and {s.path} hold tiles of different geometry "
                                  f"({stores[0].meta.tile} vs {s.meta.tile}); compare backbones on one geometry")
+    return results, stores
 
-    found = [_rows_in_store(s, proxy) for s in stores]
-    common = np.flatnonzero(np.logical_and.reduce([np.isin(np.arange(len(proxy.keys)), r) for r, _ in found]))
+
+def _score_candidates(cfg: SelectConfig, results: list[Candidate], stores: Sequence[StoreLike],
+                      proxy: ProxySet) -> tuple[ProxySet, np.ndarray]:
+    """Cross-validated kNN scores of every candidate on the proxy tiles all stores hold, on one
+    set of folds. Returns those tiles and their fold (n,) int64."""
+    held = [_rows_in_store(s, proxy) for s in stores]
+    common = np.flatnonzero(np.logical_and.reduce([np.isin(np.arange(len(proxy.keys)), r) for r, _ in held]))
     used = proxy.take(common)
     fold = plan_folds(used.y, used.groups, cfg.folds, cfg.k, cfg.seed, used.classes, used.group_by)
     knn = KnnConfig(cfg.k, cfg.temperature, cfg.centre)
-    for c, s, (rows, ids) in zip(results, stores, found):
+    for c, s, (rows, ids) in zip(results, stores, held):
         at = {int(r): i for i, r in enumerate(rows)}
-        X = np.asarray(s.gather(ids[[at[int(r)] for r in common]]), dtype=np.float32)
-        sc, c.knn_s = fold_scores(X, used.y, fold, knn, cfg.metric, n_classes=len(used.classes))
-        c.fold_scores, c.mean, c.std = sc.tolist(), float(sc.mean()), float(sc.std())
-    order = sorted(range(len(results)), key=lambda i: (-results[i].mean, results[i].std, i))
-    ranked = [results[i] for i in order]
-    for r, c in enumerate(ranked, start=1):
-        c.rank = r
+        emb = np.asarray(s.gather(ids[[at[int(r)] for r in common]]), dtype=np.float32)
+        scores, c.knn_s = fold_scores(emb, used.y, fold, knn, cfg.metric, n_classes=len(used.classes))
+        c.fold_scores, c.mean, c.std = scores.tolist(), float(scores.mean()), float(scores.std())
+    return used, fold
 
-    rho = None
-    if task is not None:
-        f1, runs = [], []
-        for c, (name, rnd) in zip(results, cands):
-            c.downstream = d = _downstream(cfg, task, name, rnd, vroot)
-            f1.append(d["f1"][0])
-            runs.append((c.backbone, d["f1_runs"]))
-        rho_v = spearman(np.array([c.mean for c in results]), np.array(f1))
-        rho = None if np.isnan(rho_v) else rho_v
-        notes_v = seed_noise_notes(runs)
-    else:
-        notes_v = []
 
-    counts = {c: int((used.labels == c).sum()) for c in used.classes}
-    proxy_info = {"source": str(proxy.source), "tiles": int(common.size),
-                  "tiles_missing": int(len(proxy.keys) - common.size), "classes": counts,
-                  "group_by": used.group_by,
-                  "groups": int(_group_codes(used.groups).max() + 1) if used.groups is not None else None,
-                  "folds": cfg.folds, "fold_sizes": np.bincount(fold, minlength=cfg.folds).tolist(),
-                  "tile": proxy.tile}
-    conf = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in asdict(cfg).items()}
-    note = small_class_note(used.y, fold, cfg.k, used.classes)
-    result = SelectionResult(conf, proxy_info, ranked, rho, notes=([note] if note else []) + notes_v)
-    out = Path(cfg.out)
+def _validate(cfg: SelectConfig, task: ProxySet, cands: Sequence[tuple[str, bool]],
+              results: list[Candidate], vroot: Path) -> tuple[float | None, list[str]]:
+    """Each candidate's downstream F1 (recorded on it); Spearman of proxy score vs that F1 (None
+    when undefined) and the notes on differences seed noise leaves unresolved."""
+    f1, runs = [], []
+    for c, (name, rnd) in zip(results, cands):
+        c.downstream = d = _downstream(cfg, task, name, rnd, vroot)
+        f1.append(d["f1"][0])
+        runs.append((c.backbone, d["f1_runs"]))
+    rho = spearman(np.array([c.mean for c in results]), np.array(f1))
+    return (None if np.isnan(rho) else rho), seed_noise_notes(runs)
+
+
+def _proxy_info(cfg: SelectConfig, proxy: ProxySet, used: ProxySet, fold: np.ndarray) -> dict[str, Any]:
+    """What the result records about the proxy: tiles scored and missing, classes, groups, folds."""
+    return {"source": str(proxy.source), "tiles": int(len(used.keys)),
+            "tiles_missing": int(len(proxy.keys) - len(used.keys)),
+            "classes": {c: int((used.labels == c).sum()) for c in used.classes},
+            "group_by": used.group_by,
+            "groups": int(group_codes(used.groups).max() + 1) if used.groups is not None else None,
+            "folds": cfg.folds, "fold_sizes": np.bincount(fold, minlength=cfg.folds).tolist(),
+            "tile": proxy.tile}
+
+
+def _write(result: SelectionResult, out: Path, t_start: float) -> None:
+    """``selection.png`` then ``selection.json`` (with the whole selection's time) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     result.files = {"json": str(out / "selection.json"), "plot": str(out / "selection.png")}
     plot_selection(result, out / "selection.png")
     result.elapsed = time.perf_counter() - t_start
-    (out / "selection.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return result
+    atomic_write_text(out / "selection.json", json.dumps(result.to_dict(), indent=2) + "\n")

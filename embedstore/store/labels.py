@@ -1,11 +1,13 @@
-"""Importing labels from CSV as a named task.
+"""Labels CSVs: the one reader, and importing labels as a named task.
 
 Columns: ``key`` (or ``path``, the same value), ``label``, optional ``split`` and ``group``
-(patient/case). All keys must be in the store; nothing is written unless the whole file is good.
+(patient/case), and any other grouping column (``slide``, ``patient``...), which the heads keep.
+All keys must be in the store; nothing is written unless the whole file is good.
 """
 from __future__ import annotations
 
 import csv
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,44 +20,49 @@ from .layout import Layout
 __all__ = ["import_labels", "read_labels_csv"]
 
 
-def read_labels_csv(csv_path: Path | str) -> list[dict[str, str | None]]:
-    """Rows of a labels CSV as dicts with key, label, split, group (None when absent)."""
+def read_labels_csv(csv_path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Columns of a labels CSV by name, each a list of ``n`` stripped strings (``""`` where a
+    cell is empty): ``key`` (from the ``key`` or ``path`` column), ``label``, and every other
+    column as it is named (``split``, ``group``, ``slide``...). Refuses, in one line, a missing
+    file, a missing key or label column, an empty key or label, and a file without rows."""
     p = Path(csv_path)
     try:
         with open(p, newline="") as f:
             reader = csv.DictReader(f)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
+            header = [c.strip() for c in (reader.fieldnames or [])]
             raw = list(reader)
     except FileNotFoundError:
         raise LabelsError(f"labels file {p} does not exist") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise LabelsError(f"labels file {p} is not a readable CSV ({e})") from None
-    keycol = "key" if "key" in cols else "path" if "path" in cols else None
-    if keycol is None or "label" not in cols:
+    keycol = "key" if "key" in header else "path" if "path" in header else None
+    if keycol is None or "label" not in header:
         raise LabelsError(f"labels file {p} needs columns key (or path) and label; "
-                          f"found {cols or 'no header'}")
-    rows = []
-    for i, r in enumerate(raw, start=2):
-        r = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k}
-        if not r.get(keycol) or r.get("label") in (None, ""):
-            raise LabelsError(f"labels file {p} line {i}: empty {keycol if not r.get(keycol) else 'label'}")
-        rows.append({"key": r[keycol], "label": r["label"],
-                     "split": r.get("split") or None, "group": r.get("group") or None})
+                          f"found {header or 'no header'}")
+    rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in raw]  # k None: extra cells
+    cols = {h: [r.get(h, "") for r in rows] for h in header if h}
+    cols["key"] = cols.pop(keycol)
+    for name, col in ((keycol, "key"), ("label", "label")):
+        empty = [i for i, v in enumerate(cols[col]) if not v]
+        if empty:
+            raise LabelsError(f"labels file {p} has {len(empty)} row(s) with an empty {name} (first: "
+                              f"line {empty[0] + 2}); fill or drop them")
     if not rows:
         raise LabelsError(f"labels file {p} has a header but no rows")
-    return rows
+    return cols
 
 
 def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str, *,
                   rows: list[dict[str, Any]] | None = None, on_unknown: str = "error") -> dict[str, Any]:
     """Import labels as ``task`` (replacing a task of the same name). Returns the task record.
 
+    ``rows``: dicts with key, label, split, group (None when absent) instead of ``csv_path``;
     ``on_unknown``: "error" (default: nothing written) or "skip" keys the store lacks.
     """
     if rows is None:
-        assert csv_path is not None
-        parsed: list[dict[str, Any]] = read_labels_csv(csv_path)
-        rows = parsed
+        if csv_path is None:
+            raise LabelsError("import_labels needs a labels CSV or rows; got neither")
+        rows = _task_rows(read_labels_csv(csv_path))
     if not task or "\x00" in task:
         raise LabelsError(f"task name must be a non-empty string, got {task!r}")
     seen: set[str] = set()
@@ -90,3 +97,11 @@ def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str
         cat.put_json(t, "tasks", task, record)
     cat.write(txn)
     return record
+
+
+def _task_rows(cols: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The CSV's columns as task rows: key, label, split, group (None where empty or absent)."""
+    n = len(cols["key"])
+    split, group = cols.get("split", [""] * n), cols.get("group", [""] * n)
+    return [{"key": k, "label": lab, "split": s or None, "group": g or None}
+            for k, lab, s, g in zip(cols["key"], cols["label"], split, group)]

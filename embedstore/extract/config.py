@@ -1,0 +1,108 @@
+"""What an extraction run is asked to do (``ExtractConfig``) and what it reports (``ExtractResult``),
+with the defaults that depend on the machine (cores, DataLoader workers)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers", "STAGES"]
+
+# the stages timed per run, in the order the summary prints them
+STAGES = ("plan", "read+decode", "wait", "transfer", "forward", "write")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    store: Path                       # the store directory (created when missing)
+    backbone: str                     # registry name, timm name, hf-hub: id or .onnx path
+    weights: str | None = None        # weights file (safetensors / torch / onnx)
+    random_init: bool = False         # explicit: seeded untrained weights
+    target_mpp: float | None = None   # µm/px tiles are cut at (default: backbone native, else 0.5)
+    slide_mpp: float | None = None    # µm/px of slides whose metadata lacks it
+    tile_size: int | None = None      # tile side in px (slides: 224; files: their own size)
+    views: int | None = None          # K augmented views per tile (None: the store's recipe)
+    view_seed: int = 0                # seed of the view recipe
+    batch_size: int = 64              # tiles per forward pass
+    num_workers: int | None = None    # DataLoader workers per process (None: default_workers)
+    precision: str | None = None      # fp32 | bf16 | fp16 (None: backbone default)
+    dtype: str = "float16"            # on-disk embedding dtype
+    task: str | None = None           # name of the labels task (default: the source's name)
+    devices: str = "cpu"              # "cpu", "cuda:0,cuda:1", "all", "cpu,cpu" (processes)
+    compile: bool = False             # torch.compile the model
+    min_tissue: float = 0.25          # tissue fraction a slide tile needs
+    rows_per_shard: int = 65536       # rows per committed shard
+    progress: bool = True             # tqdm bar
+    num_threads: int | None = None    # intra-op threads per process (torch / onnxruntime)
+    files_per_unit: int = 256         # files per work unit (the resume granularity)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
+def default_workers(device: str) -> int:
+    """DataLoader workers when not given: cores - 1 (at most 8), except a model on a CPU with
+    at most 2 cores, which decodes in its own process: there a decode process only takes turns
+    with the model's threads (measured on 2 cores, benchmarks/bench_extract.py: workers=0 was
+    faster and closer to the model alone than 1 worker in every case, tiles and slides)."""
+    cores = usable_cores()
+    if device.startswith("cpu") and cores <= 2:
+        return 0
+    return max(0, min(8, cores - 1))
+
+
+@dataclass
+class ExtractResult:
+    tiles_written: int = 0
+    tiles_skipped: int = 0            # already in the store
+    views_added: int = 0              # tiles of earlier runs given their views
+    units_done: int = 0
+    units_skipped: int = 0            # done in an earlier run
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    elapsed: float = 0.0
+    overlays: list[str] = field(default_factory=list)
+    store: str = ""
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles_written / self.elapsed if self.elapsed else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+    def merge(self, other: "ExtractResult") -> None:
+        self.tiles_written += other.tiles_written
+        self.tiles_skipped += other.tiles_skipped
+        self.views_added += other.views_added
+        self.units_done += other.units_done
+        self.errors += other.errors
+        self.overlays += other.overlays
+        for k, v in other.stages.items():
+            self.stages[k] = self.stages.get(k, 0.0) + v
+
+    def summary(self) -> str:
+        st = self.stages
+        lines = [
+            f"extracted into {self.store}: {self.tiles_written:,} tiles written, "
+            f"{self.tiles_skipped:,} already present, "
+            + (f"{self.views_added:,} given views, " if self.views_added else "")
+            + f"{self.units_done} units done "
+            f"({self.units_skipped} done before), {len(self.errors)} error(s)",
+            f"time {self.elapsed:.1f} s, {self.tiles_per_s:.1f} tiles/s",
+            "stages (s): " + ", ".join(f"{k} {st.get(k, 0.0):.1f}" for k in STAGES),
+        ]
+        if "read+decode" in st:
+            lines.append("  (read+decode is summed over DataLoader workers; wait is the time the "
+                         "model waited for input)")
+        for unit, reason in self.errors[:10]:
+            lines.append(f"  error {unit}: {reason}")
+        if len(self.errors) > 10:
+            lines.append(f"  ... {len(self.errors) - 10} more (embedstore errors STORE)")
+        return "\n".join(lines)
