@@ -25,5 +25,11 @@ typecheck: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
+# the benchmarks' quick (smoke) modes; full runs are per script, see each docstring
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_index.py --quick
+	$(BIN)/python benchmarks/bench_store.py --rows 100000
+	$(BIN)/python benchmarks/bench_extract.py --quick
+
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

@@ -8,7 +8,8 @@
   pages mapped by a live process cannot be evicted);
 * ``rss()``: the resident memory of this process, from ``/proc/self/status``;
 * ``print_table`` (side-by-side, with a ratio column) and ``write_results``
-  (``benchmarks/results/<name>-<machine>-<date>.json``).
+  (``benchmarks/results/<name>-<machine>-<date>.json``, published with
+  ``embedstore.store.atomic``).
 """
 from __future__ import annotations
 
@@ -23,15 +24,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCRATCH = HERE / "scratch"
+sys.path.insert(0, str(HERE.parent))       # the repository's embedstore, installed or not
+
+from embedstore.store.atomic import atomic_write_text  # noqa: E402
 
 __all__ = ["HERE", "RESULTS", "SCRATCH", "machine", "machine_tag", "median", "time_runs",
-           "files_under", "fsync_path", "evict", "prewarm", "resident_fraction", "rss",
+           "files_under", "evict", "prewarm", "resident_fraction", "rss",
            "fmt_ratio", "fmt_num", "print_table", "write_results"]
 
 
@@ -118,15 +123,6 @@ def files_under(*paths: Path | str) -> list[Path]:
         elif p.is_dir():
             out.extend(sorted(f for f in p.rglob("*") if f.is_file()))
     return out
-
-
-def fsync_path(path: Path | str) -> None:
-    """fsync a file or directory by name."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def evict(paths: Iterable[Path | str]) -> None:
@@ -272,17 +268,17 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
 
 
 def write_results(name: str, rows: Any, extra: dict[str, Any] | None = None,
-                  when: str | None = None) -> Path:
+                  when: str | None = None, *, tag: str | None = None,
+                  machine_info: dict[str, Any] | None = None) -> Path:
     """Write ``{"benchmark", "machine", "date", ...extra, "rows"}`` as JSON to
-    ``benchmarks/results/<name>-<machine>-<YYYYMMDD>.json`` and return the path."""
+    ``benchmarks/results/<name>-<tag>-<YYYYMMDD>.json`` (``tag``: ``machine_tag()`` unless
+    given; ``machine_info``: ``machine()`` unless given) and return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = when or time.strftime("%Y%m%d")
-    path = RESULTS / f"{name}-{machine_tag()}-{date}.json"
-    doc = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           **(extra or {}), "rows": rows}
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    path = RESULTS / f"{name}-{tag or machine_tag()}-{date}.json"
+    doc = {"benchmark": name, "machine": machine_info or machine(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}), "rows": rows}
+    atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default) + "\n")
     return path
 
 
@@ -296,5 +292,7 @@ def _json_default(o: Any) -> Any:
     except ImportError:
         pass
     if isinstance(o, Path):
+        return str(o)
+    if is_dataclass(o) or type(o).__str__ is not object.__str__:   # a value that names itself
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import json
 import os
 import re
 import shutil
@@ -563,7 +562,7 @@ def cpu_tag(m: dict[str, Any]) -> str:
     return f"{cpu}-{m.get('cores_usable') or m.get('cores')}c"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # long: ~20 flags, then the sections in order
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles-dir", type=Path, default=next((d for d in TILE_DIRS if d.is_dir()), TILE_DIRS[-1]))
@@ -662,31 +661,10 @@ def main(argv: list[str] | None = None) -> int:
              "trident_workers": trident_workers(BATCH),
              "best": {k: v.label for k, v in best.items()},
              "elapsed_s": time.perf_counter() - t_start, "table": text}
-    path = write_results(doc_rows, extra, m)
+    path = H.write_results(NAME, doc_rows, extra, tag=f"{cpu_tag(m)}-{H.machine_tag()}",
+                           machine_info=m)
     print(f"\nresults: {path.relative_to(REPO)}")
     return 0
-
-
-def write_results(rows: list[dict[str, Any]], extra: dict[str, Any], m: dict[str, Any]) -> Path:
-    """``benchmarks/results/bench_extract-<cpu>-<cores>c-<host>-<date>.json``."""
-    H.RESULTS.mkdir(parents=True, exist_ok=True)
-    path = H.RESULTS / f"{NAME}-{cpu_tag(m)}-{H.machine_tag()}-{time.strftime('%Y%m%d')}.json"
-    doc = {"benchmark": NAME, "machine": m, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
-           "rows": rows}
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (Path, Budget)):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 if __name__ == "__main__":

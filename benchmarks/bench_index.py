@@ -4,91 +4,45 @@ at >= 30x the QPS of numpy brute force? Side by side with exact FAISS Flat and L
     python benchmarks/bench_index.py --n 100000            # ~minutes on 2 cores
     python benchmarks/bench_index.py --n 1000000           # long: run once
     python benchmarks/bench_index.py --n 100000 --no-lancedb --keep
+    python benchmarks/bench_index.py --quick               # a smoke run: 20,000 x 128, no LanceDB
 
-Every method runs in its own subprocess so its peak memory (ru_maxrss) is its own; the numpy
-baseline runs with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed from its environment. Data, the
-fake store and LanceDB tables live under benchmarks/scratch/ (gitignored) and are removed at the
-end unless --keep. Results: a table on stdout and JSON under benchmarks/results/.
-
-TODO(lead): switch MemmapStore to the real store (embedstore.store.open_store on a store written
-from the same vectors) once embedstore/store/ lands; and move the machine tag / table printing to
-benchmarks/_harness.py when it exists.
+The vectors are written once into a real store (``embedstore.store.StoreWriter``; every method
+reads them back from it), with held-out queries beside it. Every method runs in its own
+subprocess so its peak memory (ru_maxrss) is its own; the numpy baseline runs with
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed from its environment. The store and LanceDB tables
+live under benchmarks/scratch/ (gitignored) and are removed at the end unless --keep. Results: a
+table on stdout and JSON under benchmarks/results/ (``_harness.write_results``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SCRATCH = HERE / "scratch"
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+import _harness as H  # noqa: E402
+
+from embedstore.arrays import l2_normalise  # noqa: E402
+from embedstore.sizes import format_bytes  # noqa: E402
+from embedstore.store.atomic import atomic_path  # noqa: E402
+
+NAME = "bench_index"
 K = 10
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+TILES_PER_SLIDE = 2000           # rows per unit (one synthetic slide) in the store
 
 
-# ---------------------------------------------------------------- data and the fake store
-
-class MemmapStore:
-    """The store API embedstore.index reads, over a float16 np.memmap (ids 0..n-1)."""
-
-    def __init__(self, root: Path) -> None:
-        meta = json.loads((root / "meta.json").read_text())
-        self.path = root
-        self.dim = int(meta["dim"])
-        self.dtype = np.float16
-        self._n = int(meta["n"])
-        self._emb = np.memmap(root / "emb.f16", dtype=np.float16, mode="r",
-                              shape=(self._n, self.dim))
-
-    def __len__(self) -> int:
-        return self._n
-
-    @property
-    def n_rows_committed(self) -> int:
-        return self._n
-
-    def scan(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for s in range(0, self._n, batch_size):
-            e = min(self._n, s + batch_size)
-            yield np.arange(s, e, dtype=np.int64), self._emb[s:e]
-
-    def all_ids(self) -> np.ndarray:
-        return np.arange(self._n, dtype=np.int64)
-
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        return self._emb[np.asarray(ids, dtype=np.int64)]
-
-    def ids(self, keys: Sequence[str]) -> np.ndarray:
-        return np.array([int(key.rsplit("/", 1)[1]) for key in keys], dtype=np.int64)
-
-    def keys_of(self, ids: np.ndarray) -> list[str]:
-        return [f"slide{i // 2000:04d}/{i}" for i in np.asarray(ids)]
-
-    def metadata(self, ids: np.ndarray, columns: Sequence[str] = ("key", "slide", "x", "y", "label")
-                 ) -> dict[str, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64)
-        cols = {"key": lambda: np.array(self.keys_of(ids), dtype=object),
-                "slide": lambda: np.array([f"slide{i // 2000:04d}" for i in ids], dtype=object),
-                "x": lambda: (ids % 2000) * 224, "y": lambda: (ids // 2000) * 0,
-                "label": lambda: np.full(len(ids), None, dtype=object)}
-        return {name: cols[name]() for name in columns}
-
-    def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray:
-        return np.full(len(keys), None, dtype=object)
-
-    def is_deleted(self, ids: np.ndarray) -> np.ndarray:
-        return np.zeros(len(np.asarray(ids)), dtype=bool)
-
+# ---------------------------------------------------------------- data: a real store
 
 def _generator(dim: int, n_clusters: int, seed: int):
     """Clustered embeddings: cluster centre + rank-32 spread + isotropic noise (float16)."""
@@ -105,47 +59,61 @@ def _generator(dim: int, n_clusters: int, seed: int):
     return draw
 
 
-def phase_gen(root: Path, n: int, dim: int, n_queries: int) -> dict:
-    if (root / "meta.json").exists():
+def _store(root: Path) -> Path:
+    return root / "store"
+
+
+def phase_gen(root: Path, n: int, dim: int, n_queries: int) -> dict[str, Any]:
+    """Write ``n`` clustered float16 rows into a store under ``root`` (one unit per
+    TILES_PER_SLIDE rows, with slide and x metadata) and held-out queries beside it."""
+    from embedstore.store import StoreMeta, StoreWriter
+
+    if (root / "queries.npy").exists():           # written last: the store is complete
         return {"seconds": 0.0, "reused": True}
     t0 = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     draw = _generator(dim, max(100, n // 1000), seed=0)
-    emb = np.memmap(root / "emb.f16", dtype=np.float16, mode="w+", shape=(n, dim))
-    chunk = 65536
-    for s in range(0, n, chunk):
-        emb[s:s + chunk] = draw(min(chunk, n - s), draw_seed=1000 + s // chunk)
-    emb.flush()
-    del emb
-    np.save(root / "queries.npy", draw(n_queries, draw_seed=7))   # held out: never stored
-    (root / "meta.json").write_text(json.dumps({"n": n, "dim": dim}))
+    meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": "synthetic-clustered"},
+                     tile={"tile_size": 224})
+    with StoreWriter(_store(root), meta) as w:
+        for s in range(0, n, TILES_PER_SLIDE):
+            count = min(TILES_PER_SLIDE, n - s)
+            slide = f"slide{s // TILES_PER_SLIDE:04d}"
+            w.add(draw(count, draw_seed=1000 + s // TILES_PER_SLIDE),
+                  [f"{slide}/{i}" for i in range(s, s + count)], unit=slide, slide=slide,
+                  x=224 * np.arange(count), y=0)
+            w.end_unit(slide)
+    with atomic_path(root / "queries.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, draw(n_queries, draw_seed=7))   # held out: never stored
     return {"seconds": round(time.perf_counter() - t0, 1), "reused": False}
 
 
-def _normalised(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def _open(root: Path) -> Any:
+    from embedstore.store import open_store
+    return open_store(_store(root))
 
 
-def _recall(found: np.ndarray, root: Path) -> float:
+def _recall(ids: np.ndarray, root: Path) -> float:
     truth = np.load(root / "truth.npy")
-    hits = (found[:, :K, None] == truth[:, None, :K]).any(axis=1).sum(axis=1)
+    hits = (ids[:, :K, None] == truth[:, None, :K]).any(axis=1).sum(axis=1)
     return round(float(np.mean(hits / K)), 4)
 
 
 # ---------------------------------------------------------------- methods (one per subprocess)
 
-def phase_flat(root: Path) -> dict:
+def phase_flat(root: Path) -> dict[str, Any]:
     """Exact FAISS Flat (inner product on normalised float32): also writes the ground truth."""
     import faiss
 
-    store = MemmapStore(root)
+    store = _open(root)
     t0 = time.perf_counter()
-    index = faiss.IndexFlatIP(store.dim)
-    for _, emb in store.scan():
-        index.add(_normalised(emb))
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(store.dim))
+    for ids, emb in store.scan():
+        index.add_with_ids(l2_normalise(emb), np.asarray(ids, dtype=np.int64))
     build = time.perf_counter() - t0
-    q = _normalised(np.load(root / "queries.npy"))
+    q = l2_normalise(np.load(root / "queries.npy"))
     t1 = time.perf_counter()
     _, ids = index.search(q, K)
     dt = time.perf_counter() - t1
@@ -154,53 +122,54 @@ def phase_flat(root: Path) -> dict:
             "index_bytes": store.dim * 4 * len(store)}
 
 
-def phase_numpy(root: Path) -> dict:
+def phase_numpy(root: Path) -> dict[str, Any]:
     """Brute force: one float32 normalised matrix in RAM, matmul + argpartition per chunk."""
-    store = MemmapStore(root)
+    store = _open(root)
     t0 = time.perf_counter()
     x = np.empty((len(store), store.dim), dtype=np.float32)
+    row_ids = np.empty(len(store), dtype=np.int64)       # matrix row -> store id
+    start = 0
     for ids, emb in store.scan():
-        x[ids[0]:ids[-1] + 1] = _normalised(emb)
+        x[start:start + len(ids)] = l2_normalise(emb)
+        row_ids[start:start + len(ids)] = ids
+        start += len(ids)
     load = time.perf_counter() - t0
-    q = _normalised(np.load(root / "queries.npy"))
+    q = l2_normalise(np.load(root / "queries.npy"))
     t1 = time.perf_counter()
-    best_s = np.full((len(q), K), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), K), -1, dtype=np.int64)
+    best_scores = np.full((len(q), K), -np.inf, dtype=np.float32)
+    best_rows = np.full((len(q), K), -1, dtype=np.int64)
     chunk = 131072
     for s in range(0, len(x), chunk):
         scores = q @ x[s:s + chunk].T
         top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
-        cand_s = np.concatenate([best_s, np.take_along_axis(scores, top, axis=1)], axis=1)
-        cand_i = np.concatenate([best_i, top + s], axis=1)
-        keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :K]
-        best_s = np.take_along_axis(cand_s, keep, axis=1)
-        best_i = np.take_along_axis(cand_i, keep, axis=1)
+        cand_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        cand_rows = np.concatenate([best_rows, top + s], axis=1)
+        keep = np.argsort(-cand_scores, axis=1, kind="stable")[:, :K]
+        best_scores = np.take_along_axis(cand_scores, keep, axis=1)
+        best_rows = np.take_along_axis(cand_rows, keep, axis=1)
     dt = time.perf_counter() - t1
-    return {"recall": _recall(best_i, root), "qps": round(len(q) / dt, 1),
+    return {"recall": _recall(row_ids[best_rows], root), "qps": round(len(q) / dt, 1),
             "build_s": round(load, 1), "index_bytes": x.nbytes}
 
 
-def phase_auto(root: Path, budget: str, target: float) -> dict:
-    sys.path.insert(0, str(HERE.parent))
-    from embedstore.index import build_index, search
-    from embedstore.index.search import _cached_index
+def phase_auto(root: Path, budget: str, target: float) -> dict[str, Any]:
+    """embedstore's auto index: the tuned index alone, and ``search()`` end to end."""
+    from embedstore.index import build_index, load_index, search
 
-    store = MemmapStore(root)
+    store = _open(root)
     info = build_index(store, memory_budget=budget, target_recall=target)
     q = np.load(root / "queries.npy").astype(np.float32)
-    vindex = _cached_index(store, gpu=False)
-    assert vindex is not None
-    from embedstore.index._vectors import prepare
-    qp = prepare(q, info.metric)
+    vindex = load_index(store)
+    qp = l2_normalise(q)                                  # what search() queries with (cosine)
     vindex.query(store, qp[:50], K)                       # warm the mmap pages it touches
     t0 = time.perf_counter()
-    _, found = vindex.query(store, qp, K)
+    _, ids = vindex.query(store, qp, K)
     dt = time.perf_counter() - t0
     t1 = time.perf_counter()
     hits = search(store, vectors=q, k=K)
     dt_api = time.perf_counter() - t1
     api_ids = np.stack([h.ids for h in hits])
-    return {"recall": _recall(found[:, :K], root), "qps": round(len(q) / dt, 1),
+    return {"recall": _recall(ids[:, :K], root), "qps": round(len(q) / dt, 1),
             "qps_search_api": round(len(q) / dt_api, 1), "recall_search_api": _recall(api_ids, root),
             "build_s": round(info.build_seconds, 1), "tune_s": round(info.tune_seconds, 1),
             "index_bytes": info.memory_bytes, "factory": info.factory, "params": info.params,
@@ -208,12 +177,12 @@ def phase_auto(root: Path, budget: str, target: float) -> dict:
             "curve": info.curve, "reason": info.reason}
 
 
-def phase_lancedb(root: Path, target: float) -> dict:
+def phase_lancedb(root: Path, target: float) -> dict[str, Any]:
     import lancedb
     import pyarrow as pa
     from lancedb.index import IvfPq
 
-    store = MemmapStore(root)
+    store = _open(root)
     db_dir = root / "lancedb"
     shutil.rmtree(db_dir, ignore_errors=True)
     db = lancedb.connect(str(db_dir))
@@ -232,7 +201,7 @@ def phase_lancedb(root: Path, target: float) -> dict:
     build = time.perf_counter() - t0
     q = np.load(root / "queries.npy").astype(np.float32)
 
-    def run(nprobes: int | None, refine: int | None) -> dict:
+    def run(nprobes: int | None, refine: int | None) -> dict[str, Any]:
         query = table.search(q).distance_type("cosine").limit(K).select(["id"])
         if nprobes:
             query = query.nprobes(nprobes)
@@ -243,11 +212,11 @@ def phase_lancedb(root: Path, target: float) -> dict:
         dt = time.perf_counter() - t1
         qi = res["query_index"].to_numpy()
         ids = res["id"].to_numpy()
-        found = np.full((len(q), K), -1, dtype=np.int64)
+        top = np.full((len(q), K), -1, dtype=np.int64)
         for j in range(len(q)):
             mine = ids[qi == j][:K]
-            found[j, :len(mine)] = mine
-        return {"nprobes": nprobes, "refine_factor": refine, "recall": _recall(found, root),
+            top[j, :len(mine)] = mine
+        return {"nprobes": nprobes, "refine_factor": refine, "recall": _recall(top, root),
                 "qps": round(len(q) / dt, 1)}
 
     size = sum(p.stat().st_size for p in (db_dir).rglob("*") if p.is_file() and
@@ -271,7 +240,8 @@ def phase_lancedb(root: Path, target: float) -> dict:
 
 # ---------------------------------------------------------------- orchestration
 
-def _run_phase(args: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
+def _run_phase(args: list[str], env: dict[str, str] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
     """Run this script with --phase in a subprocess; its JSON result plus its peak RSS."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
@@ -294,39 +264,51 @@ def _run_phase(args: list[str], env: dict | None = None, timeout: float | None =
     return result
 
 
-def machine_tag() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import faiss
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "faiss": faiss.__version__}
+COLUMNS = [("method", "method", None), ("recall", "recall@10", ".3f"), ("qps", "QPS", ",.0f"),
+           ("x_numpy", "x numpy", "ratio"), ("build_s", "build s", ".1f"), ("index", "index", None),
+           ("peak_rss_mb", "peak RSS MB", ",d")]
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
-
-
-def print_table(rows: dict, base_qps: float) -> None:
-    print(f"\n{'method':<34}{'recall@10':>10}{'QPS':>10}{'x numpy':>9}{'build s':>9}"
-          f"{'index':>11}{'peak RSS':>10}")
+def _table_rows(rows: dict[str, dict[str, Any]], base_qps: float) -> list[dict[str, Any]]:
+    out = []
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<34}  {r['error']}")
+            out.append({"method": f"{name}: {r['error']}"})
             continue
-        print(f"{name:<34}{r['recall']:>10.3f}{r['qps']:>10,.0f}{r['qps'] / base_qps:>8.1f}x"
-              f"{r.get('build_s', 0):>9.1f}{_fmt_bytes(r.get('index_bytes', 0)):>11}"
-              f"{r.get('peak_rss_mb', 0):>7,} MB")
+        out.append({"method": name, "recall": r["recall"], "qps": r["qps"],
+                    "x_numpy": r["qps"] / base_qps, "build_s": r.get("build_s", 0.0),
+                    "index": format_bytes(r.get("index_bytes", 0)),
+                    "peak_rss_mb": r.get("peak_rss_mb", 0)})
+    return out
+
+
+def _methods(common: list[str], no_lancedb: bool, lancedb_timeout: float) -> dict[str, dict[str, Any]]:
+    """Every method in its own subprocess, in order: Flat (writes the truth), numpy, auto, LanceDB."""
+    rows: dict[str, dict[str, Any]] = {}
+    rows["faiss Flat (exact)"] = _run_phase([*common, "--phase", "flat"])
+    numpy_env = {key: val for key, val in os.environ.items() if key not in BLAS_VARS}
+    rows["numpy brute force"] = _run_phase([*common, "--phase", "numpy"], env=numpy_env)
+    auto = _run_phase([*common, "--phase", "auto"])
+    rows[f"embedstore auto ({auto.get('factory', '?')})"] = auto
+    if no_lancedb:
+        return rows
+    try:
+        import lancedb  # noqa: F401
+    except ImportError:
+        rows["lancedb"] = {"error": "not installed (pip install lancedb: the bench extra)"}
+        return rows
+    lance = _run_phase([*common, "--phase", "lancedb"], timeout=lancedb_timeout)
+    rows["lancedb IVF_PQ default"] = lance
+    if "tuned" in lance:
+        t = lance["tuned"]
+        rows[f"lancedb tuned (nprobes={t['nprobes']}, refine={t['refine_factor']})"] = {
+            **t, "build_s": lance["build_s"], "index_bytes": lance["index_bytes"],
+            "peak_rss_mb": lance["peak_rss_mb"]}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--queries", type=int, default=1000)
@@ -335,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lancedb", action="store_true")
     ap.add_argument("--lancedb-timeout", type=float, default=3600.0,
                     help="seconds before the LanceDB phase is given up")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 20,000 x 128, 200 queries, no LanceDB")
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/scratch data")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    root = SCRATCH / f"index-{args.n}x{args.dim}"
+    if args.quick:
+        args.n, args.dim, args.queries, args.no_lancedb = 20_000, 128, 200, True
+    root = H.SCRATCH / f"index-{args.n}x{args.dim}"
     if args.phase:
         result = {"gen": lambda: phase_gen(root, args.n, args.dim, args.queries),
                   "flat": lambda: phase_flat(root), "numpy": lambda: phase_numpy(root),
@@ -349,30 +335,15 @@ def main(argv: list[str] | None = None) -> int:
 
     common = ["--n", str(args.n), "--dim", str(args.dim), "--queries", str(args.queries),
               "--memory-budget", args.memory_budget, "--target-recall", str(args.target_recall)]
-    print(f"# bench_index: {args.n:,} x {args.dim} float16, {args.queries} queries, k={K}",
-          flush=True)
+    print(f"# {NAME}: {args.n:,} x {args.dim} float16, {args.queries} queries, k={K}", flush=True)
     gen = _run_phase([*common, "--phase", "gen"])
     print(f"data: {gen}", flush=True)
-    rows: dict[str, dict] = {}
-    rows["faiss Flat (exact)"] = _run_phase([*common, "--phase", "flat"])
-    numpy_env = {key: val for key, val in os.environ.items() if key not in BLAS_VARS}
-    rows["numpy brute force"] = _run_phase([*common, "--phase", "numpy"], env=numpy_env)
-    auto = _run_phase([*common, "--phase", "auto"])
-    rows[f"embedstore auto ({auto.get('factory', '?')})"] = auto
-    if not args.no_lancedb:
-        try:
-            import lancedb  # noqa: F401
-            lance = _run_phase([*common, "--phase", "lancedb"], timeout=args.lancedb_timeout)
-            rows["lancedb IVF_PQ default"] = lance
-            if "tuned" in lance:
-                t = lance["tuned"]
-                rows[f"lancedb tuned (nprobes={t['nprobes']}, refine={t['refine_factor']})"] = {
-                    **t, "build_s": lance["build_s"], "index_bytes": lance["index_bytes"],
-                    "peak_rss_mb": lance["peak_rss_mb"]}
-        except ImportError:
-            rows["lancedb"] = {"error": "not installed (pip install lancedb: the bench extra)"}
+    if "error" in gen:
+        return 1
+    rows = _methods(common, args.no_lancedb, args.lancedb_timeout)
+    auto = next(r for name, r in rows.items() if name.startswith("embedstore auto"))
     base = rows["numpy brute force"].get("qps", float("nan"))
-    print_table(rows, base)
+    text = H.print_table(_table_rows(rows, base), COLUMNS)
     ok = auto.get("recall", 0) >= args.target_recall and auto.get("qps", 0) >= 30 * base
     print(f"\nauto index: recall@10 {auto.get('recall', 0):.3f} (target {args.target_recall}),"
           f" {auto.get('qps', 0) / base:.1f}x numpy QPS (target 30x): {'MET' if ok else 'NOT MET'}")
@@ -380,12 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  tuned {auto['params']}; search() end to end {auto['qps_search_api']:,.0f} QPS,"
               f" recall {auto['recall_search_api']:.3f}; build {auto['build_s']}s + tune "
               f"{auto['tune_s']}s")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = machine_tag()
-    out = RESULTS / f"index-{args.n}x{args.dim}-{tag['host']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": tag, "args": {k: v for k, v in vars(args).items()
-                                                        if k != "phase"},
-                               "data": gen, "rows": rows, "target_met": ok}, indent=1))
+    import faiss
+    out = H.write_results(f"{NAME}-{args.n}x{args.dim}", rows, extra={
+        "faiss": faiss.__version__, "data": gen, "target_met": ok, "table": text,
+        "args": {k: v for k, v in vars(args).items() if k != "phase"}})
     print(f"wrote {out.relative_to(HERE.parent)}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

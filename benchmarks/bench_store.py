@@ -64,6 +64,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 import _harness as H  # noqa: E402
 
+from embedstore.store.atomic import atomic_write_text, fsync_dir, fsync_file  # noqa: E402
+
 NAME = "bench_store"
 SCAN_BLOCK = 65536
 WARM_SEED = 10_000
@@ -349,8 +351,8 @@ def _write(cfg: Cfg, fmt: str) -> dict[str, Any]:
         # close(): the last shard is sealed (fsync, rename) and committed
     elif fmt == "npy":
         np.save(cfg.npy, emb_all)
-        H.fsync_path(cfg.npy)
-        H.fsync_path(cfg.npy.parent)
+        fsync_file(cfg.npy)
+        fsync_dir(cfg.npy.parent)
     elif fmt == "h5":
         import h5py
         cfg.h5dir.mkdir(parents=True, exist_ok=True)
@@ -365,8 +367,8 @@ def _write(cfg: Cfg, fmt: str) -> dict[str, Any]:
                                           "level0_magnification": 20, "target_magnification": 20,
                                           "name": slide_name(i)})
                 f["features"].attrs["encoder"] = "synthetic-bench"
-            H.fsync_path(path)
-        H.fsync_path(cfg.h5dir)
+            fsync_file(path)
+        fsync_dir(cfg.h5dir)
     else:
         raise ValueError(fmt)
     t = time.perf_counter() - t0
@@ -636,7 +638,7 @@ def measurement_rows(runner: Runner, cfg: Cfg) -> list[dict[str, Any]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # long: ~20 flags, then the sections in order
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows in all (default 1,000,000)")
@@ -692,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         if "write" in only or not a.reuse:
             log("writing")
             runner.writes(a.write_repeats)
-            marker.write_text(json.dumps(asdict(cfg)))
+            atomic_write_text(marker, json.dumps(asdict(cfg)))
         log("verifying that the three formats hold the same data")
         spawn(cfg, "verify")
         for cache in caches:

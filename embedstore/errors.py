@@ -5,6 +5,8 @@ Messages are one line: what was wrong, the value seen, how to fix it.
 """
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
     "EmbedstoreError", "StoreNotFoundError", "NotAStoreError", "StoreExistsError",
     "CorruptShardError", "DimensionMismatchError", "BackboneMismatchError",
@@ -13,6 +15,7 @@ __all__ = [
     "VectorIndexError", "StaleIndexError", "BudgetError", "HeadError", "SelectionError",
     "CatalogDamagedError", "WriterError", "ConfigError", "ShapeError", "BackboneError",
     "MissingDependencyError", "ReadOnlyError", "NotFittedError", "RowRangeError",
+    "ArgumentTypeError", "UnsafeWeightsError",
 ]
 
 
@@ -132,6 +135,14 @@ class ReadOnlyError(EmbedstoreError, PermissionError):
 
 class NotFittedError(EmbedstoreError, RuntimeError):
     """A model used before it was fitted."""
+
+
+class ArgumentTypeError(EmbedstoreError, TypeError):
+    """An argument of the wrong type for the call (a tensor where an array goes, ...)."""
+
+
+class UnsafeWeightsError(EmbedstoreError, pickle.UnpicklingError):
+    """A checkpoint that cannot be read without an unrestricted pickle (refused)."""
 
 
 class RowRangeError(EmbedstoreError, IndexError):

@@ -63,3 +63,20 @@ def test_search_bad_input_one_line_each(lung: Path, tmp_path: Path) -> None:
     assert _cli("index", str(lung), "--update").returncode == 0
     r = _cli("search", str(lung), "--key", "extra/tile.png", "--json")
     assert json.loads(r.stdout)[0]["keys"][0] == "extra/tile.png"
+
+
+def test_search_draws_the_similarity_heatmap_over_a_slide(tmp_path: Path) -> None:
+    from PIL import Image
+
+    st = tmp_path / "slide"
+    extract([SAMPLE / "wsi"], ExtractConfig(store=st, backbone=ONNX, target_mpp=0.5, progress=False,
+                                            num_workers=0, num_threads=1))
+    from embedstore.store import open_store
+    slide = "CMU-1-Small-Region.svs"
+    key = open_store(st).slide(slide).keys[0]
+    png = tmp_path / "sim.png"
+    r = _cli("search", str(st), "--key", key, "-k", "3", "--slide-heatmap", slide, "--heatmap-out", str(png))
+    assert r.returncode == 0, r.stderr
+    assert f"similarity heatmap over {slide}: {png}" in r.stdout
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[0] > 200 and img.std() > 10                       # a real picture, not blank

@@ -465,18 +465,20 @@ def test_rebuild_replaces_files_and_drops_partials(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- CLI bodies
 
 def test_cli_bodies_print_text_and_json(tmp_path: Path) -> None:
+    from embedstore.cli.index import format_info, format_results, results_json
     from embedstore.index.jobs import index_command, search_command
 
     store = make_store(tmp_path / "s", 1_500, seed=12)
-    text = index_command(store)
+    text = format_info(index_command(store), store.path)
     assert "Flat" in text and "recall@10" in text and "1,500" in text
     key = store.keys_of(np.array([42]))[0]
-    table = search_command(store, key=key, k=3, exclude_same_slide=True)
+    run = search_command(store, key=key, k=3, exclude_same_slide=True)
+    table = format_results(run.hits, run.queries)
     assert key not in table.splitlines()[2] and "index Flat" in table
     vec = tmp_path / "q.npy"
     np.save(vec, store._emb[:2].astype(np.float32))
-    out = json.loads(search_command(store, vector_file=vec, k=4, label="tumor", as_json=True,
-                                    gallery=tmp_path / "g.png"))
+    run = search_command(store, vector_file=vec, k=4, label="tumor", gallery=tmp_path / "g.png")
+    out = json.loads(json.dumps(results_json(run.hits, run.queries)))
     assert len(out) == 2 and all(len(q["neighbours"]) == 4 for q in out)
     assert {n["label"] for q in out for n in q["neighbours"]} == {"tumor"}
     assert (tmp_path / "g.png").stat().st_size > 0

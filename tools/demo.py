@@ -2,8 +2,8 @@
 
 Extracts a real tile folder (LC25000 lung, class sub-folders) and a real slide (CMU-1 small
 region, Aperio SVS) with the shipped ImageNet MobileNetV2 (ONNX) into two stores — one per
-tile geometry — and prints what a person would look at. Later steps (index, heads, selection)
-run when their parts are installed.
+tile geometry — then indexes and searches them, trains a head and predicts the slide with it,
+and ranks two backbones on the tiles, printing what a person would look at.
 """
 from __future__ import annotations
 
@@ -29,9 +29,17 @@ def run(*args: str, ok: tuple[int, ...] = (0,)) -> str:
     return r.stdout
 
 
-def has(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
+def step_extract(tiles: Path, slides: Path) -> None:
+    print("== 1. extract: a folder of labelled tiles and a whole slide, one store per geometry")
+    run("extract", str(SAMPLE / "lung"), "--store", str(tiles), "--backbone", BACKBONE,
+        "--views", "4", "--quiet")
+    run("extract", str(SAMPLE / "wsi" / "CMU-1-Small-Region.svs"), "--store", str(slides),
+        "--backbone", BACKBONE, "--target-mpp", "0.5", "--quiet")
+    run("info", str(tiles))
+    run("info", str(slides))
+    run("verify", str(slides))
+    overlay = slides / "masks" / "CMU-1-Small-Region.svs.overlay.png"
+    print(f"\ntissue mask and tile grid of the slide: {overlay}")
 
 
 def step_index(tiles: Path, slides: Path) -> None:
@@ -57,7 +65,7 @@ def step_heads(tiles: Path, slides: Path) -> None:
           " (a lung head on skin: a demonstration of the mechanics, not a diagnosis)")
 
 
-def step_select(tiles: Path, slides: Path) -> None:
+def step_select() -> None:
     print("\n== 4. backbone selection: which backbone fits these tiles? (kNN proxy task)")
     out = OUT / "selection"
     run("select", "--proxy", str(SAMPLE / "lung"), "--backbone", BACKBONE, "--backbone", "resnet18",
@@ -71,20 +79,10 @@ def main() -> None:
         shutil.rmtree(OUT)
     OUT.mkdir()
     tiles, slides = OUT / "lung.store", OUT / "slide.store"
-    print("== 1. extract: a folder of labelled tiles and a whole slide, one store per geometry")
-    run("extract", str(SAMPLE / "lung"), "--store", str(tiles), "--backbone", BACKBONE,
-        "--views", "4", "--quiet")
-    run("extract", str(SAMPLE / "wsi" / "CMU-1-Small-Region.svs"), "--store", str(slides),
-        "--backbone", BACKBONE, "--target-mpp", "0.5", "--quiet")
-    run("info", str(tiles))
-    run("info", str(slides))
-    run("verify", str(slides))
-    overlay = slides / "masks" / "CMU-1-Small-Region.svs.overlay.png"
-    print(f"\ntissue mask and tile grid of the slide: {overlay}")
-    for step in ("index", "heads", "select"):
-        fn = globals().get(f"step_{step}")
-        if fn is not None:
-            fn(tiles, slides)
+    step_extract(tiles, slides)
+    step_index(tiles, slides)
+    step_heads(tiles, slides)
+    step_select()
     print(f"\ndemo finished in {time.time() - t0:.0f} s; everything is under {OUT}")
 
 

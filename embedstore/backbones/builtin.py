@@ -58,26 +58,16 @@ BUILTIN_SPECS: tuple[BackboneSpec, ...] = (
         loader_note=("ViT-H/14 with 4 registers; embedding = class token ++ mean of patch tokens "
                      "(registers excluded), 2 x 1280; CC-BY-NC-ND; " + _GATED.format("paige-ai/Virchow2")),
     ),
-    BackboneSpec(
-        name="h-optimus-0", kind="timm", model_id="vit_giant_patch14_reg4_dinov2",
-        hub_id="bioptimus/H-optimus-0",
+    *(BackboneSpec(   # H-optimus-0 and -1: one architecture, two sets of weights
+        name=f"h-optimus-{v}", kind="timm", model_id="vit_giant_patch14_reg4_dinov2",
+        hub_id=f"bioptimus/H-optimus-{v}",
         kwargs=frozen_kwargs(img_size=224, init_values=1e-5, num_classes=0, global_pool="token",
                              dynamic_img_size=False),
         pooling="model", input_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
         interpolation="bicubic", dim=1536, precision="fp16", native_mpp=0.5,
         loader_note=("ViT-g/14 with 4 registers (1.1B), class token; "
-                     + _GATED.format("bioptimus/H-optimus-0")),
-    ),
-    BackboneSpec(
-        name="h-optimus-1", kind="timm", model_id="vit_giant_patch14_reg4_dinov2",
-        hub_id="bioptimus/H-optimus-1",
-        kwargs=frozen_kwargs(img_size=224, init_values=1e-5, num_classes=0, global_pool="token",
-                             dynamic_img_size=False),
-        pooling="model", input_size=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        interpolation="bicubic", dim=1536, precision="fp16", native_mpp=0.5,
-        loader_note=("ViT-g/14 with 4 registers (1.1B), class token; "
-                     + _GATED.format("bioptimus/H-optimus-1")),
-    ),
+                     + _GATED.format(f"bioptimus/H-optimus-{v}")),
+    ) for v in (0, 1)),
     BackboneSpec(
         name="phikon-v2", kind="transformers", model_id="owkin/phikon-v2", hub_id="owkin/phikon-v2",
         kwargs=frozen_kwargs(), pooling="cls", input_size=224, interpolation="bilinear",

@@ -11,6 +11,7 @@ store's memory-mapped vectors (which cost disk, not index memory).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from embedstore.errors import BudgetError, ConfigError, VectorIndexError
@@ -184,6 +185,21 @@ def _fit(plan: IndexPlan, budget: int) -> IndexPlan | None:
     return replace(plan, train_size=int(room), train_bytes=int(room) * plan.dim * 4)
 
 
+def _first_fitting(plans: list[IndexPlan], budget: int,
+                   refusal: Callable[[IndexPlan], str]) -> IndexPlan:
+    """The first of ``plans`` (in order of preference) that fits ``budget``, shrunk if need be;
+    BudgetError(``refusal(smallest plan)``) when none does."""
+    for plan in plans:
+        fitted = _fit(plan, budget)
+        if fitted is not None:
+            return fitted
+    raise BudgetError(refusal(min(plans, key=_needed)))
+
+
+def _needed_mb(plan: IndexPlan) -> int:
+    return math.ceil(_needed(plan) / (1 << 20))
+
+
 def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
                kind: str = "auto") -> IndexPlan:
     """The index to build for ``n`` rows of ``dim`` within a budget (index + float32 training
@@ -212,15 +228,10 @@ def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float 
                   "hnsw": [_hnsw(n, dim, "kind=hnsw requested")],
                   "ivf-flat": [_ivf_flat(n, dim, "kind=ivf-flat requested")],
                   "ivf-pq": pqs}[kind]
-        for plan in forced:
-            fitted = _fit(plan, budget)
-            if fitted is not None:
-                return fitted
-        smallest = min(forced, key=_needed)
-        raise BudgetError(
-            f"kind={kind} ({smallest.factory}) for {n:,} x {dim} needs {format_bytes(_needed(smallest))}"
-            f" but the memory budget is {format_bytes(budget)}; raise --memory-budget to at least"
-            f" {math.ceil(_needed(smallest) / (1 << 20))}M or choose another kind")
+        return _first_fitting(forced, budget, lambda p: (
+            f"kind={kind} ({p.factory}) for {n:,} x {dim} needs {format_bytes(_needed(p))} but the"
+            f" memory budget is {format_bytes(budget)}; raise --memory-budget to at least"
+            f" {_needed_mb(p)}M or choose another kind"))
 
     wanted: list[IndexPlan] = []
     if n < FLAT_MAX_ROWS:
@@ -232,12 +243,7 @@ def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float 
         wanted.append(_ivf_flat(n, dim, f"IVF-Flat: target recall {target_recall} needs exact"
                                         " codes"))
     wanted.extend(pqs)
-    for plan in wanted:
-        fitted = _fit(plan, budget)
-        if fitted is not None:
-            return fitted
-    smallest = min(wanted, key=_needed)
-    raise BudgetError(
+    return _first_fitting(wanted, budget, lambda p: (
         f"no index for {n:,} x {dim} fits a memory budget of {format_bytes(budget)}; the smallest"
-        f" ({smallest.factory}) needs {format_bytes(_needed(smallest))}: raise --memory-budget to"
-        f" at least {math.ceil(_needed(smallest) / (1 << 20))}M")
+        f" ({p.factory}) needs {format_bytes(_needed(p))}: raise --memory-budget to at least"
+        f" {_needed_mb(p)}M"))
