@@ -20,7 +20,7 @@ from embedstore.backbones import (
 from embedstore.backbones import _registry
 from embedstore.backbones.onnx import find_pooled_output
 from embedstore.errors import (
-    BackboneMismatchError, DimensionMismatchError, UnknownBackboneError, WeightsNotFoundError,
+    BackboneMismatchError, ConfigError, DimensionMismatchError, UnknownBackboneError, WeightsNotFoundError,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,3 +431,34 @@ def test_cuda_autocast_matches_cpu():
     emb = gpu.embed(torch.from_numpy(batch).pin_memory())
     assert emb.device.type == "cpu" and emb.dtype == torch.float32
     torch.testing.assert_close(emb, cpu.embed(batch), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("spec, gpus, want", [
+    ("cpu", 0, ["cpu"]), ("cpu,cpu", 0, ["cpu", "cpu"]), (" cpu , cpu ", 0, ["cpu", "cpu"]),
+    ("all", 0, ["cpu"]), ("all", 2, ["cuda:0", "cuda:1"]), ("cuda:1,cuda:0", 2, ["cuda:1", "cuda:0"]),
+    ("cuda", 1, ["cuda"]), ("mps", 0, ["mps"]),
+    ("", 0, "names no device"), ("  ", 2, "names no device"), ("cpu,bogus", 2, "'bogus' is not a device"),
+    ("cpu,,cpu", 0, "an empty entry"), ("cuda:9", 0, "CUDA is not available"),
+    ("cuda:2", 2, "has 2 GPU"), ("cuda", 0, "CUDA is not available"), ("mps:1", 0, "not a device"),
+    ("cuda:-1", 2, "not a device"), ("all,cpu", 2, "not a device"),
+])
+def test_parse_devices(spec: str, gpus: int, want: object) -> None:
+    from embedstore.backbones.devices import parse_devices
+
+    if isinstance(want, list):
+        assert parse_devices(spec, cuda_count=gpus) == want
+        return
+    with pytest.raises(ConfigError, match=str(want)) as err:
+        parse_devices(spec, cuda_count=gpus)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--devices {spec!r}")
+
+
+def test_parse_devices_asks_torch_only_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedstore.backbones import devices
+
+    calls: list[int] = []
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: calls.append(1) or 0)
+    assert devices.parse_devices("cpu,cpu") == ["cpu", "cpu"] and calls == []
+    with pytest.raises(ConfigError):
+        devices.parse_devices("cuda:0,cuda:1")
+    assert calls == [1]

@@ -1,6 +1,8 @@
 """train-head and predict through the CLI, on real tiles and the shipped slide."""
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from embedstore.cli import main
 from embedstore.extract.runner import ExtractConfig, extract
+
+from synthetic import write_units
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -63,3 +69,82 @@ def test_predict_refuses_a_store_of_another_backbone(stores: tuple[Path, Path], 
     r = _cli("predict", str(tiles), "--head", str(head), "--out", str(tmp_path / "p.arrow"))
     assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1
     assert not (tmp_path / "p.arrow").exists()
+
+
+# ---------------------------------------------------------------- crafted heads, in-process
+
+def _run(*args: object) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A synthetic store (labels recorded at extraction) and a head trained on it."""
+    d = tmp_path_factory.mktemp("crafted")
+    store, head = d / "store", d / "head"
+    write_units(store, list(range(6)))
+    code, out, err = _run("train-head", store, "--split", "kfold:3", "--seeds", "1", "--epochs", "3",
+                          "--out", head)
+    assert code == 0, err
+    return store, head
+
+
+def _edit(meta: dict, path: str, value: object) -> None:
+    *parents, last = path.split(".")
+    for p in parents:
+        meta = meta[p]
+    meta[last] = value
+
+
+CRAFTED = [  # (case id, {head.json field: value}, weights bytes or None, what the line must name)
+    ("hidden-1e8", {"config.kind": "mlp", "config.hidden": 1e8}, None, "config.hidden"),
+    ("hidden-huge", {"config.kind": "mlp", "config.hidden": 100_000_000}, None, "config.hidden"),
+    ("dim-negative", {"dim": -5}, None, "dim"),
+    ("dim-text", {"dim": "16"}, None, "dim"),
+    ("classes-empty", {"classes": []}, None, "classes"),
+    ("threshold-outside", {"threshold": 1.5}, None, "threshold"),
+    ("config-wrong-type", {"config.epochs": [5]}, None, "config.epochs"),
+    ("shapes-disagree", {"dim": 32}, None, "dim 32"),
+    ("mlp-over-linear-weights", {"config.kind": "mlp", "config.hidden": 65536}, None, "body.0.weight"),
+    ("weights-garbage", {}, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}" + b"\x00" * 64, "head.safetensors"),
+    ("weights-garbage-old-layout", {"weights_sha256": None}, b"\x00" * 40, "head.safetensors"),
+]
+
+
+@pytest.mark.parametrize("case, fields, weights, names", CRAFTED, ids=[c[0] for c in CRAFTED])
+def test_predict_with_a_crafted_head_is_one_line_exit_2(small: tuple[Path, Path], tmp_path: Path, case: str,
+                                                       fields: dict, weights: bytes | None, names: str) -> None:
+    store, head = small
+    bad = tmp_path / "crafted"
+    shutil.copytree(head, bad)
+    meta = json.loads((bad / "head.json").read_text())
+    for k, v in fields.items():
+        _edit(meta, k, v)
+    (bad / "head.json").write_text(json.dumps(meta))
+    if weights is not None:
+        (bad / "head.safetensors").write_bytes(weights)
+    code, out, err = _run("predict", store, "--head", bad, "--out", tmp_path / "p.arrow")
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2, (case, code, out, err)
+    assert len(lines) == 1 and "Traceback" not in err, (case, err)
+    assert names in lines[0] and str(bad) in lines[0], (case, lines[0])
+    assert not (tmp_path / "p.arrow").exists()
+
+
+def test_predict_with_the_uncrafted_head_works(small: tuple[Path, Path], tmp_path: Path) -> None:
+    store, head = small
+    code, out, err = _run("predict", store, "--head", head, "--out", tmp_path / "p.arrow")
+    assert code == 0, err
+    assert pa.ipc.open_file(tmp_path / "p.arrow").read_all().num_rows > 0
+
+
+def test_train_head_refuses_an_out_directory_holding_other_files(small: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = small
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _run("train-head", store, "--split", "kfold:3", "--seeds", "1", "--epochs", "2", "--out", out)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "notes.txt" in lines[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
+import re
+import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,12 +20,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from embedstore.heads.augment import ViewBank, parse_augment
-from embedstore.errors import BackboneMismatchError, HeadError, LabelsError, ShapeError, UnknownKeyError
+from embedstore.errors import BackboneMismatchError, ConfigError, HeadError, LabelsError, ShapeError, UnknownKeyError
 from embedstore.heads import (
     HeadConfig, HeatmapSpec, SlideBagDataset, check_fingerprint, cross_validate, evaluate, gather_features,
     labelled_set, load_head, predict_store, run_seeds, save_head, sweep, train_head, view_bank,
 )
 from embedstore.heads import metrics as M
+from embedstore.heads import persist
 from embedstore.heads.jobs import train_head_command
 from embedstore.plots import render_heatmap
 from embedstore.heads.splits import plan_splits
@@ -372,6 +377,166 @@ def test_load_head_refuses_missing_or_foreign_directories(tmp_path):
     (tmp_path / "half" / "head.safetensors").write_bytes(b"")
     with pytest.raises(HeadError, match="not an embedstore head"):
         load_head(tmp_path / "half")
+
+
+def _saved(tmp_path, kind="linear", name="head"):
+    x, y = gaussians(300, n_classes=2, seed=5, weights=[0.7, 0.3])
+    cfg = HeadConfig(epochs=3) if kind == "linear" else HeadConfig(kind="mlp", hidden=8, epochs=3)
+    head = train_head(x, np.array(["normal", "tumor"], dtype=object)[y], config=cfg, seed=0)
+    head.fingerprint = {"backbone": {"name": "fake"}}
+    return save_head(head, tmp_path / name), head, x
+
+
+def test_save_replaces_a_head_whole_and_old_heads_still_load(tmp_path):
+    d, head, x = _saved(tmp_path)
+    first = json.loads((d / "head.json").read_text())
+    assert first["weights_sha256"] == hashlib.sha256((d / "head.safetensors").read_bytes()).hexdigest()
+    other = train_head(x, head.predict_labels(x), config=HeadConfig(kind="mlp", hidden=8, epochs=3), seed=1)
+    save_head(other, d)                                            # over the existing head
+    assert json.loads((d / "head.json").read_text())["run"] != first["run"]
+    assert load_head(d).config.kind == "mlp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]  # no staging or .old left
+    assert sorted(p.name for p in d.iterdir()) == ["head.json", "head.safetensors"]
+    # the layout before weights_sha256/run (weights renamed, then head.json) still loads
+    meta = json.loads((d / "head.json").read_text())
+    del meta["weights_sha256"], meta["run"]
+    (d / "head.json").write_text(json.dumps(meta))
+    assert np.array_equal(load_head(d).predict_proba(x), other.predict_proba(x))
+    # a symlinked --out keeps the link and replaces its target
+    (tmp_path / "link").symlink_to(d)
+    save_head(head, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and load_head(tmp_path / "link").config.kind == "linear"
+
+
+def test_save_refuses_a_directory_holding_other_files(tmp_path):
+    d, head, _ = _saved(tmp_path)
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(HeadError, match="notes.txt") as info:
+        save_head(head, d)
+    assert "\n" not in str(info.value) and (d / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HeadError, match="is a file"):
+        save_head(head, tmp_path / "file")
+
+
+def test_load_head_recovers_an_interrupted_swap_and_drops_stale_staging(tmp_path):
+    d, head, x = _saved(tmp_path)
+    old = tmp_path / ".head.old"
+    d.rename(old)                                                  # cut between the two renames
+    host = re.sub("[^A-Za-z0-9]", "", socket.gethostname())[:32]
+    stale = tmp_path / f".head.staging-{host}-999999999-deadbeef"          # its writer is gone
+    shutil.copytree(old, stale)
+    assert np.array_equal(load_head(d).predict_proba(x), head.predict_proba(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+    # a swap that finished but died before removing the old head: the old copy is dropped
+    shutil.copytree(d, old)
+    load_head(d)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+
+
+def _craft(src, dst, edit=None, weights=None, drop_sha=False):
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "head.json").read_text())
+    if edit:
+        edit(meta)
+    if drop_sha:
+        meta.pop("weights_sha256", None)
+    (dst / "head.json").write_text(json.dumps(meta))
+    if weights is not None:
+        (dst / "head.safetensors").write_bytes(weights)
+    return dst
+
+
+def _set(path, value):
+    def edit(meta):
+        *parents, last = path.split(".")
+        node = meta
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return edit
+
+
+# (case id, edit of head.json, text the message must name)
+CRAFTED = [
+    ("hidden-1e8", _set("config.hidden", 1e8), "config.hidden"),
+    ("hidden-huge-int", lambda m: (_set("config.kind", "mlp")(m), _set("config.hidden", 100_000_000)(m)),
+     "config.hidden"),
+    ("hidden-text", _set("config.hidden", "many"), "config.hidden"),
+    ("dim-negative", _set("dim", -5), "dim"),
+    ("dim-float", _set("dim", 16.5), "dim"),
+    ("dim-huge", _set("dim", 10**12), "dim"),
+    ("dim-text", _set("dim", "16"), "dim"),
+    ("dim-bool", _set("dim", True), "dim"),
+    ("dim-missing", lambda m: m.pop("dim"), "dim"),
+    ("classes-empty", _set("classes", []), "classes"),
+    ("classes-one", _set("classes", ["normal"]), "classes"),
+    ("classes-not-names", _set("classes", [1, 2]), "classes"),
+    ("classes-twice", _set("classes", ["a", "a"]), "classes"),
+    ("classes-not-a-list", _set("classes", "normal,tumor"), "classes"),
+    ("threshold-above-1", _set("threshold", 1.5), "threshold"),
+    ("threshold-negative", _set("threshold", -0.1), "threshold"),
+    ("threshold-text", _set("threshold", "0.5"), "threshold"),
+    ("positive-unknown", _set("positive", "zebra"), "positive"),
+    ("config-not-an-object", _set("config", [1, 2]), "config"),
+    ("kind-unknown", _set("config.kind", "transformer"), "head kind"),
+    ("dropout-text", _set("config.dropout", "x"), "config.dropout"),
+    ("dropout-out-of-range", _set("config.dropout", 3.0), "dropout"),
+    ("augment-unknown", _set("config.augment", {"warp": 1}), "config.augment.warp"),
+    ("augment-noise-text", _set("config.augment.noise", "loud"), "config.augment.noise"),
+    ("metrics-not-an-object", _set("metrics", [1]), "metrics"),
+    ("version-text", _set("version", "one"), "version"),
+    # head.json edited so that it no longer describes the weights: refused from the header alone
+    ("shape-dim", _set("dim", 32), "dim 32"),
+    ("shape-classes", lambda m: m.update(classes=["normal", "tumor", "other"], positive=None, threshold=None),
+     "body.weight"),
+    ("shape-kind", lambda m: (_set("config.kind", "mlp")(m), _set("config.hidden", 65536)(m)), "body.0.weight"),
+]
+
+
+@pytest.mark.parametrize("case, edit, names", CRAFTED, ids=[c[0] for c in CRAFTED])
+def test_crafted_head_json_is_one_line_naming_the_field_and_builds_nothing(tmp_path, monkeypatch, case,
+                                                                           edit, names):
+    d, _, _ = _saved(tmp_path)
+    bad = _craft(d, tmp_path / "crafted", edit)
+    built = []
+    monkeypatch.setattr(persist, "build_head_module", lambda *a, **k: built.append(a) or 1 / 0)
+    with pytest.raises(HeadError) as info:
+        load_head(bad)
+    msg = str(info.value)
+    assert "\n" not in msg and names in msg and str(bad) in msg, msg
+    assert not built, "a module was built before the check"
+
+
+def test_crafted_weights_files_are_one_line(tmp_path):
+    d, head, _ = _saved(tmp_path)
+    mlp, _, _ = _saved(tmp_path, kind="mlp", name="mlp")
+    garbage = b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}" + b"\x00" * 64
+    cases = {
+        "swapped": (_craft(d, tmp_path / "swapped", weights=(mlp / "head.safetensors").read_bytes()), "sha256"),
+        "swapped-old-layout": (_craft(d, tmp_path / "swapped-old", drop_sha=True,
+                                      weights=(mlp / "head.safetensors").read_bytes()), "body.weight"),
+        "garbage": (_craft(d, tmp_path / "garbage", drop_sha=True, weights=garbage), "head.safetensors"),
+        "empty": (_craft(d, tmp_path / "empty", drop_sha=True, weights=b""), "head.safetensors"),
+        "truncated": (_craft(d, tmp_path / "truncated", drop_sha=True,
+                             weights=(d / "head.safetensors").read_bytes()[:-9]), "head.safetensors"),
+    }
+    for case, (bad, names) in cases.items():
+        with pytest.raises(HeadError) as info:
+            load_head(bad)
+        msg = str(info.value)
+        assert "\n" not in msg and names in msg and str(bad) in msg, (case, msg)
+
+
+def test_predict_store_refuses_a_batch_size_below_one_before_writing(tmp_path):
+    store, x, y = fake_store(n=60)
+    head = train_head(x, y, config=HeadConfig(epochs=2), seed=0)
+    head.fingerprint = store.fingerprint()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            predict_store(store, head, tmp_path / "preds.arrow", batch_size=bad)
+    assert not list(tmp_path.iterdir())
+    assert predict_store(store, head, tmp_path / "preds.arrow", batch_size=np.int64(7))["rows"] == 60
 
 
 def test_predict_store_streams_every_row_to_arrow(tmp_path):

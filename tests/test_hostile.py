@@ -74,6 +74,28 @@ def _crafted_head(world: dict[str, Path], name: str, **changes: object) -> Path:
     return dst
 
 
+def _crafted_index(world: dict[str, Path], name: str, damage: str) -> Path:
+    """A copy of the world's store whose index is damaged: ``truncated`` or ``garbage`` faiss
+    bytes, or an index.json whose ``file`` is ``../STORE.json`` or the absolute path of the
+    world's own (valid) faiss file, so only the name check stands between faiss and it."""
+    dst = world["dir"] / name
+    if not dst.exists():
+        shutil.copytree(world["store"], dst)
+        info_path = dst / "index" / "index.json"
+        meta = json.loads(info_path.read_text())
+        faiss_file = dst / "index" / meta["file"]
+        data = faiss_file.read_bytes()
+        if damage == "truncated":
+            faiss_file.write_bytes(data[: len(data) // 3])
+        elif damage == "garbage":
+            faiss_file.write_bytes(np.random.default_rng(0).bytes(len(data)))
+        else:
+            meta["file"] = {"escape": "../STORE.json",
+                            "absolute": str(world["store"] / "index" / meta["file"])}[damage]
+            info_path.write_text(json.dumps(meta))
+    return dst
+
+
 # (case id, argv builder, text the one-line message must contain)
 EXTRACT = ["extract", "{lung}", "--store", "{new}", "--backbone", ONNX]
 CASES = [
@@ -101,6 +123,25 @@ CASES = [
     ("search-image-not-an-image", ["search", "{store}", "--image", "{text}"], "notes.png"),
     ("head-hidden-huge", ["predict", "{store}", "--head", "{head_huge}", "--out", "{out}"], "hidden"),
     ("head-dim-negative", ["predict", "{store}", "--head", "{head_negdim}", "--out", "{out}"], "dim"),
+    # --devices is parsed before any process starts or any file is written
+    ("devices-empty", EXTRACT + ["--devices", ""], "--devices"),
+    ("devices-bogus", EXTRACT + ["--devices", "cpu,bogus"], "bogus"),
+    ("devices-no-such-gpu", EXTRACT + ["--devices", "cuda:9"], "cuda:9"),
+    # other numbers with a range
+    ("search-k-zero", ["search", "{store}", "--key", "{key}", "-k", "0"], "-k"),
+    ("index-target-recall-above-1", ["index", "{store}", "--target-recall", "1.5"], "--target-recall"),
+    ("train-head-hidden-zero", ["train-head", "{store}", "--task", "lung", "--head", "mlp", "--hidden", "0",
+                                "--out", "{new}"], "--hidden"),
+    ("train-head-lr-zero", ["train-head", "{store}", "--task", "lung", "--lr", "0", "--out", "{new}"], "--lr"),
+    ("select-folds-one", ["select", "--proxy", "{lung}", "--backbone", ONNX, "--folds", "1", "--out", "{new}"],
+     "--folds"),
+    ("view-seed-not-a-number", EXTRACT + ["--views", "2", "--view-seed", "x"], "--view-seed"),
+    # index files: damaged faiss bytes (item 9), index.json naming a path (item 13)
+    ("index-truncated", ["search", "{store_truncated}", "--key", "{key}"], ".faiss"),
+    ("index-garbage", ["search", "{store_garbage}", "--key", "{key}"], ".faiss"),
+    ("index-file-escapes", ["search", "{store_escape}", "--key", "{key}"], "'../STORE.json'"),
+    ("index-file-absolute", ["search", "{store_absolute}", "--key", "{key}"], "not a plain"),
+    ("index-update-file-escapes", ["index", "{store_escape}", "--update"], "'../STORE.json'"),
 ]
 
 
@@ -112,7 +153,10 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(world: dict[str, Path], 
             "head": world["head"], "out": tmp_path / "p.arrow", "text": world["text"],
             "garbage": world["garbage"],
             "head_huge": _crafted_head(world, "head_huge", hidden=100_000_000, kind="mlp"),
-            "head_negdim": _crafted_head(world, "head_negdim", dim=-5)}
+            "head_negdim": _crafted_head(world, "head_negdim", dim=-5),
+            "key": open_store(world["store"]).keys()[0],
+            **{f"store_{d}": _crafted_index(world, f"store_{d}", d)
+               for d in ("truncated", "garbage", "escape", "absolute")}}
     code, out, err = run(*[a.format(**fill) for a in argv])
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2, (case, code, out, err)
@@ -122,3 +166,18 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(world: dict[str, Path], 
     assert not (tmp_path / "p.arrow").exists()
     new = tmp_path / "new"
     assert not (new / "STORE.json").exists(), f"{case}: a store was written for a refused run"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "escape"])
+def test_a_refused_index_is_rebuilt_by_the_command_the_message_names(world: dict[str, Path],
+                                                                     damage: str) -> None:
+    store = _crafted_index(world, f"store_rebuild_{damage}", damage)
+    key = open_store(store).keys()[0]
+    code, out, err = run("search", store, "--key", key)
+    assert code == 2 and f"rebuild with `embedstore index {store}`" in err, err
+    code, out, err = run("index", store, "--kind", "flat")
+    assert code == 0, err
+    code, out, err = run("search", store, "--key", key, "-k", "1", "--json")
+    assert code == 0 and json.loads(out)[0]["keys"] == [key], err
+    assert (store / "STORE.json").exists()       # '../STORE.json' was named, never read or removed
+    assert fingerprint(store) == fingerprint(world["store"])

@@ -462,6 +462,102 @@ def test_rebuild_replaces_files_and_drops_partials(tmp_path: Path) -> None:
     assert read_index_info(store) == second
 
 
+# ---------------------------------------------------------------- index.json and faiss files are untrusted
+
+def _rewrite_info(store: FakeStore, **changes: object) -> dict:
+    path = store.path / "index" / "index.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+    return meta
+
+
+@pytest.fixture()
+def faiss_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path handed to faiss.read_index during the test."""
+    import faiss
+
+    seen: list[str] = []
+    real = faiss.read_index
+
+    def read(path: str, *args: object) -> object:
+        seen.append(str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(faiss, "read_index", read)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["../outside.faiss", "/tmp/outside.faiss", "sub/index-0123456789ab.faiss",
+                                  "index-0123456789ab.faiss/../../outside.faiss", "..", "", "index.faiss",
+                                  "index-0123456789ab.faiss\\x"])
+def test_index_json_cannot_point_faiss_outside_the_index_dir(tmp_path: Path, faiss_reads: list[str],
+                                                               name: str) -> None:
+    store = make_store(tmp_path / "s", 500, seed=14)
+    info = build_index(store)
+    (tmp_path / "s" / "outside.faiss").write_bytes((store.path / "index" / info.file).read_bytes())
+    _rewrite_info(store, file=name)
+    with pytest.raises(VectorIndexError, match="not a plain index-<token>.faiss name") as err:
+        load_index(store)
+    assert "\n" not in str(err.value) and "embedstore index" in str(err.value)
+    with pytest.raises(VectorIndexError, match="refusing to read it"):
+        search(store, vectors=store._emb[:1].astype(np.float32))
+    assert faiss_reads == []                 # faiss never saw the path index.json named
+
+
+def test_index_file_that_is_a_link_is_refused(tmp_path: Path, faiss_reads: list[str]) -> None:
+    store = make_store(tmp_path / "s", 500, seed=15)
+    info = build_index(store)
+    outside = tmp_path / "elsewhere.faiss"
+    (store.path / "index" / info.file).rename(outside)
+    (store.path / "index" / info.file).symlink_to(outside)
+    with pytest.raises(VectorIndexError, match="is a link"):
+        load_index(store)
+    assert faiss_reads == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "garbage-recorded-size"])
+def test_damaged_faiss_file_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
+    store = make_store(tmp_path / "s", 500, seed=16)
+    info = build_index(store)
+    path = store.path / "index" / info.file
+    data = path.read_bytes()
+    rng = np.random.default_rng(0)
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                      "garbage": rng.bytes(4096),
+                      "garbage-recorded-size": rng.bytes(len(data))}[damage])
+    if damage == "garbage":
+        _rewrite_info(store, memory_bytes=0)              # an index.json without a size
+    with pytest.raises(VectorIndexError) as err:
+        search(store, vectors=store._emb[:1].astype(np.float32))
+    msg = str(err.value)
+    assert "\n" not in msg and info.file in msg and f"embedstore index {store.path}" in msg, msg
+
+
+@pytest.mark.parametrize("changes", [{"dim": "64"}, {"n_covered": None}, {"params": []},
+                                     {"file": 7}, {"recall_at_10": "high"}])
+def test_index_json_with_wrong_types_is_one_line(tmp_path: Path, changes: dict) -> None:
+    store = make_store(tmp_path / "s", 500, seed=17)
+    build_index(store)
+    _rewrite_info(store, **changes)
+    with pytest.raises(VectorIndexError, match=f"unreadable .*index.json: field '{next(iter(changes))}'"):
+        read_index_info(store)
+    (store.path / "index" / "index.json").write_text("[1, 2]")
+    with pytest.raises(VectorIndexError, match="unreadable .*not an object"):
+        load_index(store)
+
+
+def test_faiss_file_of_another_dim_is_refused(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "s", 500, seed=18)
+    info = build_index(store)
+    other = make_store(tmp_path / "o", 500, dim=32, seed=18)
+    other_info = build_index(other)
+    (store.path / "index" / info.file).write_bytes((other.path / "index" / other_info.file).read_bytes())
+    _rewrite_info(store, memory_bytes=other_info.memory_bytes)
+    with pytest.raises(VectorIndexError, match="of dim 32 but index.json says 500 of dim 64"):
+        load_index(store)
+
+
 # ---------------------------------------------------------------- CLI bodies
 
 def test_cli_bodies_print_text_and_json(tmp_path: Path) -> None:

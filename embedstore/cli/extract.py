@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ._app import echo_json, json_option, main
+from ._app import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, echo_json, json_option, main
 
 
 @main.command()
@@ -22,29 +22,34 @@ from ._app import echo_json, json_option, main
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="Weights file (safetensors, torch state dict loaded with weights_only=True, or .onnx).")
 @click.option("--random-init", is_flag=True, help="Use seeded untrained weights (explicit: never a silent fallback).")
-@click.option("--target-mpp", type=float, help="µm/px tiles are cut at (default: the backbone's native, else 0.5).")
-@click.option("--slide-mpp", type=float, help="µm/px of slides whose metadata lacks it.")
-@click.option("--tile-size", type=int, help="Tile side in px (slides: default 224; files: their own size).")
-@click.option("--views", type=int, help="Also embed K augmented views per tile (flips, rotations, stain and colour jitter).")
-@click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the view recipe.")
+@click.option("--target-mpp", type=POSITIVE, metavar="MPP",
+              help="µm/px tiles are cut at (default: the backbone's native, else 0.5).")
+@click.option("--slide-mpp", type=POSITIVE, metavar="MPP", help="µm/px of slides whose metadata lacks it.")
+@click.option("--tile-size", type=COUNT, metavar="PX",
+              help="Tile side in px (slides: default 224; files: their own size).")
+@click.option("--views", type=COUNT, metavar="K",
+              help="Also embed K augmented views per tile (flips, rotations, stain and colour jitter).")
+@click.option("--view-seed", type=int, metavar="SEED", default=0, show_default=True,
+              help="Seed of the view recipe.")
 @click.option("--devices", default="cpu", show_default=True,
               help="cpu | cuda:0,cuda:1 | all | cpu,cpu (one process per entry).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int,
+@click.option("--batch-size", type=COUNT, metavar="N", default=64, show_default=True,
+              help="Tiles per forward pass.")
+@click.option("--workers", type=NON_NEGATIVE, metavar="N",
               help="DataLoader workers per process (default: cores - 1, at most 8; 0 for a CPU model "
                    "on 2 cores or fewer).")
-@click.option("--threads", type=int, help="Intra-op threads per process.")
+@click.option("--threads", type=COUNT, metavar="N", help="Intra-op threads per process.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Inference precision (autocast). Default: fp32 on CPU, the backbone's on GPU.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="On-disk embedding dtype.")
 @click.option("--task", help="Name of the labels task created from class folders / CSV labels.")
-@click.option("--min-tissue", type=float, default=0.25, show_default=True,
+@click.option("--min-tissue", type=FRACTION, metavar="FRACTION", default=0.25, show_default=True,
               help="Tissue fraction a slide tile needs to be kept.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--files-per-unit", type=int, default=256, show_default=True,
+@click.option("--files-per-unit", type=COUNT, metavar="N", default=256, show_default=True,
               help="Files per work unit (what a resume skips or redoes).")
-@click.option("--rows-per-shard", type=int, default=65536, show_default=True,
+@click.option("--rows-per-shard", type=COUNT, metavar="N", default=65536, show_default=True,
               help="Rows per committed shard (a shard is also committed every 30 s of work).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
@@ -61,7 +66,9 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
     Re-running resumes: finished units are skipped, failed ones retried. Exit status 0 when
     everything was embedded, 1 when some inputs were recorded as errors, 2 on failure.
     """
+    from ..backbones.devices import parse_devices
     from ..extract.runner import ExtractConfig, extract as run
+    parse_devices(devices)                 # a bad --devices fails here, before any process or file
     cfg = ExtractConfig(store=store, backbone=backbone, weights=weights, random_init=random_init,
                         target_mpp=target_mpp, slide_mpp=slide_mpp, tile_size=tile_size, views=views,
                         view_seed=view_seed, batch_size=batch_size, num_workers=workers,

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
-from ._app import echo_json, json_option, main, progress_echo
+from ._app import COUNT, POSITIVE, echo_json, json_option, main, progress_echo
+
+MAX_HIDDEN = 65536              # --hidden: wider MLP heads than this are a typo, not a model
 
 
 @main.command("train-head")
@@ -14,20 +16,24 @@ from ._app import echo_json, json_option, main, progress_echo
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with key (or path), label[, split, group] instead of a task.")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
-@click.option("--hidden", type=int, default=256, show_default=True, help="MLP hidden units.")
-@click.option("--epochs", type=int, default=100, show_default=True, help="Maximum epochs (early stopping on validation).")
-@click.option("--lr", type=float, help="Learning rate (default 3e-3 linear, 1e-3 MLP).")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--hidden", type=click.IntRange(1, MAX_HIDDEN), metavar="N", default=256, show_default=True,
+              help="MLP hidden units.")
+@click.option("--epochs", type=COUNT, metavar="N", default=100, show_default=True,
+              help="Maximum epochs (early stopping on validation).")
+@click.option("--lr", type=POSITIVE, metavar="LR", help="Learning rate (default 3e-3 linear, 1e-3 MLP).")
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), metavar="WD", default=1e-4, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), metavar="P",
+              default=0.0, show_default=True, help="Dropout probability (MLP).")
 @click.option("--class-weights", type=click.Choice(["none", "auto"]), default="none", show_default=True,
               help="auto: inverse class frequency (imbalanced tasks).")
 @click.option("--split", default="column", show_default=True,
               help="column (the split column: train/valid/test) | slide | group:COLUMN | kfold:5")
-@click.option("--seeds", type=int, default=5, show_default=True, help="Seeds to report mean ± std over.")
+@click.option("--seeds", type=COUNT, metavar="N", default=5, show_default=True,
+              help="Seeds to report mean ± std over.")
 @click.option("--augment", help="Feature-space augmentation, e.g. views,noise=0.1,mixup=0.2,dropout=0.1")
 @click.option("--sweep", is_flag=True, help="Tune lr, weight decay, hidden, dropout, augmentation by CV on training data.")
 @click.option("--positive", help="Positive class for binary F1 (default: the minority class).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, metavar="SEED", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Directory to save the head (safetensors + JSON).")
 @json_option
 def train_head(store: Path, task: str | None, labels: Path | None, head: str, hidden: int, epochs: int,
@@ -51,7 +57,8 @@ def train_head(store: Path, task: str | None, labels: Path | None, head: str, hi
 @click.option("--head", "head_dir", required=True, type=click.Path(path_type=Path), help="Head directory from train-head.")
 @click.option("--out", type=click.Path(path_type=Path), default="preds.arrow", show_default=True,
               help="Arrow IPC file: key, pred, prob_<label>..., slide, x, y.")
-@click.option("--batch-size", type=int, default=65536, show_default=True)
+@click.option("--batch-size", type=COUNT, metavar="N", default=65536, show_default=True,
+              help="Rows scored per step.")
 @click.option("--heatmap", "heatmap_slide", help="Slide whose class probability to draw over its thumbnail.")
 @click.option("--heatmap-class", help="Class to draw (default: the positive class).")
 @click.option("--heatmap-out", type=click.Path(path_type=Path), help="PNG path (default: next to --out).")

@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from ..sizes import format_bytes
-from ._app import echo_json, json_option, main
+from ._app import COUNT, FRACTION, echo_json, json_option, main
 
 if TYPE_CHECKING:
     from ..index import IndexInfo, SearchResult
@@ -72,7 +72,7 @@ def results_json(hits: list[SearchResult], queries: list[str]) -> list[dict[str,
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"]), default="auto",
               show_default=True, help="auto: exact below ~100k rows, else what meets the recall in the budget.")
 @click.option("--memory-budget", default="8G", show_default=True, help="RAM the index may use (e.g. 512M, 8G).")
-@click.option("--target-recall", type=float, default=0.95, show_default=True,
+@click.option("--target-recall", type=FRACTION, metavar="R", default=0.95, show_default=True,
               help="recall@10 vs exact search, measured on held-out queries; search parameters are tuned to it.")
 @click.option("--gpu", is_flag=True, help="Build and search with faiss-gpu (the `gpu` extra).")
 @click.option("--update", is_flag=True, help="Add rows committed since the build, without retraining.")
@@ -97,7 +97,7 @@ def index(store: Path, kind: str, memory_budget: str, target_recall: float, gpu:
               help="Query by an image file, embedded with the store's own backbone.")
 @click.option("--vector", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Query by a .npy vector (dim,) or (nq, dim).")
-@click.option("-k", type=int, default=10, show_default=True, help="Neighbours per query.")
+@click.option("-k", type=COUNT, metavar="K", default=10, show_default=True, help="Neighbours per query.")
 @click.option("--exclude-same-slide", is_flag=True, help="Leave out tiles of the query's own slide (leakage).")
 @click.option("--label", help="Only tiles with this label ...")
 @click.option("--task", help="... of this task (default: the labels recorded at extraction).")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ._app import echo_json, json_option, main
+from ._app import COUNT, NON_NEGATIVE, echo_json, json_option, main
 
 
 @main.command()
@@ -13,8 +13,9 @@ from ._app import echo_json, json_option, main
               help="Labelled proxy tiles: a CSV (path,label[,split,slide]) or a folder of class folders.")
 @click.option("--backbone", "backbones", multiple=True, required=True,
               help="A candidate (repeat for each): registry name, timm name, hf-hub:ORG/MODEL or .onnx file.")
-@click.option("--k", type=int, default=20, show_default=True, help="Neighbours that vote.")
-@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds.")
+@click.option("--k", type=COUNT, metavar="K", default=20, show_default=True, help="Neighbours that vote.")
+@click.option("--folds", type=click.IntRange(min=2), metavar="N", default=5, show_default=True,
+              help="Cross-validation folds.")
 @click.option("--group-by", default="auto", show_default=True,
               help="Keep each group in one fold: auto (the CSV slide column when present), none, "
                    "slide, or another CSV column (patient, ...).")
@@ -29,14 +30,16 @@ from ._app import echo_json, json_option, main
 @click.option("--validate", type=click.Path(path_type=Path),
               help="Downstream task CSV (path,label,split): a linear head per candidate, trained on "
                    "split=train, F1 on split=valid, Spearman against the proxy ranking.")
-@click.option("--head-seeds", type=int, default=10, show_default=True,
+@click.option("--head-seeds", type=COUNT, metavar="N", default=10, show_default=True,
               help="--validate: linear heads trained per candidate (seeds); F1 is their mean.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("selection"), show_default=True,
               help="Output directory: selection.json, selection.png.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fold assignment seed.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Extraction: tiles per forward pass.")
-@click.option("--workers", type=int, help="Extraction: DataLoader workers (default as for `extract`).")
-@click.option("--threads", type=int, help="Extraction: intra-op threads.")
+@click.option("--seed", type=int, metavar="SEED", default=0, show_default=True, help="Fold assignment seed.")
+@click.option("--batch-size", type=COUNT, metavar="N", default=64, show_default=True,
+              help="Extraction: tiles per forward pass.")
+@click.option("--workers", type=NON_NEGATIVE, metavar="N",
+              help="Extraction: DataLoader workers (default as for `extract`).")
+@click.option("--threads", type=COUNT, metavar="N", help="Extraction: intra-op threads.")
 @click.option("--devices", default="cpu", show_default=True, help="Extraction devices, as for `extract`.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @json_option
@@ -58,7 +61,9 @@ def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by
       embedstore select --proxy tiles.csv --backbone mobilenetv2-onnx-int8 \\
           --backbone resnet18 --random-init --validate task.csv --out sel
     """
+    from ..backbones.devices import parse_devices
     from ..select.proxy import SelectConfig, select_backbones
+    parse_devices(devices)                 # a bad --devices fails here, before anything is embedded
     cfg = SelectConfig(proxy=proxy, backbones=tuple(backbones), out=out, k=k, folds=folds,
                        group_by=group_by, metric=metric, random_init=random_init, centre=centre,
                        seed=seed, cache=cache, validate=validate, head_seeds=head_seeds,

@@ -3,8 +3,12 @@ with the defaults that depend on the machine (cores, DataLoader workers)."""
 from __future__ import annotations
 
 import os
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import ConfigError
 
 __all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers", "STAGES"]
 
@@ -36,6 +40,36 @@ class ExtractConfig:
     num_threads: int | None = None    # intra-op threads per process (torch / onnxruntime)
     files_per_unit: int = 256         # files per work unit (the resume granularity)
 
+    def __post_init__(self) -> None:
+        """Refuse a value out of range before anything is written: one line naming the flag."""
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--rows-per-shard", self.rows_per_shard, 1)
+        _at_least("--files-per-unit", self.files_per_unit, 1)
+        for flag, value, low in (("--views", self.views, 1), ("--tile-size", self.tile_size, 1),
+                                 ("--threads", self.num_threads, 1), ("--workers", self.num_workers, 0)):
+            if value is not None:
+                _at_least(flag, value, low)
+        for flag, mpp in (("--target-mpp", self.target_mpp), ("--slide-mpp", self.slide_mpp)):
+            if mpp is not None and not (_real(mpp) and mpp > 0):
+                raise ConfigError(f"{flag} must be > 0 (µm/px), got {mpp!r}")
+        if not (_real(self.min_tissue) and 0.0 <= self.min_tissue <= 1.0):
+            raise ConfigError(f"--min-tissue must be a fraction in [0, 1], got {self.min_tissue!r}")
+        if self.weights is not None and self.random_init:
+            raise ConfigError("--weights and --random-init exclude each other: give one")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(flag: str, value: object, low: int) -> None:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= low):
+        raise ConfigError(f"{flag} must be >= {low}, got {value!r}")
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity), not the machine's count."""
@@ -64,6 +98,7 @@ class ExtractResult:
     units_done: int = 0
     units_skipped: int = 0            # done in an earlier run
     errors: list[tuple[str, str]] = field(default_factory=list)
+    conflicting_keys: list[str] = field(default_factory=list)   # keys holding another file's row
     stages: dict[str, float] = field(default_factory=dict)
     elapsed: float = 0.0
     overlays: list[str] = field(default_factory=list)
@@ -83,6 +118,7 @@ class ExtractResult:
         self.views_added += other.views_added
         self.units_done += other.units_done
         self.errors += other.errors
+        self.conflicting_keys += other.conflicting_keys
         self.overlays += other.overlays
         for k, v in other.stages.items():
             self.stages[k] = self.stages.get(k, 0.0) + v

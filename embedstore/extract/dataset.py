@@ -3,7 +3,9 @@
 The sampler (main process) yields batches of *tile specs* — plain tuples that say everything a
 worker needs — so one persistent DataLoader serves every unit of the run, whatever was planned
 after its workers started. Workers open slides lazily (after the fork) and keep a few open.
-A tile that cannot be read comes back flagged with the reason; the run goes on. With no worker
+A tile that cannot be read comes back flagged with the reason; the run goes on. A tile file
+is resized to the store's tile side when each of its sides is within ``MAX_FILE_SCALE`` of
+it, and refused (from its header, before decoding) when farther off. With no worker
 processes (``workers=0``) a batch is decoded by a few threads of the main process instead
 (JPEG decoding and resizing release the GIL), so decoding does not leave cores idle.
 """
@@ -18,13 +20,25 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from ..errors import ShapeError
+from ..errors import ShapeError, SourceError
 from .transforms import ViewRecipe, make_views
 
 if TYPE_CHECKING:
     from .wsi import SlideReader
 
-__all__ = ["TileSpec", "TileDataset", "collate"]
+__all__ = ["TileSpec", "TileDataset", "collate", "check_file_size", "MAX_FILE_SCALE"]
+
+MAX_FILE_SCALE = 4.0   # a tile file may be at most this much larger or smaller than the store's tiles
+
+
+def check_file_size(width: int, height: int, side: int) -> None:
+    """Refuse (SourceError, one line) a ``width`` x ``height`` file more than ``MAX_FILE_SCALE``
+    times larger or smaller than the store's ``side``-px tiles on either side."""
+    if all(side / MAX_FILE_SCALE <= v <= side * MAX_FILE_SCALE for v in (width, height)):
+        return
+    raise SourceError(f"image is {width}x{height} px, more than {MAX_FILE_SCALE:g}x off the store's "
+                      f"{side} px tiles; cut it into tiles (or extract it as a slide), or use a store "
+                      f"made with --tile-size near its size")
 
 
 class TileSpec(NamedTuple):
@@ -112,8 +126,10 @@ class TileDataset(torch.utils.data.Dataset):
                                                                Image.Resampling.LANCZOS))
             return tile
         with Image.open(s.path) as src:
-            im = src.convert("RGB")
             size = self.file_size or s.tile_size
+            if size:
+                check_file_size(src.size[0], src.size[1], size)     # from the header: never decode a huge file
+            im = src.convert("RGB")
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im)

@@ -6,6 +6,15 @@ are claimed dynamically from an atomic counter in the c10d key-value store, over
 (``pending.read_work``) that every rank computes identically (largest first, so the tail is balanced by tile
 count, not slide count). Each rank writes its own shards; LMDB serialises the commits.
 At the end the ranks' summaries are gathered on rank 0.
+
+Network: on one machine (``--devices``) nothing listens beyond the loopback and no name is
+resolved: rank 0 binds the c10d store's socket to 127.0.0.1 itself (torch's own server would
+listen on every interface), the ranks reach it at 127.0.0.1, and gloo is given the loopback
+interface (``GLOO_SOCKET_IFNAME``, unless already set), so it does not resolve the host name
+to pick one. Across nodes (``torchrun``) the address is the one the user gives: torchrun's
+``--master-addr``/``MASTER_ADDR`` (or ``--rdzv-endpoint``) for the store, and
+``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` for the interface the ranks talk over; a
+single-node torchrun run (``LOCAL_WORLD_SIZE == WORLD_SIZE``) gets the loopback for gloo too.
 """
 from __future__ import annotations
 
@@ -43,10 +52,40 @@ def plan_claims(weights: list[int], world: int) -> list[list[int]]:
     return out
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def loopback_interface() -> str:
+    """The name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
+def _local_only() -> None:
+    """Gloo talks over the loopback (no host-name lookup) unless the user chose an interface."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+    os.environ.setdefault("MASTER_ADDR", LOOPBACK)
+
+
+def _local_store(rank: int, world: int, port: int) -> Any:
+    """The c10d store of a one-machine run: rank 0 serves it from a socket it bound to
+    127.0.0.1 (handed over to the store, which owns it from then on), the others connect there."""
+    import torch.distributed as dist
+    timeout = timedelta(minutes=30)
+    if rank != 0:
+        return dist.TCPStore(LOOPBACK, port, world, is_master=False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((LOOPBACK, port))
+    sock.listen(max(128, world))
+    return dist.TCPStore(LOOPBACK, port, world, is_master=True, timeout=timeout,
+                         master_listen_fd=sock.detach())
 
 
 def _claimer(kv: Any, n: int) -> Callable[[], int | None]:
@@ -60,8 +99,8 @@ def _claimer(kv: Any, n: int) -> Callable[[], int | None]:
 def _worker(rank: int, world: int, port: int, cfg: ExtractConfig, disc: Discovery,
             recipe: ViewRecipe | None, devices: list[str], out_dir: str) -> None:
     import torch.distributed as dist
-    kv = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0,
-                       timeout=timedelta(minutes=30))
+    _local_only()
+    kv = _local_store(rank, world, port)
     dist.init_process_group("gloo", store=kv, rank=rank, world_size=world)
     try:
         res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, kv,
@@ -169,6 +208,8 @@ def _under_torchrun(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | No
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     backend = "nccl" if torch.cuda.is_available() and devices[0].startswith("cuda") else "gloo"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:   # one node: the loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
     dist.init_process_group(backend)
     try:
         kv = c10d._get_default_store()

@@ -2,14 +2,15 @@
 store had a view recipe, whose views are still to add.
 
 ``plan_work`` is pure (units and what the store recorded in, work items out), ``read_work`` reads
-the store and hashes the slides it needs and then calls it. Every process of a run computes the
+the store and hashes the slides it needs and then calls it; it also checks the finished files
+units now read from another folder than the one they were embedded from (``fingerprint``). Every process of a run computes the
 same list, so a claim is an index into it.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class WorkPlan:
     items: list[WorkItem]             # largest first (balanced claiming)
     skipped: int = 0                  # units done in an earlier run
     changed: tuple[tuple[str, str], ...] = ()   # (unit, reason): slides changed since embedded
+    conflicting: tuple[str, ...] = ()  # keys of finished units that other files now claim
 
     @property
     def n_files(self) -> int:
@@ -85,4 +87,16 @@ def read_work(disc: Discovery, store: str | os.PathLike[str], *, views: bool,
                 identities[u.id] = slide_identity(u.slide_path)
             except OSError as e:
                 identities[u.id] = {"error": str(e)}
-    return plan_work(disc.units, done, with_views, identities, views=views)
+    plan = plan_work(disc.units, done, with_views, identities, views=views)
+    moved: list[tuple[str, str]] = []
+    conflicting: list[str] = []
+    for u in disc.units:
+        rec = done.get(u.id)
+        if u.kind == "files" and rec and rec.get("root") and rec.get("files"):
+            from .fingerprint import moved_conflicts
+            for key, reason in moved_conflicts(u.files, u.source, rec["root"], rec["files"]):
+                moved.append((f"{u.id}|{key}", reason))
+                conflicting.append(key)
+    if not moved:
+        return plan
+    return replace(plan, changed=plan.changed + tuple(moved), conflicting=tuple(conflicting))

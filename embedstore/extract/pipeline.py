@@ -83,6 +83,10 @@ class Pipeline:
             return []
         p = got.unit
         self.res.tiles_skipped += p.skipped
+        self.res.conflicting_keys += p.conflicts
+        for key, reason in p.errors:          # inputs refused at planning: the unit is not done
+            self.failed.add(got.item)
+            self.record_error(f"{self.items[got.item].name}|{key}", reason)
         if p.overlay is not None:
             self.res.overlays.append(p.overlay)
         if p.info is not None:

@@ -8,23 +8,36 @@ run restarted gives the same store. Failed inputs are recorded as errors and the
 
 Pieces: ``pending`` (what is left: pure), ``tiling`` (a work item's tile specs), ``pipeline``
 (sampler, model loop and commits of one process), ``parallel`` (one process per device).
+
+Tile geometry (``STORE.json`` ``tile``), in order: ``--tile-size`` / ``--target-mpp``; the
+store's own when it exists (same kind of source); the backbone's input size (and, for slides,
+its native mpp, else 0.5 µm/px). Never the size of whichever file sorts first. Every tile file
+is resized to ``tile_size`` x ``tile_size`` (bilinear, aspect ratio not kept) when each of its
+sides is within a factor ``MAX_FILE_SCALE`` (4) of it; a file farther off (a 5000 px image
+among 96 px tiles) is recorded as an error naming its size, and never decoded.
+
+Labels (class folders, CSV label columns) are re-derived from the sources on every run, after
+the units are known done, so a run killed after its last commit and resumed still imports them.
+Keys that this run found to name another file than the one embedded under them (see
+``tiling``) are left out of the labels task.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackboneMismatchError, SourceError
-from ..store import StoreWriter, import_labels
+from ..store import StoreWriter, import_labels, lookup_ids
 from ..store.meta import StoreMeta, read_meta, write_meta
 from .config import STAGES, ExtractConfig, ExtractResult, default_workers, usable_cores
 from .dataset import TileDataset, collate
 from .pending import WorkPlan, read_work
 from .pipeline import Pipeline, embed_all
-from .sources import Discovery, discover, first_image_side
+from .sources import Discovery, discover
 from .tiling import TilePlanner
 from .transforms import ViewRecipe
 
@@ -35,22 +48,24 @@ __all__ = ["ExtractConfig", "ExtractResult", "extract", "run_process", "store_me
            "default_workers", "usable_cores"]
 
 
-def _file_size(disc: Discovery) -> int:
-    side = first_image_side(t.path for u in disc.units for t in u.files)
-    if side is None:
-        raise SourceError("no readable image among the sources")
-    return side
+def tile_geometry(input_size: int, native_mpp: float | None, disc: Discovery, cfg: ExtractConfig,
+                  existing: StoreMeta | None = None) -> dict[str, Any]:
+    """The store's tile geometry: flags > the existing store's (same kind) > the backbone's."""
+    have: dict[str, Any] = {}
+    if existing is not None and existing.tile.get("kind") == disc.kind:
+        have = existing.tile
+    side = int(cfg.tile_size or have.get("tile_size") or input_size)
+    if disc.kind == "slides":
+        mpp = cfg.target_mpp or have.get("mpp") or native_mpp or 0.5
+        return {"kind": "slides", "tile_size": side, "mpp": float(mpp)}
+    return {"kind": "files", "tile_size": side,
+            "mpp": cfg.target_mpp if cfg.target_mpp is not None else have.get("mpp")}
 
 
 def store_meta_for(backbone: Backbone, disc: Discovery, cfg: ExtractConfig,
-                   recipe: ViewRecipe | None) -> StoreMeta:
+                   recipe: ViewRecipe | None, existing: StoreMeta | None = None) -> StoreMeta:
     spec = backbone.spec
-    if disc.kind == "slides":
-        tile = {"kind": "slides", "tile_size": cfg.tile_size or 224,
-                "mpp": float(cfg.target_mpp or spec.native_mpp or 0.5)}
-    else:
-        tile = {"kind": "files", "tile_size": cfg.tile_size or _file_size(disc),
-                "mpp": cfg.target_mpp}
+    tile = tile_geometry(spec.input_size, spec.native_mpp, disc, cfg, existing)
     transform = {"input_size": spec.input_size, "crop_pct": spec.crop_pct, "mean": list(spec.mean),
                  "std": list(spec.std), "interpolation": spec.interpolation}
     return StoreMeta(dim=backbone.dim, dtype=cfg.dtype, backbone=spec.to_dict(),
@@ -96,17 +111,32 @@ def extract(sources: list[str | Path], cfg: ExtractConfig) -> ExtractResult:
         res = run_parallel(sources, cfg, disc, recipe, devices)
     else:
         res = run_process(cfg, disc, recipe, devices[0], rank=0, world=1, claim=None)
-    if disc.task and res.tiles_written + res.tiles_skipped and int(os.environ.get("RANK", "0")) == 0:
-        _import_task_labels(store, disc)
+    if disc.task and int(os.environ.get("RANK", "0")) == 0:
+        _crash_point("before_labels")
+        _import_task_labels(store, disc, skip=set(res.conflicting_keys))
     res.elapsed = time.perf_counter() - t_start
     res.store = str(store)
     return res
 
 
-def _import_task_labels(store: Path, disc: Discovery) -> None:
-    rows = [{"key": t.key, "label": t.label, "split": t.split, "group": t.slide}
-            for u in disc.units for t in u.files if t.label is not None]
-    if rows and disc.task:
+def _crash_point(name: str) -> None:
+    """Test hook, as the store's: ``EMBEDSTORE_CRASH_AT=name`` kills this process here (SIGKILL)."""
+    if os.environ.get("EMBEDSTORE_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _import_task_labels(store: Path, disc: Discovery, skip: set[str]) -> None:
+    """(Re)import the labels the sources carry as the run's task, for the keys the store holds
+    (idempotent: every run does it, so a resumed run whose units were all done still does);
+    ``skip``: keys found to hold another file's embedding."""
+    rows: list[dict[str, Any]] = [
+        {"key": t.key, "label": t.label, "split": t.split, "group": t.slide}
+        for u in disc.units for t in u.files if t.label is not None and t.key not in skip]
+    if not rows or not disc.task:
+        return
+    found = lookup_ids(store, [str(r["key"]) for r in rows])
+    rows = [r for r, i in zip(rows, found) if i is not None]
+    if rows:
         import_labels(store, None, disc.task, rows=rows, on_unknown="skip")
 
 
@@ -127,7 +157,8 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
     res = ExtractResult(stages=dict.fromkeys(STAGES, 0.0))
     bb = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=device,
                          precision=cfg.precision, compile=cfg.compile, num_threads=cfg.num_threads)
-    meta = store_meta_for(bb, disc, cfg, recipe)
+    layout_meta = Path(cfg.store) / "STORE.json"
+    meta = store_meta_for(bb, disc, cfg, recipe, read_meta(Path(cfg.store)) if layout_meta.exists() else None)
     if sync is not None and rank != 0:
         sync()  # rank 0 creates the store first
     w = StoreWriter(cfg.store, meta, on_duplicate="skip", rows_per_shard=cfg.rows_per_shard,
@@ -142,7 +173,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
         if claim is None:
             order = iter(range(len(work.items)))
             claim = lambda: next(order, None)  # noqa: E731
-        pipe = _pipeline(cfg, disc, meta, work, w, res, claim, sync, staged)
+        pipe = _pipeline(cfg, disc, meta, work, w, res, claim, sync, staged, rank)
         _embed(pipe, bb, cfg, recipe, device, work, rank, world)
         t4 = time.perf_counter()
     res.stages["write"] += time.perf_counter() - t4  # the final flush and commit
@@ -151,7 +182,7 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
 
 def _pipeline(cfg: ExtractConfig, disc: Discovery, meta: StoreMeta, work: WorkPlan, w: StoreWriter,
               res: ExtractResult, claim: Callable[[], int | None],
-              sync: Callable[[], object] | None, staged: bool) -> Pipeline:
+              sync: Callable[[], object] | None, staged: bool, rank: int = 0) -> Pipeline:
     """The pipeline of this process, with the errors and skipped units of ``work`` recorded."""
     tile_size = int(meta.tile["tile_size"])
     planner = TilePlanner(Path(cfg.store), tile_size=tile_size,
@@ -162,8 +193,10 @@ def _pipeline(cfg: ExtractConfig, disc: Discovery, meta: StoreMeta, work: WorkPl
                     tile_meta={"tile_size": meta.tile["tile_size"], "mpp": meta.tile.get("mpp")},
                     sync=sync)
     res.units_skipped += work.skipped
-    for unit, reason in work.changed:
-        pipe.record_error(unit, reason)
+    if rank == 0:   # every rank computed the same plan: one records what it found
+        res.conflicting_keys += work.conflicting
+        for unit, reason in work.changed:
+            pipe.record_error(unit, reason)
     return pipe
 
 

@@ -8,24 +8,54 @@ are stable, so re-runs and resumes address the same tiles:
 * files: the key is the path relative to the folder given, or as written in the CSV;
 * slides: the slide id is its path relative to the source root, extension included, and a
   tile's key is ``slide_id/x_y`` (level-0 pixels).
+
+A key is one line of printable text: CSV paths are normalised (``./tiles/x`` and ``tiles/x``
+are one key, and two rows naming one file are refused), and a CSV whose path, label, split or
+slide holds a control character (newline, tab, ...) is refused with one line; a file or slide
+whose *name* holds one is kept out of the store and recorded as an error for that input (its
+key shown escaped), so the run goes on.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import os
+import posixpath
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import SourceError
 
-__all__ = ["FileTile", "Unit", "Discovery", "discover", "first_image_side", "IMAGE_EXTS", "SLIDE_EXTS"]
+__all__ = ["FileTile", "Unit", "Discovery", "discover", "first_image_side", "control_char",
+           "escape_controls", "IMAGE_EXTS", "SLIDE_EXTS"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 SLIDE_EXTS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi"}
 TIFF_EXTS = {".tif", ".tiff"}
 CHUNK = 256  # files per unit
+_CONTROL = ("Cc", "Zl", "Zp")   # control characters, line and paragraph separators
+
+
+def control_char(text: str) -> str | None:
+    """The first control character of ``text`` (newline, tab, NUL, U+2028...), None if none."""
+    return next((c for c in text if unicodedata.category(c) in _CONTROL), None)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\t``, ``\\x1b``): one safe line."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _CONTROL
+                   else c for c in text)
+
+
+def _bad_name(name: str) -> str | None:
+    """Why a file's name cannot give a key (a control character), None when it can."""
+    c = control_char(name)
+    if c is None:
+        return None
+    return (f"the name {escape_controls(name)!r} holds the control character {c!r}; keys are one "
+            "line of text: rename the file")
 
 
 @dataclass(frozen=True)
@@ -35,6 +65,7 @@ class FileTile:
     label: str | None = None  # class folder or CSV label
     split: str | None = None  # CSV split column
     slide: str | None = None  # CSV slide column
+    problem: str | None = None  # why it cannot be embedded (a control character in its name)
 
 
 @dataclass
@@ -46,6 +77,7 @@ class Unit:
     files: list[FileTile] = field(default_factory=list)
     slide_path: str = ""                  # slides: the file
     slide_id: str = ""                    # slides: its path relative to the source root
+    problem: str | None = None            # slides: why it cannot be tiled (its name)
 
 
 @dataclass
@@ -108,8 +140,20 @@ def _folder_files(root: Path, files: list[Path]) -> list[FileTile]:
     for f in files:
         rel = f.relative_to(root).as_posix()
         parts = rel.split("/")
-        tiles.append(FileTile(str(f.resolve()), rel, label=parts[0] if len(parts) > 1 else None))
+        problem = _bad_name(rel)
+        tiles.append(FileTile(str(f.resolve()), escape_controls(rel) if problem else rel,
+                              label=parts[0] if len(parts) > 1 and not problem else None,
+                              problem=problem))
     return tiles
+
+
+def _csv_key(csv_path: Path, line: int, p: str) -> str:
+    """The key of a CSV path: normalised (``./a//b`` -> ``a/b``), one line."""
+    c = control_char(p)
+    if c is not None:
+        raise SourceError(f"{csv_path} line {line}: path {escape_controls(p)!r} holds the control "
+                          f"character {c!r}; keys are one line of text")
+    return posixpath.normpath(p)
 
 
 def _csv_files(csv_path: Path) -> list[FileTile]:
@@ -124,17 +168,26 @@ def _csv_files(csv_path: Path) -> list[FileTile]:
         raise SourceError(f"{csv_path} needs a 'path' column (and optionally label, split, slide); "
                           f"found {cols or 'no header'}")
     base = csv_path.parent
-    tiles, seen = [], set()
+    tiles: list[FileTile] = []
+    seen: dict[str, tuple[int, str]] = {}      # resolved file -> (line, path as written)
     for i, r in enumerate(rows, start=2):
         r = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k}
         p = r.get("path")
         if not p:
             raise SourceError(f"{csv_path} line {i}: empty path")
-        if p in seen:
-            raise SourceError(f"{csv_path} line {i}: path {p!r} listed twice")
-        seen.add(p)
-        full = Path(p) if os.path.isabs(p) else base / p
-        tiles.append(FileTile(str(full.resolve()), p, label=r.get("label") or None,
+        key = _csv_key(csv_path, i, p)
+        for col in ("label", "split", "slide"):
+            c = control_char(r.get(col) or "")
+            if c is not None:
+                raise SourceError(f"{csv_path} line {i}: {col} {escape_controls(r[col])!r} holds the "
+                                  f"control character {c!r}")
+        full = (Path(key) if os.path.isabs(key) else base / key).resolve()
+        if str(full) in seen:
+            line, first = seen[str(full)]
+            raise SourceError(f"{csv_path} line {i}: path {p!r} listed twice (line {line}: {first!r} "
+                              "names the same file); list each file once")
+        seen[str(full)] = (i, p)
+        tiles.append(FileTile(str(full), key, label=r.get("label") or None,
                               split=r.get("split") or None, slide=r.get("slide") or None))
     if not tiles:
         raise SourceError(f"{csv_path} lists no files")
@@ -144,12 +197,16 @@ def _csv_files(csv_path: Path) -> list[FileTile]:
 def _slide_unit(path: Path, root: Path) -> Unit:
     from .wsi import slide_id
     sid = slide_id(path, root)
+    problem = _bad_name(sid)
+    if problem:
+        sid = escape_controls(sid)
     try:
         size = path.stat().st_size
     except OSError:
         size = 0
     return Unit(id=f"slide:{sid}", kind="slide", source=str(root.resolve()),
-                weight=max(1, size // 100_000), slide_path=str(path.resolve()), slide_id=sid)
+                weight=max(1, size // 100_000), slide_path=str(path.resolve()), slide_id=sid,
+                problem=problem)
 
 
 def discover(sources: list[str | Path], task: str | None = None, files_per_unit: int = CHUNK) -> Discovery:

@@ -19,7 +19,7 @@ from .data import gather_features, labelled_set, view_bank
 from .crossval import SeedReport, cross_validate, pin_positive
 from .metrics import mean_std
 from .models import HeadConfig
-from .persist import load_head, save_head
+from .persist import check_head_target, load_head, save_head
 from .predict import HeatmapSpec, predict_store
 from .tuning import sweep as run_sweep
 from .train import TrainedHead, encode_labels, train_head
@@ -75,6 +75,8 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
     spec = parse_split(split)
     if seeds < 1:
         raise HeadError(f"--seeds must be >= 1, got {seeds}")
+    if out is not None:
+        check_head_target(out)          # before training: a directory the save would refuse
     store = _open(store_path)
     job = _prepare(store, cfg, spec, task, labels, seed)
     chosen: list[dict[str, Any]] = []

@@ -6,6 +6,7 @@ store knows them). The file is written under a temporary name and renamed when c
 """
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..plots import render_heatmap
 from ..store.atomic import atomic_open
-from ..errors import HeadError
+from ..errors import ConfigError, HeadError
 from .persist import check_fingerprint
 from .train import TrainedHead
 
@@ -85,6 +86,8 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     """
     import pyarrow as pa
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1 (rows per batch), got {batch_size!r}")
     if check:
         check_fingerprint(head, store.fingerprint(), where=f"store {str(getattr(store, 'path', ''))!r}")
     heat_cls = heatmap.check(head) if heatmap is not None else None

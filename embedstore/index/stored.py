@@ -3,10 +3,16 @@
 Layout: ``index-<token>.faiss`` (faiss.write_index) and ``index.json`` (IndexInfo), written
 in that order, each to a ``.partial`` name, fsynced, then renamed: ``index.json`` is the commit
 record, so a crash leaves either the previous index or the new one, never a mix.
+
+``index.json`` is read as untrusted input: its ``file`` must be a plain ``index-<token>.faiss``
+name (no directory, no ``..``, not a link), the faiss file is always looked up inside
+``STORE/index/``, and a file of another size than recorded, or one faiss cannot read, is
+refused with one line naming it and how to rebuild.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -22,10 +28,12 @@ from embedstore.index.choose import QUANTIZER_EF_SEARCH
 from embedstore.store.protocol import StoreLike
 
 __all__ = ["IndexInfo", "VectorIndex", "load_index", "read_index_info", "index_dir",
-           "check_fresh", "require_gpu"]
+           "index_file", "check_fresh", "require_gpu"]
 
 INDEX_DIRNAME = "index"
 INFO_NAME = "index.json"
+FILE_PATTERN = re.compile(r"index-[0-9a-f]{12}\.faiss")    # what save_index names a faiss file
+_FAISS_MESSAGE = re.compile(r"Error in .*? at \S+:\d+: (?:Error: )?(.*)")   # faiss's own words
 FORMAT_VERSION = 1
 GPU_MAX_K = 2048            # faiss GPU search returns at most this many neighbours
 
@@ -91,10 +99,53 @@ def read_index_info(store: StoreLike) -> IndexInfo | None:
     if not path.exists():
         return None
     try:
-        return IndexInfo.from_json(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        info = IndexInfo.from_json(data)
+        _check_types(info)
     except (ValueError, TypeError) as exc:
-        raise VectorIndexError(f"unreadable {path}: {exc}; rebuild with `embedstore index "
-                          f"{store.path}`") from exc
+        raise VectorIndexError(f"unreadable {path}: {' '.join(str(exc).split())[:200]}; rebuild "
+                               f"with `embedstore index {store.path}`") from None
+    return info
+
+
+_NUMBER = (int, float)
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "factory": str, "kind": str, "metric": str, "dim": int, "nlist": int, "params": dict,
+    "n_covered": int, "max_id": int, "n_rows_committed": int, "memory_bytes": int, "file": str,
+    "n_added": int, "recall_at_10": _NUMBER, "target_recall": _NUMBER, "qps": _NUMBER,
+    "build_seconds": _NUMBER, "tune_seconds": _NUMBER}
+
+
+def _check_types(info: IndexInfo) -> None:
+    """TypeError naming the first field of ``info`` (read from JSON) that has the wrong type."""
+    for name, kind in _TYPES.items():
+        value = getattr(info, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"field {name!r} is {value!r}")
+
+
+def index_file(store: StoreLike, info: IndexInfo) -> Path:
+    """The faiss file ``info`` names, inside ``STORE/index/``: VectorIndexError unless ``file``
+    is a plain name save_index could have written (never a path, ``..`` or a link)."""
+    directory = index_dir(store)
+    rebuild = f"rebuild with `embedstore index {store.path}`"
+    if not FILE_PATTERN.fullmatch(info.file):
+        raise VectorIndexError(f"{directory / INFO_NAME} names the faiss file {info.file!r}, "
+                               "which is not a plain index-<token>.faiss name inside "
+                               f"{directory}; refusing to read it; {rebuild}")
+    path = directory / info.file
+    if path.is_symlink():
+        raise VectorIndexError(f"{path} is a link; index files are plain files inside "
+                               f"{directory}; {rebuild}")
+    if not path.is_file():
+        raise VectorIndexError(f"{path} named by index.json is missing; {rebuild}")
+    size = path.stat().st_size
+    if info.memory_bytes and size != info.memory_bytes:
+        raise VectorIndexError(f"{path} is {size:,} bytes but index.json records "
+                               f"{info.memory_bytes:,} (truncated or replaced); {rebuild}")
+    return path
 
 
 def check_fresh(store: StoreLike, info: IndexInfo) -> None:
@@ -236,14 +287,20 @@ def load_index(store: StoreLike, gpu: bool = False, check_stale: bool = True) ->
                                      f"{store.dim}; rebuild with `embedstore index {store.path}`")
     if check_stale:
         check_fresh(store, info)
-    path = index_dir(store) / info.file
-    if not path.exists():
-        raise VectorIndexError(f"{path} named by index.json is missing; rebuild with "
-                          f"`embedstore index {store.path}`")
-    index = faiss.read_index(str(path))
-    if index.ntotal != info.n_covered:
-        raise VectorIndexError(f"{path} holds {index.ntotal:,} rows but index.json says "
-                          f"{info.n_covered:,}; rebuild with `embedstore index {store.path}`")
+    path = index_file(store, info)
+    try:
+        index = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as exc:       # truncated, garbage, crafted sizes
+        text = " ".join(str(exc).split())
+        found = _FAISS_MESSAGE.search(text)
+        why = "".join(c if c.isprintable() and c.isascii() else "?"
+                      for c in (found.group(1) if found else text))[:160]
+        raise VectorIndexError(f"{path} is not a readable faiss index ({why}); rebuild with "
+                               f"`embedstore index {store.path}`") from None
+    if index.ntotal != info.n_covered or index.d != info.dim:
+        raise VectorIndexError(f"{path} holds {index.ntotal:,} rows of dim {index.d} but "
+                               f"index.json says {info.n_covered:,} of dim {info.dim}; rebuild "
+                               f"with `embedstore index {store.path}`")
     if gpu and info.kind == "hnsw":
         require_gpu()
         log.warning("faiss has no GPU HNSW; searching %s on CPU", info.factory)

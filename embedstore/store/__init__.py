@@ -3,10 +3,11 @@ from .labels import import_labels
 from .maintenance import compact, delete
 from .meta import StoreMeta
 from .progress import apply_staged_commits, lookup_ids, units_with_views
-from .reader import Bag, Store, ViewBank, open_store
+from .protocol import Bag, StoredViews, StoreLike
+from .reader import Store, open_store
 from .verify import VerifyReport, verify_store
 from .writer import StoreWriter, create_store
 
-__all__ = ["StoreMeta", "Store", "Bag", "ViewBank", "open_store", "StoreWriter", "create_store",
+__all__ = ["StoreMeta", "Store", "Bag", "StoredViews", "StoreLike", "open_store", "StoreWriter", "create_store",
            "import_labels", "delete", "compact", "verify_store", "VerifyReport",
            "lookup_ids", "units_with_views", "apply_staged_commits"]

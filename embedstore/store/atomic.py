@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from ..errors import ConfigError
+
 __all__ = ["fsync_dir", "fsync_file", "atomic_path", "atomic_open", "atomic_write_bytes",
            "atomic_write_text", "publish_dir", "recover_dir"]
 
@@ -56,7 +58,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     """``open`` for writing whose result appears at ``path`` only when the block ends normally."""
     if not any(c in mode for c in "wx"):
-        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
+        raise ConfigError(f"atomic_open is for writing, got mode {mode!r}")
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f

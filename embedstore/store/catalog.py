@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from ..errors import ConfigError, ReadOnlyError
+
 __all__ = ["Catalog", "open_catalog", "u64", "from_u64"]
 
 T = TypeVar("T")
@@ -143,7 +145,7 @@ class Catalog:
     def write(self, fn: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         """Run ``fn`` in one write transaction; a full map is doubled and ``fn`` retried."""
         if self.readonly:
-            raise PermissionError("catalog opened read-only (lock=False); cannot write")
+            raise ReadOnlyError("catalog opened read-only (lock=False); cannot write")
         with self._lock:
             while True:
                 txn = self._begin(True)
@@ -192,6 +194,25 @@ class Catalog:
                 break
             yield bytes(k), bytes(v)
 
+    def view_shards(self, txn: lmdb.Transaction[bytes]) -> list[tuple[str, dict[str, Any]]]:
+        """Every committed view shard and its record, in name order."""
+        out = []
+        for k, v in txn.cursor(db=self.db["shards"]):
+            if b'"kind":"view"' in bytes(v):  # cheap test first: most shards are base shards
+                rec = _uj(v)
+                if rec.get("kind") == "view":
+                    out.append((bytes(k).decode(), rec))
+        return out
+
+    def json_map(self, db: str, prefix: bytes = b"") -> dict[str, Any]:
+        """One database read whole in its own transaction: decoded key -> decoded JSON value."""
+        return self.read(lambda t: {k[len(prefix):].decode(): _uj(v) for k, v in self.items(t, db, prefix)})
+
+    def key_set(self, db: str) -> set[str]:
+        """The keys of one database, read in their own transaction."""
+        return self.read(lambda t: {bytes(k).decode()
+                                    for k in t.cursor(db=self.db[db]).iternext(values=False)})
+
     def get_json(self, txn: lmdb.Transaction[bytes], db: str, key: str | bytes) -> Any:
         v = txn.get(key.encode() if isinstance(key, str) else key, db=self.db[db])
         return None if v is None else _uj(v)
@@ -204,7 +225,7 @@ class Catalog:
     def key_bytes(key: str) -> bytes:
         b = key.encode()
         if len(b) > MAX_KEY_BYTES:
-            raise ValueError(f"tile key longer than {MAX_KEY_BYTES} bytes: {key[:60]!r}...")
+            raise ConfigError(f"tile key longer than {MAX_KEY_BYTES} bytes: {key[:60]!r}...")
         return b
 
     def lookup_ids(self, txn: lmdb.Transaction[bytes], keys: Iterable[str]) -> list[int | None]:

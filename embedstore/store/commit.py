@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _atomic
+from ._process import crash_point
+from .atomic import atomic_write_bytes
 from .catalog import Catalog, slide_key, u64
 from .layout import Layout
 
@@ -31,7 +32,7 @@ def apply_commit(cat: Catalog, p: dict[str, Any]) -> None:
     kind = p["kind"]
 
     def txn(t: Any) -> None:
-        _atomic.crash_point("in_txn")
+        crash_point("in_txn")
         now = p.get("time", time.time())
         shard = None
         if kind == "rows":
@@ -77,8 +78,8 @@ def stage_commit(lay: Layout, p: dict[str, Any], name: str) -> None:
     """Write a payload for the committing process (after its shard files are in place)."""
     d = lay.root / STAGED
     d.mkdir(exist_ok=True)
-    _atomic.atomic_write_bytes(d / f"{time.time_ns():020d}-{name}.json",
-                               json.dumps(p, separators=(",", ":")).encode())
+    atomic_write_bytes(d / f"{time.time_ns():020d}-{name}.json",
+                       json.dumps(p, separators=(",", ":")).encode())
 
 
 def apply_staged(lay: Layout, cat: Catalog) -> int:
@@ -106,7 +107,7 @@ def register_file_writer(lay: Layout, token: str, ident: dict[str, Any]) -> None
     """Staging writers record their owner in a file (they cannot write the catalog)."""
     d = writers_dir(lay)
     d.mkdir(exist_ok=True)
-    _atomic.atomic_write_bytes(d / f"{token}.json", json.dumps(ident).encode())
+    atomic_write_bytes(d / f"{token}.json", json.dumps(ident).encode())
 
 
 def file_writers(lay: Layout) -> dict[str, dict[str, Any]]:

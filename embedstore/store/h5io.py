@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import DimensionMismatchError, SourceError
 from .atomic import atomic_path
 from .meta import StoreMeta
+from .protocol import StoreLike
 from .writer import StoreWriter
 
 __all__ = ["import_h5", "export_h5"]
@@ -100,8 +101,8 @@ def import_h5(src: Path | str, store: Path | str, *, backbone_name: str | None =
     return {"files": done_files, "rows": rows, "skipped": len(files) - done_files}
 
 
-def export_h5(store: Any, out: Path | str, *, progress: bool = True) -> dict[str, Any]:
-    """Write one TRIDENT-layout ``.h5`` per slide of ``store`` (a :class:`Store`)."""
+def export_h5(store: StoreLike, out: Path | str, *, progress: bool = True) -> dict[str, Any]:
+    """Write one TRIDENT-layout ``.h5`` per slide of ``store``."""
     import h5py
     from tqdm import tqdm
     out = Path(out)

@@ -9,7 +9,6 @@ exclusive access: no writer may be open on the store.
 from __future__ import annotations
 
 import fcntl
-import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -20,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StoreLockedError, UnknownKeyError
-from . import _atomic
-from .catalog import _j, open_catalog, u64
+from ._process import process_identity
+from ._shardfile import write_shard
+from .atomic import fsync_dir
+from .catalog import _j, u64
 from .layout import Layout, shard_name
 from .reader import Store
 from .schema import base_schema, view_schema
@@ -76,57 +77,27 @@ def compact(store_path: Path | str) -> dict[str, Any]:
 def _compact(lay: Layout) -> dict[str, Any]:
     store = Store(lay.root)
     cat = store.cat
-    dead_pos = store._dead_pos
-    if not dead_pos.size:
+    if not store._dead_pos.size:
         return {"rewritten": 0, "removed_rows": 0}
     token = "c" + secrets.token_hex(5)
-    cat.write(lambda t: cat.put_json(t, "writers", token, _atomic.process_identity()))
-    live = store.live_mask
-    base_recs = cat.read(cat.shards_in_order)
-    views_of = {}
-    for name, rec in cat.read(lambda t: [(bytes(k).decode(), bytes(v)) for k, v in t.cursor(db=cat.db["shards"])]):
-        import json
-        r = json.loads(rec)
-        if r.get("kind") == "view" and r.get("base"):
-            views_of[r["base"]] = (name, r)
+    cat.write(lambda t: cat.put_json(t, "writers", token, process_identity()))
+    views_of = {r["base"]: (name, r) for name, r in cat.read(cat.view_shards) if r.get("base")}
     replaced: list[tuple[str, str, dict[str, Any], tuple[str, dict[str, Any]] | None]] = []
-    removed_ids: list[int] = []
-    seq = 0
-    for name, rec in base_recs:
-        start = store._shard_start[name]
-        sh = store._mapped[name]
-        m = live[start:start + sh.rows]
-        if m.all():
+    removed = 0
+    for name, rec in cat.read(cat.shards_in_order):
+        start = store.snapshot.shard_start[name]
+        rows = store.snapshot.mapped[name].rows
+        live = store.live_mask[start:start + rows]
+        if live.all():
             continue
-        ids = store._row_ids[start:start + sh.rows]
-        removed_ids.extend(ids[~m].tolist())
-        table = pa.Table.from_batches(sh.batches).filter(pa.array(m))
-        new_name = shard_name(token, seq)
-        seq += 1
-        cols = [table.column(c) for c in table.schema.names if c != "id"]
-        schema = base_schema(store.dim, store.meta.dtype, with_id=True)
-        out = pa.Table.from_arrays(cols + [pa.array(ids[m])], schema=schema)
-        new_rec = _write_table(lay, new_name, out)
-        new_rec.update(kind="base", first_id=int(ids[m][0]) if m.any() else rec["first_id"],
-                       seq=rec["seq"], units=rec.get("units", []), writer=token, time=time.time(),
-                       compacted_from=name)
+        removed += int((~live).sum())
+        new_name = shard_name(token, len(replaced))
+        new_rec = _rewrite_base(store, lay, name, rec, new_name, live, token)
         view = None
         if name in views_of:
-            vname, vrec = views_of[name]
-            vt = pa.Table.from_batches(store._mapped[vname].batches)
-            vbase = vt.column("base_row").to_numpy().astype(np.int64)
-            keep = m[vbase]
-            vt = vt.filter(pa.array(keep))
-            vids = ids[vbase[keep]]
-            vschema = view_schema(store.dim, store.meta.dtype, with_id=True)
-            vcols = [vt.column(c) for c in vt.schema.names if c != "id"]
-            vout = pa.Table.from_arrays(vcols + [pa.array(vids)], schema=vschema)
-            new_vname = new_name[:-len(".arrow")] + ".v.arrow"
-            nv = _write_table(lay, new_vname, vout)
-            nv.update(kind="view", base=new_name, time=time.time())
-            view = (new_vname, nv)
+            view = _rewrite_views(store, lay, views_of[name][0], name, new_name, live)
         replaced.append((name, new_name, new_rec, view))
-    _atomic.fsync_dir(lay.shards)
+    fsync_dir(lay.shards)
 
     def txn(t: Any) -> None:
         for old, new, rec, view in replaced:
@@ -145,13 +116,41 @@ def _compact(lay: Layout) -> dict[str, Any]:
         lay.shard(old).unlink(missing_ok=True)
         if old in views_of:
             lay.shard(views_of[old][0]).unlink(missing_ok=True)
-    return {"rewritten": len(replaced), "removed_rows": len(removed_ids)}
+    return {"rewritten": len(replaced), "removed_rows": removed}
 
 
-def _write_table(lay: Layout, name: str, table: pa.Table) -> dict[str, Any]:
-    sink = _atomic.HashingFile(lay.partial(name))
-    with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), table.schema) as w:
-        w.write_table(table, max_chunksize=65536)
-    sink.fsync_close()
-    os.replace(lay.partial(name), lay.shard(name))
-    return {"rows": table.num_rows, "sha256": sink.sha.hexdigest(), "size": sink.size}
+def _shard_ids(store: Store, name: str) -> np.ndarray:
+    start = store.snapshot.shard_start[name]
+    return store.snapshot.row_ids[start:start + store.snapshot.mapped[name].rows]
+
+
+def _rewrite_base(store: Store, lay: Layout, name: str, rec: dict[str, Any], new_name: str,
+                  live: np.ndarray, token: str) -> dict[str, Any]:
+    """Write the live rows of base shard ``name`` as ``new_name``, with their ids explicit."""
+    ids = _shard_ids(store, name)
+    table = pa.Table.from_batches(store.snapshot.mapped[name].batches).filter(pa.array(live))
+    cols = [table.column(c) for c in table.schema.names if c != "id"]
+    out = pa.Table.from_arrays(cols + [pa.array(ids[live])],
+                               schema=base_schema(store.dim, store.meta.dtype, with_id=True))
+    new_rec = write_shard(lay, new_name, out)
+    new_rec.update(kind="base", first_id=int(ids[live][0]) if live.any() else rec["first_id"],
+                   seq=rec["seq"], units=rec.get("units", []), writer=token, time=time.time(),
+                   compacted_from=name)
+    return new_rec
+
+
+def _rewrite_views(store: Store, lay: Layout, vname: str, base: str, new_base: str,
+                   live: np.ndarray) -> tuple[str, dict[str, Any]]:
+    """Write the views of the live rows of ``base`` (view shard ``vname``) beside ``new_base``."""
+    ids = _shard_ids(store, base)
+    vt = pa.Table.from_batches(store.snapshot.mapped[vname].batches)
+    vbase = vt.column("base_row").to_numpy().astype(np.int64)
+    keep = live[vbase]
+    vt = vt.filter(pa.array(keep))
+    vcols = [vt.column(c) for c in vt.schema.names if c != "id"]
+    vout = pa.Table.from_arrays(vcols + [pa.array(ids[vbase[keep]])],
+                                schema=view_schema(store.dim, store.meta.dtype, with_id=True))
+    new_vname = new_base[:-len(".arrow")] + ".v.arrow"
+    rec = write_shard(lay, new_vname, vout)
+    rec.update(kind="view", base=new_base, time=time.time())
+    return new_vname, rec

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..errors import CorruptShardError
+from ..errors import CorruptShardError, RowRangeError
 
 __all__ = ["MappedShard", "Piece", "Matrix"]
 
@@ -74,6 +74,14 @@ class MappedShard:
         finally:
             self.advise(getattr(mmap, "MADV_NORMAL", None))
         self.rows = sum(b.num_rows for b in self.batches)
+
+    def row_ids(self, first_id: int) -> np.ndarray:
+        """(rows,) int64 ids of the rows: a compacted shard's ``id`` column, else consecutive
+        from ``first_id`` (recorded in the catalog at commit)."""
+        if "id" in self.schema.names:
+            return (np.concatenate([b.column("id").to_numpy() for b in self.batches])
+                    if self.batches else np.empty(0, np.int64))
+        return np.arange(first_id, first_id + self.rows, dtype=np.int64)
 
     def advise(self, advice: int | None) -> None:
         if advice is not None and self.mm is not None and hasattr(self.mm, "madvise"):
@@ -181,7 +189,7 @@ class Matrix:
         rows = np.asarray(rows, dtype=np.int64)
         n = len(self)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
-            raise IndexError(f"row out of range [0, {n})")
+            raise RowRangeError(f"row out of range [0, {n})")
         check = prefetch or (prefetch is None and rows.size >= PREFETCH_MIN_ROWS)
         if len(self.pieces) == 1:
             if check:

@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackboneMismatchError, DimensionMismatchError, NotAStoreError
+from ..errors import (BackboneMismatchError, ConfigError, DimensionMismatchError, NotAStoreError,
+                      StoreNotFoundError)
+from .atomic import atomic_write_bytes
 
-__all__ = ["FORMAT_VERSION", "StoreMeta", "read_meta", "write_meta", "check_compatible"]
+__all__ = ["FORMAT_VERSION", "StoreMeta", "read_meta", "read_store_meta", "write_meta", "check_compatible"]
 
 FORMAT_VERSION = 1
 META_NAME = "STORE.json"
@@ -35,7 +37,7 @@ class StoreMeta:
         if not isinstance(self.dim, int) or self.dim <= 0:
             raise DimensionMismatchError(f"embedding dim must be a positive int, got {self.dim!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def space(self) -> dict[str, Any]:
         """What defines the embedding space: equal spaces may share heads and indexes."""
@@ -69,9 +71,23 @@ def read_meta(path: Path) -> StoreMeta:
     return StoreMeta.from_dict(d)
 
 
+def read_store_meta(path: Path) -> StoreMeta:
+    """``read_meta`` of a store about to be opened, after checking the directory is one: a
+    missing path is StoreNotFoundError; a file, a foreign directory or one without ``catalog/``
+    is NotAStoreError."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreNotFoundError(f"store {path} does not exist")
+    if not path.is_dir():
+        raise NotAStoreError(f"{path} is a file, not a store directory")
+    meta = read_meta(path)
+    if not (path / "catalog").is_dir():
+        raise NotAStoreError(f"{path} has STORE.json but no catalog/; it is damaged")
+    return meta
+
+
 def write_meta(path: Path, meta: StoreMeta) -> None:
     """Atomically (write, fsync, rename) replace STORE.json."""
-    from .atomic import atomic_write_bytes
     atomic_write_bytes(Path(path) / META_NAME, (meta.to_json() + "\n").encode())
 
 

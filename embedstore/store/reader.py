@@ -6,47 +6,27 @@ deletions at once. Nothing loads the embedding matrix unless asked.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
-from ..errors import NotAStoreError, StoreNotFoundError, UnknownKeyError
-from .catalog import _uj, from_u64, label_key, open_catalog
+from ..errors import UnknownKeyError
+from .catalog import Catalog, _uj, from_u64, label_key, open_catalog
 from .layout import Layout
-from .matrix import MappedShard, Matrix, Piece, embedding_view
-from .meta import StoreMeta, read_meta
+from .meta import StoreMeta, read_meta, read_store_meta
+from .protocol import Bag, StoredViews
+from .snapshot import Snapshot, read_snapshot
 
-__all__ = ["Store", "Bag", "ViewBank", "open_store"]
+if TYPE_CHECKING:
+    from .protocol import StoreLike
+    from .writer import StoreWriter
 
-LABEL_FIELDS = ("label", "split", "group")
-
-
-@dataclass(frozen=True)
-class Bag:
-    """All live tiles of one slide, in id order (a MIL bag)."""
-    slide: str
-    ids: np.ndarray        # (n,) int64
-    keys: list[str]        # (n,)
-    coords: np.ndarray     # (n, 2) int64 level-0 x, y (-1 where unknown)
-    emb: np.ndarray        # (n, dim) store dtype
-
-
-@dataclass(frozen=True)
-class ViewBank:
-    """Augmented views of tiles: row j is view ``view[j]`` of the tile with id ``ids[j]``."""
-    ids: np.ndarray        # (m,) int64 base tile ids
-    view: np.ndarray       # (m,) uint8 view number 1..K
-    emb: Matrix            # (m', dim) view embeddings; row j of the bank is ``emb[rows[j]]``
-    rows: np.ndarray       # (m,) int64 rows of ``emb``
-
-    def gather(self, j: np.ndarray) -> np.ndarray:
-        return self.emb.take(self.rows[np.asarray(j)])
+__all__ = ["Store", "Bag", "StoredViews", "open_store"]
 
 
 def open_store(path: str | os.PathLike[str], *, lock: bool = True) -> "Store":
@@ -59,78 +39,24 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, lock: bool = True) -> None:
         self.path = Path(path)
         self.lay = Layout(self.path)
-        if not self.path.exists():
-            raise StoreNotFoundError(f"store {self.path} does not exist")
-        if not self.path.is_dir():
-            raise NotAStoreError(f"{self.path} is a file, not a store directory")
-        self.meta: StoreMeta = read_meta(self.path)
-        if not self.lay.catalog.is_dir():
-            raise NotAStoreError(f"{self.path} has STORE.json but no catalog/; it is damaged")
+        self.meta: StoreMeta = read_store_meta(self.path)
         self._lock_mode = lock
         self.dim, self.dtype = self.meta.dim, np.dtype(self.meta.dtype)
-        self._mapped: dict[str, MappedShard] = {}
         self.refresh()
 
     @property
-    def cat(self) -> Any:
+    def cat(self) -> Catalog:
         """This process's catalog (a store object that crossed a fork reopens it)."""
         return open_catalog(self.path, lock=self._lock_mode)
 
     # -- snapshot -----------------------------------------------------------------------
     def refresh(self) -> "Store":
         """Take a new snapshot of the committed shards (and tombstones)."""
-        cat = self.cat
-
-        def snap(t: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
-            base = cat.shards_in_order(t)
-            views = [(bytes(k).decode(), _uj(v)) for k, v in t.cursor(db=cat.db["shards"])
-                     if b'"kind":"view"' in bytes(v)]
-            return base, views
-
         self.meta = read_meta(self.path)
-        base, views = cat.read(snap)
-        mapped: dict[str, MappedShard] = {}
-        pieces, ids, pos = [], [], 0
-        self._shard_first: dict[str, int] = {}
-        self._shard_start: dict[str, int] = {}
-        for name, rec in base:
-            sh = self._mapped.get(name) or MappedShard(self.lay.shard(name), rec["size"])
-            mapped[name] = sh
-            self._shard_first[name] = rec["first_id"]
-            self._shard_start[name] = pos
-            for b in sh.batches:
-                pieces.append(Piece(pos, embedding_view(b, self.dim), b, sh))
-                pos += b.num_rows
-            if "id" in sh.schema.names:
-                ids.append(np.concatenate([b.column("id").to_numpy() for b in sh.batches])
-                           if sh.batches else np.empty(0, np.int64))
-            else:
-                ids.append(np.arange(rec["first_id"], rec["first_id"] + sh.rows, dtype=np.int64))
-        self.embeddings = Matrix(pieces, self.dim, self.dtype)
-        self._row_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        n = len(self._row_ids)
-        self._identity = n == 0 or (self._row_ids[0] == 0 and self._row_ids[-1] == n - 1)
-        # views
-        vpieces, vids, vnum, vpos = [], [], [], 0
-        for name, rec in sorted(views, key=lambda x: (self._shard_start.get(x[1].get("base") or "", -1), x[0])):
-            base_name = rec.get("base")
-            if base_name is not None and base_name not in self._shard_first:
-                continue  # its base shard is not in this snapshot
-            sh = self._mapped.get(name) or MappedShard(self.lay.shard(name), rec["size"])
-            mapped[name] = sh
-            for b in sh.batches:
-                vpieces.append(Piece(vpos, embedding_view(b, self.dim), b, sh))
-                vpos += b.num_rows
-                if "id" in b.schema.names:
-                    vids.append(b.column("id").to_numpy())
-                else:
-                    base_pos = self._shard_start[base_name] + b.column("base_row").to_numpy().astype(np.int64)
-                    vids.append(self._row_ids[base_pos])
-                vnum.append(b.column("view").to_numpy())
-        self._views = Matrix(vpieces, self.dim, self.dtype)
-        self._view_ids = np.concatenate(vids) if vids else np.empty(0, np.int64)
-        self._view_num = np.concatenate(vnum) if vnum else np.empty(0, np.uint8)
-        self._mapped = mapped
+        mapped = self.snapshot.mapped if hasattr(self, "snapshot") else {}  # files stay mapped
+        self.snapshot: Snapshot = read_snapshot(self.lay, self.cat, self.dim, self.dtype, mapped)
+        self.embeddings = self.snapshot.embeddings
+        self._row_ids = self.snapshot.row_ids
         self._ranges: dict[str, list[tuple[int, int]]] | None = None
         self._tomb_gen = -1
         self._check_tombstones()
@@ -157,16 +83,7 @@ class Store:
         return self._live
 
     def _positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64)
-        n = len(self._row_ids)
-        if self._identity and n:
-            pos = ids - self._row_ids[0]
-            ok = (pos >= 0) & (pos < n)
-            return np.where(ok, pos, 0), ok
-        pos = np.searchsorted(self._row_ids, ids)
-        pos = np.minimum(pos, max(n - 1, 0))
-        ok = (self._row_ids[pos] == ids) if n else np.zeros(ids.shape, bool)
-        return pos, ok
+        return self.snapshot.positions(ids)
 
     def _live_positions(self, ids: np.ndarray) -> np.ndarray:
         pos, ok = self._positions(ids)
@@ -263,25 +180,7 @@ class Store:
         return self._columns_at(pos, columns)
 
     def _columns_at(self, pos: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
-        m = self.embeddings
-        order, spos, bounds, piece = m.locate(np.asarray(pos, dtype=np.int64))
-        parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if a == b:
-                continue
-            p = m.pieces[piece[a]]
-            local = pa.array(spos[a:b] - p.start)
-            for c in columns:
-                parts[c].append(_to_numpy(p.batch.column(c).take(local)))
-        out = {}
-        for c in columns:
-            arr = np.concatenate(parts[c]) if parts[c] else np.empty(0, object)
-            if order is not None:
-                res = np.empty_like(arr)
-                res[order] = arr
-                arr = res
-            out[c] = arr
-        return out
+        return self.snapshot.columns_at(pos, columns)
 
     # -- slides ---------------------------------------------------------------------------
     def _slide_ranges(self) -> dict[str, list[tuple[int, int]]]:
@@ -334,19 +233,20 @@ class Store:
                    np.stack([meta["x"], meta["y"]], axis=1).astype(np.int64), emb)
 
     # -- views ----------------------------------------------------------------------------
-    def views(self) -> ViewBank:
-        """The bank of augmented views of live tiles (empty when the store has none)."""
-        rows = np.arange(len(self._views), dtype=np.int64)
-        ids, num = self._view_ids, self._view_num
+    def views(self) -> StoredViews:
+        """The augmented views of live tiles (empty when the store has none)."""
+        snap = self.snapshot
+        rows = np.arange(len(snap.views), dtype=np.int64)
+        ids, num = snap.view_ids, snap.view_num
         if self._dead_pos.size and len(ids):
             pos, ok = self._positions(ids)
             keep = ok & self.live_mask[pos]
             rows, ids, num = rows[keep], ids[keep], num[keep]
-        return ViewBank(ids, num, self._views, rows)
+        return StoredViews(ids, num, snap.views, rows)
 
     # -- labels -----------------------------------------------------------------------
     def tasks(self) -> dict[str, dict[str, Any]]:
-        return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "tasks")})
+        return self.cat.json_map("tasks")
 
     def labels(self, keys: Sequence[str], task: str | None = None) -> np.ndarray:
         """Labels of ``keys`` as an object array (None where unlabelled). ``task=None`` reads
@@ -371,7 +271,6 @@ class Store:
     def _require_task(self, task: str) -> None:
         tasks = self.tasks()
         if task not in tasks:
-            import difflib
             close = difflib.get_close_matches(task, list(tasks), n=3)
             raise UnknownKeyError(f"task {task!r} not in {self.path}; tasks: {sorted(tasks) or 'none'}"
                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -387,9 +286,7 @@ class Store:
             return {"keys": list(meta["key"][m]), "ids": ids[m], "label": meta["label"][m],
                     "split": None, "group": None}
         self._require_task(task)
-        prefix = task.encode() + b"\x00"
-        rows = self.cat.read(lambda t: [(k[len(prefix):].decode(), _uj(v))
-                                        for k, v in self.cat.items(t, "labels", prefix)])
+        rows = list(self.cat.json_map("labels", task.encode() + b"\x00").items())
         keys = [k for k, _ in rows]
         found = self.cat.read(lambda t: self.cat.lookup_ids(t, keys))
         keep = [i for i, f in enumerate(found) if f is not None]
@@ -407,22 +304,21 @@ class Store:
 
     # -- bookkeeping --------------------------------------------------------------------
     def units_done(self) -> set[str]:
-        return self.cat.read(lambda t: {bytes(k).decode() for k in
-                                        t.cursor(db=self.cat.db["units"]).iternext(values=False)})
+        return self.cat.key_set("units")
 
     def units(self) -> dict[str, dict[str, Any]]:
         """Finished work units and what was recorded with each (shard, time, slide identity)."""
-        return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "units")})
+        return self.cat.json_map("units")
 
     def errors(self) -> dict[str, dict[str, Any]]:
-        return self.cat.read(lambda t: {k.decode(): _uj(v) for k, v in self.cat.items(t, "errors")})
+        return self.cat.json_map("errors")
 
     def fingerprint(self) -> dict[str, Any]:
         """What defines the embedding space (backbone spec, weights, transform, dim)."""
         return self.meta.space()
 
     def shard_files(self) -> list[Path]:
-        return [self.lay.shard(n) for n in self._mapped]
+        return [self.lay.shard(n) for n in self.snapshot.mapped]
 
     def info(self) -> dict[str, Any]:
         size = sum(f.stat().st_size for f in self.shard_files() if f.exists())
@@ -432,15 +328,15 @@ class Store:
             "deleted": int(len(self._dead_pos)), "dim": self.dim, "dtype": self.meta.dtype,
             "backbone": bb.get("name") or bb.get("model_id") or "unknown",
             "weights_sha256": self.meta.weights_sha256,
-            "tile": self.meta.tile, "views": len(self._views), "view_recipe": self.meta.views,
-            "shards": sum(1 for p in self._mapped if not p.endswith(".v.arrow")),
-            "view_shards": sum(1 for p in self._mapped if p.endswith(".v.arrow")),
+            "tile": self.meta.tile, "views": len(self.snapshot.views), "view_recipe": self.meta.views,
+            "shards": sum(1 for p in self.snapshot.mapped if not p.endswith(".v.arrow")),
+            "view_shards": sum(1 for p in self.snapshot.mapped if p.endswith(".v.arrow")),
             "bytes": size, "units_done": len(self.units_done()), "slides": len(self._slide_ranges()),
             "tasks": {k: v.get("n", 0) for k, v in self.tasks().items()},
             "errors": len(self.errors()),
         }
 
-    def writer(self, **kw: Any) -> Any:
+    def writer(self, **kw: Any) -> StoreWriter:
         from .writer import StoreWriter
         return StoreWriter(self.path, **kw)
 
@@ -448,10 +344,5 @@ class Store:
         return f"Store({str(self.path)!r}, rows={len(self)}, dim={self.dim}, dtype={self.meta.dtype})"
 
 
-def _to_numpy(arr: pa.Array) -> np.ndarray:
-    t = arr.type
-    if pa.types.is_integer(t):
-        return arr.fill_null(-1).to_numpy()
-    if pa.types.is_floating(t):
-        return arr.to_numpy(zero_copy_only=False)
-    return np.array(arr.to_pylist(), dtype=object)
+if TYPE_CHECKING:  # mypy checks here that the real store is a StoreLike
+    _store_is_storelike: StoreLike = Store(".")

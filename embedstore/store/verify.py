@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import CorruptShardError
 from .catalog import _uj, from_u64, open_catalog
 from .layout import PARTIAL, Layout
 from .matrix import MappedShard
+from .meta import read_store_meta
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -44,13 +43,7 @@ def _sha256(path: Path) -> str:
 
 def verify_store(path: Path | str) -> VerifyReport:
     lay = Layout(Path(path))
-    from ..errors import NotAStoreError, StoreNotFoundError
-    from .meta import read_meta
-    if not lay.root.is_dir():
-        raise StoreNotFoundError(f"store {lay.root} does not exist")
-    read_meta(lay.root)  # raises on a foreign directory
-    if not lay.catalog.is_dir():
-        raise NotAStoreError(f"{lay.root} has STORE.json but no catalog/; it is damaged")
+    read_store_meta(lay.root)  # raises on a missing, foreign or damaged directory
     cat = open_catalog(lay.root)
     rep = VerifyReport()
 
@@ -91,10 +84,7 @@ def verify_store(path: Path | str) -> VerifyReport:
         if name not in order:
             rep.problems.append(f"{name}: base shard missing from the commit order")
         keys = [k for b in sh.batches for k in b.column("key").to_pylist()]
-        if "id" in sh.schema.names:
-            ids = np.concatenate([b.column("id").to_numpy() for b in sh.batches]) if sh.batches else np.empty(0, np.int64)
-        else:
-            ids = np.arange(rec["first_id"], rec["first_id"] + sh.rows)
+        ids = sh.row_ids(rec["first_id"])
         for k, i in zip(keys, ids.tolist()):
             if i in seen_ids:
                 rep.problems.append(f"{name}: id {i} also in {seen_ids[i]}")

@@ -13,112 +13,30 @@ by ``base_row`` (the row in that base shard) and by key.
 from __future__ import annotations
 
 import fcntl
-import os
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from ..errors import (DimensionMismatchError, DuplicateKeyError, StoreExistsError, StoreNotFoundError,
-                      WriterError)
-from . import _atomic
+from ..errors import (ConfigError, DimensionMismatchError, DuplicateKeyError, ShapeError,
+                      StoreExistsError, StoreNotFoundError, WriterError)
+from ._openshard import OpenShard, Pending, is_seq, views_table
+from ._process import crash_point, process_identity
+from ._shardfile import write_shard
+from .atomic import fsync_dir
 from .catalog import Catalog, open_catalog
-from .commit import (apply_commit, apply_staged, file_writers, register_file_writer, stage_commit,
-                     unregister_file_writer)
-from .layout import Layout, owner_of, shard_name
-from .meta import StoreMeta, check_compatible, read_meta, write_meta
-from .schema import META_COLUMNS, base_schema, view_schema
+from .commit import apply_commit, apply_staged, register_file_writer, stage_commit, unregister_file_writer
+from .creation import clean_leftovers, create_store
+from .layout import Layout, shard_name
+from .meta import StoreMeta, check_compatible, read_meta
+from .schema import META_COLUMNS
 
 __all__ = ["StoreWriter", "create_store", "clean_leftovers"]
-
-
-def create_store(path: Path | str, meta: StoreMeta) -> None:
-    lay = Layout(Path(path))
-    if lay.meta.exists():
-        raise StoreExistsError(f"{path} already holds a store; open it instead")
-    ours = {"catalog", "shards", "tmp", ".writers.lock", "staged", "writers"}
-    # an interrupted creation (killed before STORE.json was renamed into place) resumes
-    if lay.root.exists() and any(f.name not in ours and not f.name.startswith(".STORE.json.")
-                                 for f in lay.root.iterdir()):
-        raise StoreExistsError(f"{path} exists and is not empty; choose a new directory")
-    lay.make_dirs()
-    open_catalog(lay.root, create=True)
-    if not meta.created:
-        from dataclasses import replace
-        meta = replace(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_meta(lay.root, meta)
-    _atomic.fsync_dir(lay.root)
-
-
-def clean_leftovers(lay: Layout, cat: Catalog) -> list[str]:
-    """Remove temporary and uncommitted shard files of writers that are dead.
-
-    A live writer's files (same host, pid alive with the same start time) are never touched;
-    files of writers on other hosts are left alone (their liveness cannot be known here).
-    """
-    writers = cat.read(lambda t: {k.decode(): _json(v) for k, v in cat.items(t, "writers")})
-    writers.update(file_writers(lay))  # staging writers (other nodes) register in files
-    committed = cat.read(lambda t: {bytes(k).decode() for k in
-                                    t.cursor(db=cat.db["shards"]).iternext(values=False)})
-    dead: dict[str, bool] = {}
-
-    def is_dead(token: str) -> bool:
-        if token not in dead:
-            ident = writers.get(token)
-            dead[token] = ident is None or _atomic.process_alive(ident) is False
-        return dead[token]
-
-    removed = []
-    for d, is_tmp in ((lay.tmp, True), (lay.shards, False)):
-        if not d.exists():
-            continue
-        for f in d.iterdir():
-            if not is_tmp and f.name in committed:
-                continue
-            if is_dead(owner_of(f.name)):
-                f.unlink(missing_ok=True)
-                removed.append(f.name)
-    gone = [t for t, v in dead.items() if v and t in writers]
-    for t in gone:
-        unregister_file_writer(lay, t)
-    if gone:
-        cat.write(lambda t: [t.delete(x.encode(), db=cat.db["writers"]) for x in gone])
-    return removed
-
-
-def _json(b: bytes) -> Any:
-    import json
-    return json.loads(b)
-
-
-@dataclass
-class _Pending:
-    """Rows of one unit not yet written to a file."""
-    cols: dict[str, list[Any]] = field(default_factory=dict)
-    emb: list[np.ndarray] = field(default_factory=list)
-    views: list[np.ndarray] = field(default_factory=list)   # (n, K, dim) per add
-    rows: int = 0
-
-
-@dataclass
-class _OpenFile:
-    name: str
-    writer: pa.ipc.RecordBatchFileWriter
-    sink: _atomic.HashingFile
-    schema: pa.Schema
-    rows: int = 0
-    units: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    slide_runs: list[list[Any]] = field(default_factory=list)   # [slide, start_row, count]
-    opened: float = field(default_factory=time.monotonic)
-    view: "_OpenFile | None" = None
 
 
 class StoreWriter:
@@ -146,7 +64,7 @@ class StoreWriter:
         if meta is not None:
             check_compatible(self.meta, meta, self.lay.root)
         if on_duplicate not in ("error", "skip"):
-            raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+            raise ConfigError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
         self.on_duplicate = on_duplicate
         self.dim, self.dtype = self.meta.dim, np.dtype(self.meta.dtype)
         self.rows_per_shard, self.spill_rows, self.batch_rows = rows_per_shard, spill_rows, batch_rows
@@ -155,7 +73,7 @@ class StoreWriter:
         self._lockf = open(self.lay.lockfile, "a+")
         fcntl.flock(self._lockf, fcntl.LOCK_SH)      # compaction takes it exclusively
         self.token = secrets.token_hex(6)
-        ident = _atomic.process_identity()
+        ident = process_identity()
         # staged: this process may not write the catalog (another node owns it); its commits
         # are staged as files and applied by the committing process (see store/commit.py)
         self.staged = staged
@@ -169,11 +87,10 @@ class StoreWriter:
             apply_staged(self.lay, self.cat)
             clean_leftovers(self.lay, self.cat)
         self._seq = 0
-        self._pending: dict[str | None, _Pending] = {}
+        self._pending: dict[str | None, Pending] = {}
         self._pending_keys: set[str] = set()
-        self._ended: set[str] = set()           # units ended whose rows are in the open file
         self._spilled: set[str] = set()         # units with rows in the open file, not ended
-        self._file: _OpenFile | None = None
+        self._file: OpenShard | None = None
         self._exc: BaseException | None = None
         self.rows_committed = 0
         self.stats = {"write_s": 0.0, "commit_s": 0.0, "shards": 0}
@@ -189,9 +106,7 @@ class StoreWriter:
     def units_done(self) -> set[str]:
         if self.staged:
             return set()
-        cat = self._catalog
-        return cat.read(lambda t: {bytes(k).decode() for k in
-                                   t.cursor(db=cat.db["units"]).iternext(values=False)})
+        return self._catalog.key_set("units")
 
     def add(self, emb: np.ndarray, keys: Sequence[str], *, unit: str | None = None,
             views: np.ndarray | None = None, **meta: Any) -> None:
@@ -213,8 +128,8 @@ class StoreWriter:
                     f"views must be (n={n}, K, {self.dim}), got {views.shape}")
         unknown = set(meta) - set(META_COLUMNS)
         if unknown:
-            raise TypeError(f"unknown metadata columns {sorted(unknown)}; "
-                            f"known: {sorted(META_COLUMNS)[1:]}")
+            raise ConfigError(f"unknown metadata columns {sorted(unknown)}; "
+                              f"known: {sorted(META_COLUMNS)[1:]}")
         if not self.staged and unit is not None and unit not in self._pending and unit not in self._spilled and \
                 self._catalog.read(lambda t: t.get(unit.encode(), db=self._catalog.db["units"])) is not None:
             return  # committed meanwhile (by another process): kept once
@@ -225,26 +140,13 @@ class StoreWriter:
                 return
             emb = emb[keep]
             views = views[keep] if views is not None else None
-            meta = {c: (np.asarray(v, dtype=object)[keep].tolist() if _is_seq(v) else v)
+            meta = {c: (np.asarray(v, dtype=object)[keep].tolist() if is_seq(v) else v)
                     for c, v in meta.items()}
             keys = [k for k, m in zip(keys, keep) if m]
             n = len(keys)
-        p = self._pending.setdefault(unit, _Pending())
-        for c in META_COLUMNS:
-            if c == "key":
-                continue
-            v = meta.get(c)
-            vals = list(v) if _is_seq(v) else [v] * n
-            if len(vals) != n:
-                raise ValueError(f"metadata column {c!r} has {len(vals)} values for {n} rows")
-            p.cols.setdefault(c, []).extend(vals)
-        p.cols.setdefault("key", []).extend(keys)
-        p.emb.append(emb.astype(self.dtype, copy=True))
-        if views is not None:
-            p.views.append(views.astype(self.dtype, copy=True))
-        elif p.views:
-            raise ValueError(f"unit {unit!r}: views given for some rows and not others")
-        p.rows += n
+        p = self._pending.setdefault(unit, Pending())
+        p.extend(keys, emb.astype(self.dtype, copy=True),
+                 views.astype(self.dtype, copy=True) if views is not None else None, meta, unit)
         self._pending_keys.update(keys)
         if unit is None:
             self.end_unit(None)
@@ -416,83 +318,28 @@ class StoreWriter:
         elif kind == "stop":
             pass
 
-    def _new_file(self, view: bool) -> _OpenFile:
-        name = shard_name(self.token, self._seq, view=view)  # a view file shares its base's seq
-        sink = _atomic.HashingFile(self.lay.partial(name))
-        schema = view_schema(self.dim, self.meta.dtype) if view else base_schema(self.dim, self.meta.dtype)
-        w = pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema)
-        return _OpenFile(name=name, writer=w, sink=sink, schema=schema)
-
-    def _write_rows(self, p: _Pending) -> None:
+    def _write_rows(self, p: Pending) -> None:
         t0 = time.perf_counter()
         if self._file is None:
-            self._file = self._new_file(view=False)
-        f = self._file
-        emb = np.concatenate(p.emb) if len(p.emb) > 1 else p.emb[0]
-        views = (np.concatenate(p.views) if len(p.views) > 1 else p.views[0]) if p.views else None
-        if views is not None and f.view is None:
-            if f.rows:
-                raise ValueError("views given for some units and not others in one shard")
-            f.view = self._new_file(view=True)
-        elif views is None and f.view is not None:
-            raise ValueError("views given for some units and not others in one shard")
-        for a in range(0, p.rows, self.batch_rows):
-            b = min(a + self.batch_rows, p.rows)
-            arrays = [pa.array(p.cols["key"][a:b], pa.string())]
-            for c, t in list(META_COLUMNS.items())[1:]:
-                arrays.append(pa.array(p.cols[c][a:b], t))
-            arrays.append(_fixed_list(emb[a:b]))
-            try:
-                f.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=f.schema))
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise WriterError(f"{f.name} rows {f.rows + a}..{f.rows + b}: bad metadata ({e})") from e
-            if views is not None and f.view is not None:
-                vb = views[a:b]
-                n, k = vb.shape[0], vb.shape[1]
-                rows = np.repeat(np.arange(f.rows + a, f.rows + b, dtype=np.int32), k)
-                vkeys = np.repeat(np.array(p.cols["key"][a:b], dtype=object), k)
-                vnum = np.tile(np.arange(1, k + 1, dtype=np.uint8), n)
-                f.view.writer.write_batch(pa.RecordBatch.from_arrays(
-                    [pa.array(vkeys, pa.string()), pa.array(rows), pa.array(vnum),
-                     _fixed_list(vb.reshape(n * k, self.dim))], schema=f.view.schema))
-                f.view.rows += n * k
-        slides = p.cols["slide"]
-        for i, s in enumerate(slides):
-            if s is None:
-                continue
-            if f.slide_runs and f.slide_runs[-1][0] == s and f.slide_runs[-1][1] + f.slide_runs[-1][2] == f.rows + i:
-                f.slide_runs[-1][2] += 1
-            else:
-                f.slide_runs.append([s, f.rows + i, 1])
-        f.keys.extend(p.cols["key"])
-        f.rows += p.rows
+            self._file = OpenShard(self.lay, self.token, self._seq, self.dim, self.meta.dtype)
+        self._file.append(p, self.batch_rows)
         self.stats["write_s"] += time.perf_counter() - t0
-
-    def _seal(self, f: _OpenFile) -> dict[str, Any]:
-        f.writer.close()
-        f.sink.fsync_close()
-        _atomic.crash_point("after_fsync")
-        rec = {"rows": f.rows, "sha256": f.sink.sha.hexdigest(), "size": f.sink.size}
-        os.replace(self.lay.partial(f.name), self.lay.shard(f.name))
-        return rec
 
     def _seal_and_commit(self) -> None:
         f = self._file
         assert f is not None
         t0 = time.perf_counter()
-        _atomic.crash_point("after_write")
-        recs = {f.name: self._seal(f)}
-        if f.view is not None:
-            recs[f.view.name] = self._seal(f.view)
-        _atomic.fsync_dir(self.lay.shards)
-        _atomic.crash_point("after_rename")
+        crash_point("after_write")
+        recs = {g.name: g.seal() for g in f.files()}
+        fsync_dir(self.lay.shards)
+        crash_point("after_rename")
         self._file = None
         self._seq += 1
         self._commit(f, f.units, recs)
         self.stats["commit_s"] += time.perf_counter() - t0
         self.stats["shards"] += 1
 
-    def _commit(self, f: _OpenFile | None, units: list[tuple[str, dict[str, Any]]],
+    def _commit(self, f: OpenShard | None, units: list[tuple[str, dict[str, Any]]],
                 recs: dict[str, dict[str, Any]] | None = None) -> None:
         now = time.time()
         if f is not None and recs is not None:
@@ -518,18 +365,9 @@ class StoreWriter:
     def _commit_views(self, unit: str | None, ids: np.ndarray, keys: list[str], views: np.ndarray) -> None:
         name = shard_name(self.token, self._seq, view=True)
         self._seq += 1
-        sink = _atomic.HashingFile(self.lay.partial(name))
-        schema = view_schema(self.dim, self.meta.dtype, with_id=True)
-        n, k = views.shape[0], views.shape[1]
-        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema) as w:
-            w.write_batch(pa.RecordBatch.from_arrays([
-                pa.array(np.repeat(np.array(keys, dtype=object), k), pa.string()),
-                pa.array(np.full(n * k, -1, np.int32)), pa.array(np.tile(np.arange(1, k + 1, dtype=np.uint8), n)),
-                _fixed_list(views.reshape(n * k, self.dim)), pa.array(np.repeat(ids, k))], schema=schema))
-        sink.fsync_close()
-        rec = {"rows": n * k, "sha256": sink.sha.hexdigest(), "size": sink.size}
-        os.replace(self.lay.partial(name), self.lay.shard(name))
-        _atomic.fsync_dir(self.lay.shards)
+        table = views_table(keys, views, self.dim, self.meta.dtype, ids=ids)
+        rec = write_shard(self.lay, name, table)
+        fsync_dir(self.lay.shards)
         self._apply({"kind": "views", "name": name, "rec": rec, "writer": self.token, "time": time.time(),
                      "units": [(unit, {})] if unit is not None else []}, name)
 
@@ -538,26 +376,7 @@ class StoreWriter:
                     f"error-{self.token}-{time.time_ns()}")
 
     def _discard_open_file(self) -> None:
-        f = self._file
-        if f is None:
-            return
-        for g in (f, f.view):
-            if g is None:
-                continue
-            try:
-                g.writer.close()
-            except Exception:
-                pass
-            g.sink.fsync_close()
-            self.lay.partial(g.name).unlink(missing_ok=True)
-        self._file = None
-        self._seq += 1
-
-
-def _is_seq(v: Any) -> TypeGuard[Iterable[Any]]:
-    return isinstance(v, (list, tuple, np.ndarray, pa.Array))
-
-
-def _fixed_list(emb: np.ndarray) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(emb).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
+            self._seq += 1

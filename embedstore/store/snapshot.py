@@ -1,0 +1,118 @@
+"""What a reader sees: the shards committed when it looked, stitched into one matrix, with
+the id of every row and the augmented views of those rows.
+
+Rows are in commit order, which is id order (ids are assigned at commit, increasing). Shards
+rewritten by compaction carry their ids in an ``id`` column, so ids may have gaps; positions
+are then found by binary search, otherwise by subtraction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .catalog import Catalog
+from .layout import Layout
+from .matrix import MappedShard, Matrix, Piece, embedding_view
+
+__all__ = ["Snapshot", "read_snapshot"]
+
+
+@dataclass
+class Snapshot:
+    mapped: dict[str, MappedShard]     # every shard file of the snapshot, base and view
+    embeddings: Matrix                 # (n_rows_committed, dim) over the base shards
+    row_ids: np.ndarray                # (n_rows_committed,) int64, increasing
+    shard_start: dict[str, int]        # base shard -> position of its first row
+    views: Matrix                      # (m, dim) over the view shards
+    view_ids: np.ndarray               # (m,) int64 base tile id of each view row
+    view_num: np.ndarray               # (m,) uint8 view number 1..K
+    identity: bool = field(init=False)  # row p has id p (nothing compacted away)
+
+    def __post_init__(self) -> None:
+        n = len(self.row_ids)
+        self.identity = n == 0 or bool(self.row_ids[0] == 0 and self.row_ids[-1] == n - 1)
+
+    def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pos, ok): the row of each id, and whether the id is in the snapshot at all
+        (``pos`` is 0 where it is not)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(self.row_ids)
+        if self.identity and n:
+            pos = ids - self.row_ids[0]
+            ok = (pos >= 0) & (pos < n)
+            return np.where(ok, pos, 0), ok
+        pos = np.searchsorted(self.row_ids, ids)
+        pos = np.minimum(pos, max(n - 1, 0))
+        ok = (self.row_ids[pos] == ids) if n else np.zeros(ids.shape, bool)
+        return pos, ok
+
+    def columns_at(self, pos: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        """Metadata columns of the rows at ``pos`` (in the order given): strings as object
+        arrays (None = null), integers with -1 for null, floats with NaN."""
+        m = self.embeddings
+        order, spos, bounds, piece = m.locate(np.asarray(pos, dtype=np.int64))
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a == b:
+                continue
+            p = m.pieces[piece[a]]
+            local = pa.array(spos[a:b] - p.start)
+            for c in columns:
+                parts[c].append(_to_numpy(p.batch.column(c).take(local)))
+        out = {}
+        for c in columns:
+            arr = np.concatenate(parts[c]) if parts[c] else np.empty(0, object)
+            if order is not None:
+                res = np.empty_like(arr)
+                res[order] = arr
+                arr = res
+            out[c] = arr
+        return out
+
+
+def read_snapshot(lay: Layout, cat: Catalog, dim: int, dtype: np.dtype,
+                  mapped: dict[str, MappedShard]) -> Snapshot:
+    """The shards committed now. Files already in ``mapped`` (a previous snapshot) are reused."""
+    base, views = cat.read(lambda t: (cat.shards_in_order(t), cat.view_shards(t)))
+    now: dict[str, MappedShard] = {}
+    pieces, ids, pos = [], [], 0
+    start: dict[str, int] = {}
+    for name, rec in base:
+        sh = now[name] = mapped.get(name) or MappedShard(lay.shard(name), rec["size"])
+        start[name] = pos
+        for b in sh.batches:
+            pieces.append(Piece(pos, embedding_view(b, dim), b, sh))
+            pos += b.num_rows
+        ids.append(sh.row_ids(rec["first_id"]))
+    row_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    vpieces, vids, vnum, vpos = [], [], [], 0
+    for name, rec in sorted(views, key=lambda x: (start.get(x[1].get("base") or "", -1), x[0])):
+        base_name = rec.get("base")
+        if base_name is not None and base_name not in start:
+            continue  # its base shard is not in this snapshot
+        sh = now[name] = mapped.get(name) or MappedShard(lay.shard(name), rec["size"])
+        for b in sh.batches:
+            vpieces.append(Piece(vpos, embedding_view(b, dim), b, sh))
+            vpos += b.num_rows
+            if "id" in b.schema.names:
+                vids.append(b.column("id").to_numpy())
+            else:
+                assert base_name is not None, f"view shard {name} names neither ids nor a base shard"
+                vids.append(row_ids[start[base_name] + b.column("base_row").to_numpy().astype(np.int64)])
+            vnum.append(b.column("view").to_numpy())
+    return Snapshot(mapped=now, embeddings=Matrix(pieces, dim, dtype), row_ids=row_ids, shard_start=start,
+                    views=Matrix(vpieces, dim, dtype),
+                    view_ids=np.concatenate(vids) if vids else np.empty(0, np.int64),
+                    view_num=np.concatenate(vnum) if vnum else np.empty(0, np.uint8))
+
+
+def _to_numpy(arr: pa.Array) -> np.ndarray:
+    t = arr.type
+    if pa.types.is_integer(t):
+        return arr.fill_null(-1).to_numpy()
+    if pa.types.is_floating(t):
+        return arr.to_numpy(zero_copy_only=False)
+    return np.array(arr.to_pylist(), dtype=object)
