@@ -69,7 +69,7 @@ def test_folder_source_keys_labels_and_embeddings_match_the_backbone(lung_store:
 
 def test_csv_source_with_split_and_96px_tiles(tmp_path: Path) -> None:
     st = tmp_path / "pcam"
-    res = extract([SAMPLE / "pcam" / "labels.csv"], cfg(st))
+    res = extract([SAMPLE / "pcam" / "labels.csv"], cfg(st, tile_size=96))   # the files' own size
     assert res.tiles_written == 200
     s = open_store(st)
     tab = s.task_table("pcam")

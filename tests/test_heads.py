@@ -6,9 +6,7 @@ import copy
 import csv
 import hashlib
 import json
-import re
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -423,11 +421,19 @@ def test_load_head_recovers_an_interrupted_swap_and_drops_stale_staging(tmp_path
     d, head, x = _saved(tmp_path)
     old = tmp_path / ".head.old"
     d.rename(old)                                                  # cut between the two renames
-    host = re.sub("[^A-Za-z0-9]", "", socket.gethostname())[:32]
-    stale = tmp_path / f".head.staging-{host}-999999999-deadbeef"          # its writer is gone
+    stale = tmp_path / f".head.staging-{persist._host_tag()}-999999999-deadbeef"   # its writer is gone
     shutil.copytree(old, stale)
     assert np.array_equal(load_head(d).predict_proba(x), head.predict_proba(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head"]
+    # a writer mid-swap (its staging directory on another host, unknowable from here): the old
+    # head is read where it lies and nothing is moved
+    d.rename(old)
+    live = tmp_path / ".head.staging-otherhost-1-cafe0001"
+    live.mkdir()
+    assert np.array_equal(load_head(d).predict_proba(x), head.predict_proba(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".head.old", live.name]
+    live.rmdir()
+    old.rename(d)
     # a swap that finished but died before removing the old head: the old copy is dropped
     shutil.copytree(d, old)
     load_head(d)

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from embedstore.errors import (BackboneMismatchError, CorruptShardError, DimensionMismatchError,
-                               DuplicateKeyError, LabelsError, NotAStoreError, StoreLockedError,
-                               StoreNotFoundError, UnknownKeyError)
+from embedstore.errors import (BackboneMismatchError, ConfigError, CorruptShardError, DimensionMismatchError,
+                               DuplicateKeyError, LabelsError, NotAStoreError, RowRangeError, ShapeError,
+                               StoreLockedError, StoreNotFoundError, UnknownKeyError)
 from embedstore.store import (StoreMeta, StoreWriter, compact, delete, import_labels, open_store,
                               verify_store)
 from embedstore.store.h5io import export_h5, import_h5
@@ -200,6 +200,31 @@ def test_bad_input_clear_errors(store: Path, tmp_path: Path) -> None:
         StoreWriter(store, replace(meta(), dim=DIM * 2))
     # the store is intact after all of that
     check_against(store, UNITS)
+
+
+def test_misuse_raises_classes_of_the_hierarchy(store: Path, tmp_path: Path) -> None:
+    """The store raises only errors.py classes, which still subclass the fitting builtin; a
+    rejected add() leaves nothing behind."""
+    with StoreWriter(store) as w:
+        with pytest.raises(ConfigError, match="unknown metadata columns"):
+            w.add(np.zeros((1, DIM)), ["new/0"], colour="red")
+        with pytest.raises(ShapeError, match="3 values for 2 rows"):
+            w.add(np.zeros((2, DIM)), ["new/1", "new/2"], x=[1, 2, 3])
+        with pytest.raises(ValueError):                       # ShapeError is a ValueError
+            w.add(np.zeros((2, DIM)), ["new/1", "new/2"], unit="u", slide=["a"])
+    with pytest.raises(ConfigError, match="on_duplicate"):
+        StoreWriter(store, on_duplicate="overwrite")
+    with pytest.raises(ConfigError, match="dtype"):
+        StoreMeta(dim=4, dtype="int8")
+    s = open_store(store)
+    with pytest.raises(RowRangeError):
+        s.embeddings.take(np.array([len(s.embeddings)]))
+    with pytest.raises(IndexError):                           # RowRangeError is an IndexError
+        s.embeddings.take(np.array([-1]))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotAStoreError, match="is a file"):
+        verify_store(tmp_path / "a-file")
+    check_against(store, UNITS)                               # nothing of the rejected rows
 
 
 def test_truncated_and_corrupted_shards_are_named(store: Path) -> None:

@@ -43,15 +43,14 @@ class Pending:
         n = len(keys)
         if views is None and self.views:
             raise ShapeError(f"unit {unit!r}: views given for some rows and not others")
+        cols: dict[str, list[Any]] = {}
         for c in META_COLUMNS:
-            if c == "key":
-                continue
-            v = meta.get(c)
-            vals = list(v) if is_seq(v) else [v] * n
-            if len(vals) != n:
-                raise ShapeError(f"metadata column {c!r} has {len(vals)} values for {n} rows")
+            v = keys if c == "key" else meta.get(c)
+            cols[c] = list(v) if is_seq(v) else [v] * n
+            if len(cols[c]) != n:
+                raise ShapeError(f"metadata column {c!r} has {len(cols[c])} values for {n} rows")
+        for c, vals in cols.items():  # checked first: a bad column adds nothing
             self.cols.setdefault(c, []).extend(vals)
-        self.cols.setdefault("key", []).extend(keys)
         self.emb.append(emb)
         if views is not None:
             self.views.append(views)

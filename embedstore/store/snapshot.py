@@ -7,8 +7,8 @@ are then found by binary search, otherwise by subtraction.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa

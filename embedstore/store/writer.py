@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import (ConfigError, DimensionMismatchError, DuplicateKeyError, ShapeError,
-                      StoreExistsError, StoreNotFoundError, WriterError)
+from ..errors import (ConfigError, DimensionMismatchError, DuplicateKeyError, StoreExistsError,
+                      StoreNotFoundError, WriterError)
 from ._openshard import OpenShard, Pending, is_seq, views_table
 from ._process import crash_point, process_identity
 from ._shardfile import write_shard
