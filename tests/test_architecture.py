@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
 }
 # private modules of the store that no other part may reach into
-STORE_PRIVATE = {"catalog", "commit", "_atomic", "_process", "verify_impl"}
+STORE_PRIVATE = {"catalog", "commit", "_process", "_shardfile", "_openshard", "snapshot", "creation"}
 
 
 def _part(module: str) -> str:

@@ -1,6 +1,10 @@
-"""Choose a FAISS index from sizes alone: pure planning, no I/O, no faiss import.
+"""Plan FAISS indexes from sizes alone: pure planning, no I/O, no faiss import.
 
-The rules follow autofaiss: exact search while it is cheap, then an inverted file sized by
+``plan_candidates`` lists every configuration worth measuring for ``(n, dim)`` within a memory
+budget (``build_index(kind="auto")`` measures them on a sample: ``index/measure.py``), and
+``pick`` chooses among measured ones: the fastest that meets the target recall, ties to the
+smallest. ``plan_index`` plans one forced kind; its ``kind="auto"`` is the static plan from
+sizes alone (``build_index(..., measure=False)``), whose rules follow autofaiss: exact search while it is cheap, then an inverted file sized by
 ``4 * sqrt(n)`` lists, with codes as large as the memory budget allows. Recall that a compressed
 code cannot reach on its own is bought back by exact re-ranking of the top candidates from the
 store's memory-mapped vectors (which cost disk, not index memory).
@@ -18,10 +22,17 @@ from embedstore.errors import BudgetError, ConfigError, VectorIndexError
 from embedstore.sizes import format_bytes, parse_size
 
 __all__ = [
-    "KINDS", "FLAT_MAX_ROWS", "IndexPlan", "plan_index", "parse_memory",
+    "KINDS", "FLAT_MAX_ROWS", "EXACT_MAX_ROWS", "IndexPlan", "plan_index", "plan_candidates",
+    "parse_memory", "sample_size", "pick",
 ]
 
-KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
+KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq")
+GPU_KINDS = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")    # faiss has no GPU HNSW
+EXACT_MAX_ROWS = 20_000          # auto: exact below this (1,000 queries scan it in < 1 s)
+SAMPLE_MIN = 50_000              # chooser sample: at least this many rows ...
+SAMPLE_PER_LIST = 20             # ... and this many per inverted list of the full-size nlist
+SAMPLE_MAX = 1 << 20             # ... but never more than ~1M rows
+TIE = 0.05                       # predicted QPS within 5%: a tie, broken by memory
 FLAT_MAX_ROWS = 100_000          # exact search below this many rows (autofaiss does the same)
 HNSW_M = 32                      # graph neighbours per node
 HNSW_RECALL_CEILING = 0.92       # HNSW32 on clustered 768-d plateaus near here
@@ -63,10 +74,15 @@ class IndexPlan:
     sweep: tuple[int, ...]             # its values, increasing
     k_factors: tuple[int, ...]         # re-rank depths swept (candidates per result; 1 = none)
     reason: str                        # one line: why this kind
+    gpu: bool = False                  # trained, filled and searched on a GPU
 
     @property
     def needs_training(self) -> bool:
         return self.train_size > 0
+
+    @property
+    def label(self) -> str:
+        return self.factory + (" (gpu)" if self.gpu else "")
 
 
 def parse_memory(value: str | int | float) -> int:
@@ -143,6 +159,15 @@ def _ivf_flat(n: int, dim: int, reason: str) -> IndexPlan:
                      train * dim * 4, "nprobe", _nprobe_sweep(nlist), (1,), reason)
 
 
+def _ivf_sq8(n: int, dim: int, reason: str) -> IndexPlan:
+    nlist = _nlist(n)
+    train = _train_size(n, nlist, 0)
+    coarse, coarse_bytes = _coarse(nlist, dim)
+    mem = n * (dim + ID_BYTES) + coarse_bytes + 2 * dim * 4     # 1 byte a dim + per-dim range
+    return IndexPlan("ivf-sq8", f"{coarse},SQ8", n, dim, nlist, 0, 0, 0, train, mem,
+                     train * dim * 4, "nprobe", _nprobe_sweep(nlist), (1,), reason)
+
+
 def _ivf_pq(n: int, dim: int, m: int, reason: str) -> IndexPlan:
     nlist = _nlist(n)
     bits = _pq_bits(n)
@@ -200,15 +225,7 @@ def _needed_mb(plan: IndexPlan) -> int:
     return math.ceil(_needed(plan) / (1 << 20))
 
 
-def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
-               kind: str = "auto") -> IndexPlan:
-    """The index to build for ``n`` rows of ``dim`` within a budget (index + float32 training
-    sample, which a tight budget shrinks down to 10 vectors per list).
-
-    ``kind="auto"``: Flat below FLAT_MAX_ROWS; above, HNSW32 when the target is within its
-    ceiling, IVF-Flat when the target is near exact, else IVF-PQ with exact re-ranking (the
-    largest code that fits). Raises BudgetError (one line, with the minimum needed) when nothing fits.
-    """
+def _check(n: int, dim: int, target_recall: float, kind: str = "auto") -> None:
     if kind not in KINDS:
         raise VectorIndexError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     if n <= 0:
@@ -217,16 +234,98 @@ def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float 
         raise VectorIndexError(f"cannot plan an index for dim {dim}")
     if not 0.0 < target_recall <= 1.0:
         raise VectorIndexError(f"target recall must be in (0, 1], got {target_recall}")
-    budget = int(memory_budget_bytes)
+
+
+def _pq_plans(n: int, dim: int) -> list[IndexPlan]:
     pqs = []
     for m in _pq_m_options(dim):
         plan = _ivf_pq(n, dim, m, "")
         pqs.append(replace(plan, reason=f"IVF-PQ{m} + exact re-ranking of the top candidates:"
                                         f" {format_bytes(plan.memory_bytes)} for {n:,} rows"))
+    return pqs
+
+
+def _nothing_fits(n: int, dim: int, budget: int) -> Callable[[IndexPlan], str]:
+    return lambda p: (
+        f"no index for {n:,} x {dim} fits a memory budget of {format_bytes(budget)}; the smallest"
+        f" ({p.factory}) needs {format_bytes(_needed(p))}: raise --memory-budget to at least"
+        f" {_needed_mb(p)}M")
+
+
+def plan_candidates(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
+                    gpus: int = 0) -> list[IndexPlan]:
+    """Every configuration worth measuring for ``n`` x ``dim`` that fits the budget (training
+    samples shrunk if need be): Flat, HNSW32 (up to HNSW_MAX_ROWS), IVF-Flat, IVF-SQ8 and the
+    largest IVF-PQ that fits (re-ranked exactly from the store), plus GPU copies of all but
+    HNSW when ``gpus > 0``. Below EXACT_MAX_ROWS only Flat (when it fits): nothing beats exact
+    search worth measuring there. BudgetError (one line, with the minimum) when none fits."""
+    _check(n, dim, target_recall)
+    budget = int(memory_budget_bytes)
+    if n < EXACT_MAX_ROWS:
+        flat = _fit(_flat(n, dim, f"exact search: {n:,} rows is below {EXACT_MAX_ROWS:,}"), budget)
+        if flat is not None:
+            return [flat]
+    why = "measured fastest at the target recall on a sample"
+    wanted = [_flat(n, dim, why)]
+    if n <= HNSW_MAX_ROWS:
+        wanted.append(_hnsw(n, dim, why))
+    wanted += [_ivf_flat(n, dim, why), _ivf_sq8(n, dim, why)]
+    fitted = [p for p in (_fit(plan, budget) for plan in wanted) if p is not None]
+    pqs = _pq_plans(n, dim)
+    pq = next((p for p in (_fit(plan, budget) for plan in pqs) if p is not None), None)
+    if pq is not None:
+        fitted.append(replace(pq, reason=why))
+    if not fitted:
+        raise BudgetError(_nothing_fits(n, dim, budget)(min(wanted + pqs, key=_needed)))
+    if gpus > 0:
+        fitted += [replace(p, gpu=True) for p in fitted if p.kind in GPU_KINDS]
+    return fitted
+
+
+def sample_size(n: int, n_queries: int, plans: list[IndexPlan], dim: int,
+                memory_budget_bytes: int) -> int:
+    """Rows the chooser indexes per candidate: max(SAMPLE_MIN, SAMPLE_PER_LIST * the largest
+    full-size nlist), capped by SAMPLE_MAX, by the rows left once the queries are held out, and
+    by half the budget as float32 (the sample is held while candidates are measured)."""
+    nlist = max((p.nlist for p in plans), default=0)
+    want = max(SAMPLE_MIN, SAMPLE_PER_LIST * nlist)
+    room = max(1, int(memory_budget_bytes) // 2 // (4 * dim))
+    return max(1, min(n - n_queries, want, SAMPLE_MAX, room))
+
+
+def pick(measured: list[dict], target_recall: float) -> int:
+    """Index of the winner among measured candidates (dicts with ``recall``, ``qps`` and
+    ``memory_bytes``): the fastest with recall >= target, a tie (QPS within TIE) going to the
+    least memory; when none meets it, the highest recall (then the fastest)."""
+    if not measured:
+        raise VectorIndexError("no candidate index was measured")
+    met = [i for i, c in enumerate(measured) if c["recall"] >= target_recall]
+    if not met:
+        return max(range(len(measured)), key=lambda i: (measured[i]["recall"], measured[i]["qps"]))
+    best = max(measured[i]["qps"] for i in met)
+    close = [i for i in met if measured[i]["qps"] >= (1.0 - TIE) * best]
+    return min(close, key=lambda i: (measured[i]["memory_bytes"], -measured[i]["qps"]))
+
+
+def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
+               kind: str = "auto") -> IndexPlan:
+    """The index to build for ``n`` rows of ``dim`` within a budget (index + float32 training
+    sample, which a tight budget shrinks down to 10 vectors per list).
+
+    ``kind="auto"`` here is the static plan, from sizes alone (``build_index(kind="auto")``
+    measures ``plan_candidates`` instead unless ``measure=False``): Flat below FLAT_MAX_ROWS;
+    above, HNSW32 when the target is within its ceiling, IVF-Flat when the target is near
+    exact, else IVF-PQ with exact re-ranking (the largest code that fits). Raises BudgetError
+    (one line, with the minimum needed) when nothing fits.
+    """
+    _check(n, dim, target_recall, kind)
+    budget = int(memory_budget_bytes)
+    pqs = _pq_plans(n, dim)
     if kind != "auto":
         forced = {"flat": [_flat(n, dim, "kind=flat requested")],
                   "hnsw": [_hnsw(n, dim, "kind=hnsw requested")],
                   "ivf-flat": [_ivf_flat(n, dim, "kind=ivf-flat requested")],
+                  "ivf-sq8": [_ivf_sq8(n, dim, "kind=ivf-sq8 requested")],
                   "ivf-pq": pqs}[kind]
         return _first_fitting(forced, budget, lambda p: (
             f"kind={kind} ({p.factory}) for {n:,} x {dim} needs {format_bytes(_needed(p))} but the"
@@ -243,7 +342,4 @@ def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float 
         wanted.append(_ivf_flat(n, dim, f"IVF-Flat: target recall {target_recall} needs exact"
                                         " codes"))
     wanted.extend(pqs)
-    return _first_fitting(wanted, budget, lambda p: (
-        f"no index for {n:,} x {dim} fits a memory budget of {format_bytes(budget)}; the smallest"
-        f" ({p.factory}) needs {format_bytes(_needed(p))}: raise --memory-budget to at least"
-        f" {_needed_mb(p)}M"))
+    return _first_fitting(wanted, budget, _nothing_fits(n, dim, budget))

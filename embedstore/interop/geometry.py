@@ -1,0 +1,103 @@
+"""Where a tile lies on its slide, in level-0 pixels: the level-0 side of a tile.
+
+A slide tile of ``tile_size`` px at ``mpp`` µm/px covers ``tile_size * mpp / slide_mpp`` level-0
+pixels per side (``tile_l0``). The store records it in several places, read in this order:
+
+1. ``STORE/masks/<slide>.grid.json`` (written by ``extract``): ``tile_l0`` and the slide's
+   level-0 ``dims`` exactly as tiled;
+2. the slide's work unit (``Store.units()["slide:<slide>"]``): ``slide_mpp``, with the rows'
+   ``tile_size`` and ``mpp`` (or STORE.json's ``tile``);
+3. STORE.json ``tile.patch_size_level0`` (stores imported from TRIDENT h5 files);
+4. the smallest step between distinct x (or y) of the slide's tiles (approximate: the grid
+   rounds each corner to whole pixels).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SlideGeometry", "slide_geometry", "mask_stem"]
+
+
+@dataclass(frozen=True)
+class SlideGeometry:
+    slide: str
+    tile_l0: float | None          # level-0 px per tile side (None: the slide has no geometry)
+    dims: tuple[int, int] | None   # level-0 (width, height) when known
+    slide_mpp: float | None        # µm/px of level 0 when known
+    source: str                    # where tile_l0 came from: grid.json | unit | store.json | grid-step | none
+
+
+def mask_stem(slide: str) -> str:
+    """The file stem extraction gives a slide's mask, overlay and grid (``/`` -> ``__``)."""
+    return slide.replace("/", "__")
+
+
+def _mask_file(store_path: Path, slide: str, suffix: str) -> Path | None:
+    """``STORE/masks/<stem><suffix>`` when it exists and stays inside ``STORE/masks``."""
+    masks = (store_path / "masks").resolve()
+    f = (masks / f"{mask_stem(slide)}{suffix}").resolve()
+    return f if f.parent == masks and f.is_file() else None
+
+
+def read_grid(store_path: Path, slide: str) -> dict[str, Any] | None:
+    """The slide's ``grid.json`` written at extraction, or None."""
+    f = _mask_file(Path(store_path), slide, ".grid.json")
+    if f is None:
+        return None
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _positive(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+def _grid_step(x: np.ndarray, y: np.ndarray) -> float | None:
+    steps = []
+    for v in (x, y):
+        u = np.unique(np.asarray(v, np.int64)[np.asarray(v) >= 0])
+        d = np.diff(u)
+        if d.size:
+            steps.append(float(d.min()))
+    return min(steps) if steps else None
+
+
+def slide_geometry(store: Any, slide: str, x: np.ndarray | None = None, y: np.ndarray | None = None,
+                   tile_size: float | None = None, mpp: float | None = None) -> SlideGeometry:
+    """The level-0 tile side of ``slide`` in ``store`` (see the module docstring for the order).
+    ``x, y``: the slide's level-0 corners (for the last resort); ``tile_size, mpp``: of its
+    tiles (default: STORE.json ``tile``). ``store``: a Store (reads path, meta, units)."""
+    path = Path(store.path)
+    tile = dict(getattr(store.meta, "tile", None) or {})
+    grid = read_grid(path, slide)
+    dims: tuple[int, int] | None = None
+    if grid is not None and isinstance(grid.get("dims"), list) and len(grid["dims"]) == 2:
+        dims = (int(grid["dims"][0]), int(grid["dims"][1]))
+    slide_mpp = _positive(grid.get("slide_mpp")) if grid else None
+    if grid is not None and _positive(grid.get("tile_l0")):
+        return SlideGeometry(slide, float(grid["tile_l0"]), dims, slide_mpp, "grid.json")
+    unit = store.units().get(f"slide:{slide}") or {}
+    slide_mpp = slide_mpp or _positive(unit.get("slide_mpp"))
+    size = _positive(tile_size) or _positive(tile.get("tile_size")) or _positive(tile.get("patch_size"))
+    tmpp = _positive(mpp) or _positive(tile.get("mpp"))
+    if slide_mpp and size and tmpp:
+        return SlideGeometry(slide, size * tmpp / slide_mpp, dims, slide_mpp, "unit")
+    if _positive(tile.get("patch_size_level0")):
+        return SlideGeometry(slide, float(tile["patch_size_level0"]), dims, slide_mpp, "store.json")
+    if x is not None and y is not None:
+        step = _grid_step(x, y)
+        if step:
+            return SlideGeometry(slide, step, dims, slide_mpp, "grid-step")
+    return SlideGeometry(slide, None, dims, slide_mpp, "none")
