@@ -5,6 +5,14 @@ at >= 30x the QPS of numpy brute force? Side by side with exact FAISS Flat and L
     python benchmarks/bench_index.py --n 1000000           # long: run once
     python benchmarks/bench_index.py --n 100000 --no-lancedb --keep
     python benchmarks/bench_index.py --quick               # a smoke run: 20,000 x 128, no LanceDB
+    python benchmarks/bench_index.py --quick --data spectrum   # decaying spectrum (intrinsic dim ~100)
+
+Data sets (``--data``): ``clustered`` (isotropic clusters plus a rank-32 spread) and ``spectrum``
+(one Gaussian whose covariance eigenvalues decay as exp(-i / 50) under a random rotation: a
+participation ratio (sum l)^2 / sum l^2 of ~100, i.e. intrinsic dimension ~100, no clusters).
+Besides the methods below, a hand-tuned FAISS sweep (HNSW32 efSearch, IVF-Flat nprobe, IVF-PQ
+nprobe x re-rank depth through IndexRefineFlat) gives auto's QPS / the best hand-tuned QPS at
+>= auto's recall (target >= 0.8).
 
 The vectors are written once into a real store (``embedstore.store.StoreWriter``; every method
 reads them back from it), with held-out queries beside it. Every method runs in its own
@@ -59,11 +67,27 @@ def _generator(dim: int, n_clusters: int, seed: int):
     return draw
 
 
+def _spectrum_generator(dim: int, seed: int, tau: float = 50.0):
+    """Decaying spectrum: eigenvalues exp(-i / tau) (participation ratio ~2 tau) under a random
+    rotation, plus a small common offset; float16."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    scale = np.exp(-np.arange(dim) / (2 * tau)).astype(np.float32)      # sqrt of eigenvalues
+    basis = (scale[:, None] * rotation.T).astype(np.float32)
+    offset = (0.2 * rng.normal(size=dim) / np.sqrt(dim)).astype(np.float32)
+
+    def draw(count: int, draw_seed: int) -> np.ndarray:
+        r = np.random.default_rng(draw_seed)
+        return (r.standard_normal((count, dim), dtype=np.float32) @ basis + offset).astype(np.float16)
+    return draw
+
+
 def _store(root: Path) -> Path:
     return root / "store"
 
 
-def phase_gen(root: Path, n: int, dim: int, n_queries: int) -> dict[str, Any]:
+def phase_gen(root: Path, n: int, dim: int, n_queries: int, data: str = "clustered"
+              ) -> dict[str, Any]:
     """Write ``n`` clustered float16 rows into a store under ``root`` (one unit per
     TILES_PER_SLIDE rows, with slide and x metadata) and held-out queries beside it."""
     from embedstore.store import StoreMeta, StoreWriter
@@ -73,8 +97,9 @@ def phase_gen(root: Path, n: int, dim: int, n_queries: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    draw = _generator(dim, max(100, n // 1000), seed=0)
-    meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": "synthetic-clustered"},
+    draw = _generator(dim, max(100, n // 1000), seed=0) if data == "clustered" else \
+        _spectrum_generator(dim, seed=0)
+    meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": f"synthetic-{data}"},
                      tile={"tile_size": 224})
     with StoreWriter(_store(root), meta) as w:
         for s in range(0, n, TILES_PER_SLIDE):
@@ -174,7 +199,65 @@ def phase_auto(root: Path, budget: str, target: float) -> dict[str, Any]:
             "build_s": round(info.build_seconds, 1), "tune_s": round(info.tune_seconds, 1),
             "index_bytes": info.memory_bytes, "factory": info.factory, "params": info.params,
             "recall_at_build": info.recall_at_10, "qps_at_build": info.qps,
-            "curve": info.curve, "reason": info.reason}
+            "curve": info.curve, "reason": info.reason, "candidates": info.candidates,
+            "sample_size": info.sample_size}
+
+
+def _sweep_points(index: Any, q: np.ndarray, root: Path, name: str, param: str,
+                  values: list[int], extra: dict[str, Any], build: float) -> list[dict[str, Any]]:
+    import faiss
+
+    space = faiss.ParameterSpace()
+    points = []
+    for value in values:
+        space.set_index_parameter(index, param, value)
+        index.search(q[:50], K)                            # warm
+        t0 = time.perf_counter()
+        _, ids = index.search(q, K)
+        dt = time.perf_counter() - t0
+        points.append({"config": name, param: value, **extra, "recall": _recall(ids, root),
+                       "qps": round(len(q) / dt, 1), "build_s": round(build, 1)})
+        if points[-1]["recall"] >= 0.999:
+            break
+    return points
+
+
+def phase_sweep(root: Path) -> dict[str, Any]:
+    """Hand-tuned FAISS on the same vectors (an in-RAM float32 copy): HNSW32 over efSearch,
+    IVF-Flat over nprobe, IVF-PQ over nprobe x re-rank depth (IndexRefineFlat k_factor)."""
+    import faiss
+
+    store = _open(root)
+    x = np.concatenate([l2_normalise(emb) for _, emb in store.scan()])
+    q = l2_normalise(np.load(root / "queries.npy"))
+    n, dim = x.shape
+    nlist = 1 << max(4, round(np.log2(4 * np.sqrt(n))))
+    train = x[np.random.default_rng(0).choice(n, min(n, 39 * nlist), replace=False)]
+    m = max([c for c in (8, 12, 16, 24, 32, 48, 64, 96, 128) if dim % c == 0 and c <= max(8, dim // 12)]
+            or [1])                                    # the largest PQ code dividing dim
+    points: list[dict[str, Any]] = []
+    ef = [16, 32, 64, 128, 256, 512]
+    probes = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    for name, factory, param, values, k_factors in [
+            ("HNSW32", "HNSW32,Flat", "efSearch", ef, [0]),
+            (f"IVF{nlist},Flat", f"IVF{nlist},Flat", "nprobe", probes, [0]),
+            (f"IVF{nlist},PQ{m}+refine", f"IVF{nlist},PQ{m}np", "nprobe", probes, [5, 10, 20])]:
+        t0 = time.perf_counter()
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(train)
+        if k_factors != [0]:
+            index = faiss.IndexRefineFlat(index)
+        index.add(x)
+        build = time.perf_counter() - t0
+        for k_factor in k_factors:
+            extra: dict[str, Any] = {}
+            if k_factor:
+                index.k_factor = k_factor
+                extra = {"k_factor": k_factor}
+            points += _sweep_points(index, q, root, name, param if not k_factor else "nprobe",
+                                    values, extra, build)
+        del index
+    return {"points": points}
 
 
 def phase_lancedb(root: Path, target: float) -> dict[str, Any]:
@@ -239,6 +322,34 @@ def phase_lancedb(root: Path, target: float) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- orchestration
+
+def _print_candidates(auto: dict[str, Any]) -> None:
+    for c in auto.get("candidates", []):
+        print(f"  {'*' if c['chosen'] else ' '} {c['label']:<26} {str(c['params']):<34} sample recall"
+              f" {c['recall']:.3f}{' full ' + format(c['full_recall'], '.3f') if 'full_recall' in c else ''}"
+              f"  predicted {c['qps']:>9,.0f} QPS  {format_bytes(c['memory_bytes']):>9}  build"
+              f" {c['build_seconds']:.1f}s")
+
+
+def _versus_hand_tuned(auto: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """auto's QPS / the best hand-tuned QPS among points with recall >= auto's (target >= 0.8)."""
+    if not points or "recall" not in auto:
+        return {}
+    for p in points:
+        knobs = {k: v for k, v in p.items() if k not in ("config", "recall", "qps", "build_s")}
+        print(f"  hand-tuned {p['config']:<24} {str(knobs):<34} recall {p['recall']:.3f}"
+              f"  {p['qps']:>9,.0f} QPS  build {p['build_s']:.1f}s")
+    good = [p for p in points if p["recall"] >= auto["recall"]]
+    if not good:
+        print(f"\nno hand-tuned configuration reached auto's recall {auto['recall']:.3f}")
+        return {"ratio": None}
+    best = max(good, key=lambda p: p["qps"])
+    ratio = auto["qps"] / best["qps"]
+    print(f"\nauto {auto['qps']:,.0f} QPS at recall {auto['recall']:.3f} / best hand-tuned "
+          f"{best['config']} {best['qps']:,.0f} QPS at recall {best['recall']:.3f}: {ratio:.2f} "
+          f"(target >= 0.8: {'MET' if ratio >= 0.8 else 'NOT MET'})")
+    return {"ratio": round(ratio, 3), "best": best}
+
 
 def _run_phase(args: list[str], env: dict[str, str] | None = None,
                timeout: float | None = None) -> dict[str, Any]:
@@ -320,13 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 20,000 x 128, 200 queries, no LanceDB")
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/scratch data")
+    ap.add_argument("--data", choices=("clustered", "spectrum"), default="clustered")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the hand-tuned FAISS sweep")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.dim, args.queries, args.no_lancedb = 20_000, 128, 200, True
-    root = H.SCRATCH / f"index-{args.n}x{args.dim}"
+    root = H.SCRATCH / f"index-{args.data}-{args.n}x{args.dim}"
     if args.phase:
-        result = {"gen": lambda: phase_gen(root, args.n, args.dim, args.queries),
+        result = {"gen": lambda: phase_gen(root, args.n, args.dim, args.queries, args.data),
+                  "sweep": lambda: phase_sweep(root),
                   "flat": lambda: phase_flat(root), "numpy": lambda: phase_numpy(root),
                   "auto": lambda: phase_auto(root, args.memory_budget, args.target_recall),
                   "lancedb": lambda: phase_lancedb(root, args.target_recall)}[args.phase]()
@@ -334,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     common = ["--n", str(args.n), "--dim", str(args.dim), "--queries", str(args.queries),
-              "--memory-budget", args.memory_budget, "--target-recall", str(args.target_recall)]
-    print(f"# {NAME}: {args.n:,} x {args.dim} float16, {args.queries} queries, k={K}", flush=True)
+              "--memory-budget", args.memory_budget, "--target-recall", str(args.target_recall),
+              "--data", args.data]
+    print(f"# {NAME}: {args.data} {args.n:,} x {args.dim} float16, {args.queries} queries, k={K}",
+          flush=True)
     gen = _run_phase([*common, "--phase", "gen"])
     print(f"data: {gen}", flush=True)
     if "error" in gen:
@@ -351,9 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  tuned {auto['params']}; search() end to end {auto['qps_search_api']:,.0f} QPS,"
               f" recall {auto['recall_search_api']:.3f}; build {auto['build_s']}s + tune "
               f"{auto['tune_s']}s")
+        _print_candidates(auto)
+    sweep = {} if args.no_sweep else _run_phase([*common, "--phase", "sweep"])
+    ratio = _versus_hand_tuned(auto, sweep.get("points", []))
     import faiss
-    out = H.write_results(f"{NAME}-{args.n}x{args.dim}", rows, extra={
+    out = H.write_results(f"{NAME}-{args.data}-{args.n}x{args.dim}", rows, extra={
         "faiss": faiss.__version__, "data": gen, "target_met": ok, "table": text,
+        "sweep": sweep, "auto_vs_hand_tuned": ratio, "candidates": auto.get("candidates", []),
         "args": {k: v for k, v in vars(args).items() if k != "phase"}})
     print(f"wrote {out.relative_to(HERE.parent)}")
     if not args.keep:

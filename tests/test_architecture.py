@@ -27,7 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "heads": LEAVES | {"store", "plots"},
     "select": LEAVES | {"store", "backbones", "extract", "heads", "plots"},
     "serve": LEAVES | {"store", "backbones", "extract", "index", "heads", "plots"},
-    "cli": LEAVES | {"store", "backbones", "extract", "index", "heads", "select", "serve", "plots"},
+    "interop": LEAVES | {"store", "heads", "index", "extract", "plots"},
+    "cli": LEAVES | {"store", "backbones", "extract", "index", "heads", "select", "serve", "plots",
+                     "interop"},
     "__init__": {"store", "errors"},
     "__main__": {"cli"},
 }

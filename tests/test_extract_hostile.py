@@ -87,6 +87,7 @@ def test_labels_are_imported_by_the_resume_after_a_crash_before_their_import(tmp
     ("slide_mpp", 0.0, "--slide-mpp must be > 0 (µm/px), got 0.0"),
     ("target_mpp", -0.5, "--target-mpp must be > 0 (µm/px), got -0.5"),
     ("weights", "w.safetensors", "--weights and --random-init exclude each other"),
+    ("task", "a\nb", "--task must be a non-empty name without control characters"),
 ])
 def test_bad_configuration_is_refused_before_anything_is_written(tmp_path: Path, field: str,
                                                                   value: Any, message: str) -> None:
@@ -305,3 +306,21 @@ def test_two_processes_listen_on_the_loopback_only(tmp_path: Path) -> None:
 def test_loopback_interface_is_named() -> None:
     from embedstore.extract.parallel import loopback_interface
     assert loopback_interface().startswith("lo")
+
+
+def test_two_processes_resolve_no_name(tmp_path: Path) -> None:
+    """No DNS query and no hosts/resolver file read (traced with strace where it runs)."""
+    strace = shutil.which("strace")
+    if strace is None or subprocess.run([strace, "-f", "-o", os.devnull, "true"],
+                                        capture_output=True).returncode != 0:
+        pytest.skip("strace is not available here")
+    src = _folder(tmp_path / "tiles", {f"c/{p.name}": p for p in LUNG[:4]})
+    trace = tmp_path / "trace.txt"
+    r = subprocess.run([strace, "-f", "-e", "trace=connect,sendto,openat", "-o", str(trace), sys.executable,
+                        "-m", "embedstore", "extract", str(src), "--store", str(tmp_path / "st"), "--backbone",
+                        ONNX, "--devices", "cpu,cpu", "--files-per-unit", "1", "--workers", "0", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = trace.read_text().splitlines()
+    assert not [c for c in calls if "htons(53)" in c], "a DNS query was sent"
+    assert not [c for c in calls if '"/etc/resolv.conf"' in c or '"/etc/hosts"' in c]

@@ -35,19 +35,24 @@ MAX_HIDDEN = 65536              # --hidden: wider MLP heads than this are a typo
 @click.option("--positive", help="Positive class for binary F1 (default: the minority class).")
 @click.option("--seed", type=int, metavar="SEED", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Directory to save the head (safetensors + JSON).")
+@click.option("--memory-budget", metavar="SIZE",
+              help="RAM the labelled rows and views may take, e.g. 8G (default: a quarter of this "
+                   "machine's RAM); a larger set trains from the store, read as it goes.")
 @json_option
 def train_head(store: Path, task: str | None, labels: Path | None, head: str, hidden: int, epochs: int,
                lr: float | None, weight_decay: float, dropout: float, class_weights: str, split: str,
                seeds: int, augment: str | None, sweep: bool, positive: str | None, seed: int,
-               out: Path | None, as_json: bool) -> None:
+               out: Path | None, memory_budget: str | None, as_json: bool) -> None:
     """Train a linear or MLP head on the store's embeddings and report F1, balanced accuracy,
     AUROC and the confusion matrix (mean ± std over seeds). Takes seconds: tune freely."""
     from ..heads.jobs import train_head_command
+    from ..sizes import parse_size
+    budget = parse_size(memory_budget, "--memory-budget") if memory_budget is not None else None
     result = train_head_command(store, task=task, labels=labels, head=head, hidden=hidden, epochs=epochs,
                                 lr=lr, weight_decay=weight_decay, dropout=dropout,
                                 class_weights=class_weights, split=split, seeds=seeds, augment=augment,
                                 sweep=sweep, out=out, positive=positive, seed=seed,
-                                echo=progress_echo(as_json))
+                                memory_budget=budget, echo=progress_echo(as_json))
     if as_json:
         echo_json(result)
 

@@ -14,7 +14,7 @@ from ._app import COUNT, FRACTION, echo_json, json_option, main
 if TYPE_CHECKING:
     from ..index import IndexInfo, SearchResult
 
-__all__ = ["index", "search", "format_info", "format_results", "results_json"]
+__all__ = ["index", "search", "format_info", "format_candidates", "format_results", "results_json"]
 
 
 def format_info(info: IndexInfo, store_path: Path | str) -> str:
@@ -33,7 +33,28 @@ def format_info(info: IndexInfo, store_path: Path | str) -> str:
         f"{format_bytes(info.memory_bytes)} on disk",
         f"  why            {info.reason}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + format_candidates(info))
+
+
+def format_candidates(info: IndexInfo) -> list[str]:
+    """The auto chooser's table: every candidate measured on the sample, the chosen one starred
+    (its recall on the full-size index beside the sample's); empty when none was measured."""
+    if not info.candidates:
+        return []
+    lines = [f"  candidates     measured on a {info.sample_size:,}-row sample with the held-out "
+             "queries (QPS predicted at full size)",
+             f"    {'':1} {'index':<28} {'params':<14} {'recall':>7} {'full':>6} {'QPS':>10} "
+             f"{'sample QPS':>11} {'memory':>10} {'build s':>8}"]
+    for row in info.candidates:
+        knobs = " ".join(f"{key}={val}" for key, val in row.get("params", {}).items()
+                         if key != "k_factor" or val != 1)
+        full = f"{row['full_recall']:.3f}" if "full_recall" in row else ""
+        lines.append(f"    {'*' if row.get('chosen') else ' '} {row['label']:<28} {knobs:<14} "
+                     f"{row['recall']:>7.3f} {full:>6} {row['qps']:>10,.0f} "
+                     f"{row.get('sample_qps', 0.0):>11,.0f} {format_bytes(row['memory_bytes']):>10} "
+                     f"{row.get('build_seconds', 0.0):>8.1f}"
+                     + (f"  ({row['error']})" if row.get("error") else ""))
+    return lines
 
 
 def _plain(value: object) -> object:
@@ -69,8 +90,10 @@ def results_json(hits: list[SearchResult], queries: list[str]) -> list[dict[str,
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"]), default="auto",
-              show_default=True, help="auto: exact below ~100k rows, else what meets the recall in the budget.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq"]),
+              default="auto", show_default=True,
+              help="auto: exact below 20k rows, else every kind that fits the budget is measured on a "
+                   "sample and the fastest at the target recall is built (the table is printed).")
 @click.option("--memory-budget", default="8G", show_default=True, help="RAM the index may use (e.g. 512M, 8G).")
 @click.option("--target-recall", type=FRACTION, metavar="R", default=0.95, show_default=True,
               help="recall@10 vs exact search, measured on held-out queries; search parameters are tuned to it.")

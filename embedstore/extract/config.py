@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from .sources import control_char
 
 __all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers", "STAGES"]
 
@@ -54,6 +55,8 @@ class ExtractConfig:
                 raise ConfigError(f"{flag} must be > 0 (µm/px), got {mpp!r}")
         if not (_real(self.min_tissue) and 0.0 <= self.min_tissue <= 1.0):
             raise ConfigError(f"--min-tissue must be a fraction in [0, 1], got {self.min_tissue!r}")
+        if self.task is not None and (not self.task or control_char(self.task)):
+            raise ConfigError(f"--task must be a non-empty name without control characters, got {self.task!r}")
         if self.weights is not None and self.random_init:
             raise ConfigError("--weights and --random-init exclude each other: give one")
         if self.dtype not in ("float16", "float32"):

@@ -8,10 +8,11 @@ count, not slide count). Each rank writes its own shards; LMDB serialises the co
 At the end the ranks' summaries are gathered on rank 0.
 
 Network: on one machine (``--devices``) nothing listens beyond the loopback and no name is
-resolved: rank 0 binds the c10d store's socket to 127.0.0.1 itself (torch's own server would
-listen on every interface), the ranks reach it at 127.0.0.1, and gloo is given the loopback
-interface (``GLOO_SOCKET_IFNAME``, unless already set), so it does not resolve the host name
-to pick one. Across nodes (``torchrun``) the address is the one the user gives: torchrun's
+resolved. The ranks' key-value store is a c10d ``FileStore`` in the run's temporary folder
+(torch's ``TCPStore`` server listens on every interface, ``::``, and its clients look up the
+peer's name: a DNS query even for 127.0.0.1), and gloo is given the loopback interface
+(``GLOO_SOCKET_IFNAME``, unless already set), so it binds 127.0.0.1 and does not resolve the
+host name to pick an interface. Across nodes (``torchrun``) the address is the one the user gives: torchrun's
 ``--master-addr``/``MASTER_ADDR`` (or ``--rdzv-endpoint``) for the store, and
 ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` for the interface the ranks talk over; a
 single-node torchrun run (``LOCAL_WORLD_SIZE == WORLD_SIZE``) gets the loopback for gloo too.
@@ -52,15 +53,6 @@ def plan_claims(weights: list[int], world: int) -> list[list[int]]:
     return out
 
 
-LOOPBACK = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
 def loopback_interface() -> str:
     """The name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
     names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
@@ -70,22 +62,7 @@ def loopback_interface() -> str:
 def _local_only() -> None:
     """Gloo talks over the loopback (no host-name lookup) unless the user chose an interface."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
-    os.environ.setdefault("MASTER_ADDR", LOOPBACK)
-
-
-def _local_store(rank: int, world: int, port: int) -> Any:
-    """The c10d store of a one-machine run: rank 0 serves it from a socket it bound to
-    127.0.0.1 (handed over to the store, which owns it from then on), the others connect there."""
-    import torch.distributed as dist
-    timeout = timedelta(minutes=30)
-    if rank != 0:
-        return dist.TCPStore(LOOPBACK, port, world, is_master=False, timeout=timeout)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((LOOPBACK, port))
-    sock.listen(max(128, world))
-    return dist.TCPStore(LOOPBACK, port, world, is_master=True, timeout=timeout,
-                         master_listen_fd=sock.detach())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
 def _claimer(kv: Any, n: int) -> Callable[[], int | None]:
@@ -96,12 +73,13 @@ def _claimer(kv: Any, n: int) -> Callable[[], int | None]:
     return claim
 
 
-def _worker(rank: int, world: int, port: int, cfg: ExtractConfig, disc: Discovery,
+def _worker(rank: int, world: int, cfg: ExtractConfig, disc: Discovery,
             recipe: ViewRecipe | None, devices: list[str], out_dir: str) -> None:
     import torch.distributed as dist
     _local_only()
-    kv = _local_store(rank, world, port)
-    dist.init_process_group("gloo", store=kv, rank=rank, world_size=world)
+    kv = dist.FileStore(str(Path(out_dir, "c10d-store")), world)
+    dist.init_process_group("gloo", store=kv, rank=rank, world_size=world,
+                            timeout=timedelta(minutes=30))
     try:
         res = _rank_body(cfg, disc, recipe, devices[rank % len(devices)], rank, world, kv,
                          staged_mode())
@@ -189,12 +167,11 @@ def run_parallel(sources: list[Any], cfg: ExtractConfig, disc: Discovery,
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return _under_torchrun(cfg, disc, recipe, devices)
     world = len(devices)
-    port = _free_port()
     threads = cfg.num_threads or max(1, usable_cores() // world)
     from dataclasses import replace
     cfg = replace(cfg, num_threads=threads)
     with tempfile.TemporaryDirectory(prefix="embedstore-ranks-") as out:
-        mp.start_processes(_worker, args=(world, port, cfg, disc, recipe, devices, out),
+        mp.start_processes(_worker, args=(world, cfg, disc, recipe, devices, out),
                            nprocs=world, join=True, start_method="spawn")
         return _combine([Path(out, f"rank{r}.json").read_text() for r in range(world)])
 

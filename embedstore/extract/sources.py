@@ -222,10 +222,10 @@ def discover(sources: list[str | Path], task: str | None = None, files_per_unit:
         if p.is_file():
             if p.suffix.lower() == ".csv":
                 tiles = _csv_files(p)
-                units += _chunks(p.stem, str(p.parent.resolve()), tiles, files_per_unit)
+                units += _chunks(escape_controls(p.stem), str(p.parent.resolve()), tiles, files_per_unit)
                 kinds.add("files")
                 if any(t.label for t in tiles):
-                    labelled_names.append(p.parent.resolve().name if p.stem == "labels" else p.stem)
+                    labelled_names.append(escape_controls(p.parent.resolve().name if p.stem == "labels" else p.stem))
                 new_keys = [t.key for t in tiles]
             elif _kind_of_file(p) == "slide":
                 units.append(_slide_unit(p, p.parent))
@@ -250,10 +250,10 @@ def discover(sources: list[str | Path], task: str | None = None, files_per_unit:
                 raise SourceError(f"{src} holds no images or slides")
             if images:
                 tiles = _folder_files(p, images)
-                units += _chunks(p.resolve().name, str(p.resolve()), tiles, files_per_unit)
+                units += _chunks(escape_controls(p.resolve().name), str(p.resolve()), tiles, files_per_unit)
                 kinds.add("files")
                 if any(t.label for t in tiles):
-                    labelled_names.append(p.resolve().name)
+                    labelled_names.append(escape_controls(p.resolve().name))
                 new_keys = [t.key for t in tiles]
             else:
                 units += [_slide_unit(f, p) for f in slides]

@@ -22,6 +22,7 @@ from .models import HeadConfig
 from .persist import check_head_target, load_head, save_head
 from .predict import HeatmapSpec, predict_store
 from .tuning import sweep as run_sweep
+from .stream import LazyRows, LazyViews, in_ram_bytes, resolve_budget, scan_rows
 from .train import TrainedHead, encode_labels, train_head
 
 if TYPE_CHECKING:
@@ -42,14 +43,16 @@ class _Job:
     """A labelled set ready to train on, with its folds (what every step below reads)."""
     spec: SplitSpec                   # the parsed --split
     cfg: HeadConfig                   # the base configuration (positive class pinned)
-    emb: np.ndarray                   # (n, dim) embeddings of the labelled tiles
+    emb: np.ndarray | LazyRows        # (n, dim) embeddings of the labelled tiles (read lazily when
+                                      # they do not fit the budget)
     y: np.ndarray                     # (n,) object labels
     codes: np.ndarray                 # (n,) int64 class indices of y
     classes: list[str]                # class index -> label
     folds: list[Fold]                 # the split's folds over rows of emb
     groups: np.ndarray | None         # (n,) slide/patient per row, for grouped carving and CV
-    views: ViewBank | None            # the view bank aligned with rows of emb
+    views: ViewBank | LazyViews | None  # the view bank aligned with rows of emb
     seed: int
+    budget: int | None = None         # bytes, when training streams from the store; None: in RAM
 
     def groups_at(self, a: np.ndarray) -> np.ndarray | None:
         """``groups`` at rows ``a``."""
@@ -62,8 +65,13 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
                        weight_decay: float = 1e-4, dropout: float = 0.0, class_weights: str = "none",
                        split: str = "column", seeds: int = 5, augment: str | None = None,
                        sweep: bool = False, out: str | os.PathLike[str] | None = None,
-                       positive: str | None = None, seed: int = 0, echo: Echo = print) -> dict[str, Any]:
+                       positive: str | None = None, seed: int = 0,
+                       memory_budget: int | str | None = None, echo: Echo = print) -> dict[str, Any]:
     """Train, score on the split's test rows over ``seeds`` seeds (mean ± std), save the head.
+
+    ``memory_budget`` (bytes or "8G"; None: a quarter of the machine's RAM): when the labelled
+    rows and their views would take more than that in RAM, every head trains from the store,
+    read as it goes (``heads.stream``); otherwise they are gathered once, as always.
 
     With ``sweep`` each fold's configuration is chosen by CV on that fold's training rows only.
     The saved head is trained on the training rows (holdout splits) or on every labelled row
@@ -78,7 +86,9 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
     if out is not None:
         check_head_target(out)          # before training: a directory the save would refuse
     store = _open(store_path)
-    job = _prepare(store, cfg, spec, task, labels, seed)
+    job = _prepare(store, cfg, spec, task, labels, seed, resolve_budget(memory_budget))
+    if job.budget is not None:
+        echo(f"{len(job.y)} labelled rows exceed the memory budget: training streams from the store")
     chosen: list[dict[str, Any]] = []
     runs, fold_cfgs = _score_folds(job, seeds, sweep, chosen, echo)
     summary = SeedReport(runs, mean_std(runs))
@@ -94,12 +104,13 @@ def train_head_command(store_path: str | os.PathLike[str], *, task: str | None =
         out_dir = str(save_head(head_obj, out))
         echo(f"head saved to {out_dir}")
     return {"summary": summary.summary, "runs": runs, "head": out_dir, "config": final_cfg.to_dict(),
-            "classes": job.classes}
+            "classes": job.classes, "streamed": job.budget is not None}
 
 
 def _prepare(store: Store, cfg: HeadConfig, spec: SplitSpec, task: str | None,
-             labels: str | os.PathLike[str] | None, seed: int) -> _Job:
-    """The labelled set, its folds and embeddings (and views when the augmentation samples them)."""
+             labels: str | os.PathLike[str] | None, seed: int, budget: int) -> _Job:
+    """The labelled set, its folds and embeddings (and views when the augmentation samples them):
+    gathered when they fit ``budget`` bytes, else ``LazyRows``/``LazyViews`` over the store."""
     ls = labelled_set(store, task=task, labels=labels)
     codes, classes = encode_labels(ls.labels)
     columns = dict(ls.columns)
@@ -107,20 +118,31 @@ def _prepare(store: Store, cfg: HeadConfig, spec: SplitSpec, task: str | None,
         columns[spec.column] = ls.group_column(spec.column)
     folds = plan_splits(spec, codes, split=ls.split, columns=columns, seed=seed, classes=classes)
     cfg, classes = pin_positive(cfg, ls.labels, classes)
-    emb = gather_features(store, ls.ids)
-    views = view_bank(store, ls.ids) if cfg.augment.views else None
+    lazy = LazyViews.of_store(store, ls.ids) if cfg.augment.views else None
+    n_views = 0 if lazy is None else int(lazy.src.size)
+    fits = in_ram_bytes(len(ls), n_views, store.dim, store.dtype.itemsize) <= budget
+    emb: np.ndarray | LazyRows
+    views: ViewBank | LazyViews | None
+    if fits:
+        emb = gather_features(store, ls.ids)
+        views = view_bank(store, ls.ids) if cfg.augment.views else None
+    else:
+        emb = LazyRows.of_store(store, ls.ids, chunk_rows=scan_rows(budget, store.dim, store.dtype.itemsize))
+        views = lazy
     if cfg.augment.views and views is None:
         raise HeadError(f"--augment views needs a view bank, but store {str(store.path)!r} has none; "
                         f"extract with views or drop 'views'")
     groups = ls.group_column(spec.column) if spec.column else ls.group_column("slide")
-    return _Job(spec, cfg, emb, ls.labels, codes, classes, folds, groups, views, seed)
+    return _Job(spec, cfg, emb, ls.labels, codes, classes, folds, groups, views, seed,
+                None if fits else budget)
 
 
 def _tuned(job: _Job, rows: np.ndarray, label: str, chosen: list[dict[str, Any]], echo: Echo) -> HeadConfig:
     """The sweep's best config by CV over ``rows`` only (the scored rows stay outside)."""
     result = run_sweep(job.emb[rows], job.y[rows], groups=job.groups_at(rows), base=job.cfg, seed=job.seed,
                        views=job.views.take(rows) if job.views is not None else None,
-                       classes=job.classes, folds=_sweep_folds(job.codes[rows], job.groups_at(rows)))
+                       classes=job.classes, folds=_sweep_folds(job.codes[rows], job.groups_at(rows)),
+                       memory_budget=job.budget)
     chosen.append(result.best_params)
     echo(f"{label}: sweep chose {result.best_params}\n{result.format()}")
     return result.best
@@ -135,7 +157,7 @@ def _score_folds(job: _Job, seeds: int, sweep: bool, chosen: list[dict[str, Any]
         fold_cfg = _tuned(job, fold.train, f"fold {i}", chosen, echo) if sweep else job.cfg
         fold_cfgs.append(fold_cfg)
         report = cross_validate(job.emb, job.y, [fold], groups=job.groups, config=fold_cfg, views=job.views,
-                                seeds=seeds, classes=job.classes)
+                                seeds=seeds, classes=job.classes, memory_budget=job.budget)
         runs += [{**r, "fold": i} for r in report.runs]
     return runs, fold_cfgs
 
@@ -155,7 +177,7 @@ def _final_head(job: _Job, fold_cfgs: list[HeadConfig] | None, chosen: list[dict
     y_val = job.y[final_valid] if final_valid is not None else None
     head = train_head(job.emb[final_rows], job.y[final_rows], x_val, y_val, groups=job.groups_at(final_rows),
                       config=final_cfg, views=job.views.take(final_rows) if job.views is not None else None,
-                      seed=job.seed, classes=job.classes)
+                      seed=job.seed, classes=job.classes, memory_budget=job.budget)
     return head, final_cfg
 
 

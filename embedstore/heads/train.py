@@ -22,6 +22,7 @@ from .splits import carve_validation
 from .metrics import best_f1_threshold, classification_metrics
 from ._optim import AdamW, lr_factor
 from .models import HeadConfig, HeadModule, build_head_module
+from .stream import LazyRows, LazyViews, stream_budget
 
 __all__ = ["TrainedHead", "train_head", "evaluate", "encode_labels", "resolve_positive",
            "check_features"]
@@ -156,11 +157,12 @@ def _owned_float32(emb: np.ndarray, rows: np.ndarray | None) -> torch.Tensor:
     return torch.from_numpy(np.array(picked, dtype=np.float32))
 
 
-def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
-               X_val: np.ndarray | None = None, y_val: Sequence[Any] | np.ndarray | None = None, *,
-               groups: np.ndarray | None = None, config: HeadConfig | None = None,
-               views: ViewBank | None = None, seed: int = 0,
-               classes: Sequence[str] | None = None, threads: int | None = None) -> TrainedHead:
+def train_head(X_train: np.ndarray | LazyRows, y_train: Sequence[Any] | np.ndarray,
+               X_val: np.ndarray | LazyRows | None = None, y_val: Sequence[Any] | np.ndarray | None = None,
+               *, groups: np.ndarray | None = None, config: HeadConfig | None = None,
+               views: ViewBank | LazyViews | None = None, seed: int = 0,
+               classes: Sequence[str] | None = None, threads: int | None = None,
+               memory_budget: int | str | None = None) -> TrainedHead:
     """Train one head.
 
     ``X_train``: (n, dim) float16/float32; ``y_train``: (n,) labels; ``groups``: (n,) slide or
@@ -168,8 +170,19 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
     is None) never shares a group with them; ``views``: the view bank aligned with ``X_train``
     rows (used when ``config.augment.views``); ``classes``: fix the label order (default sorted);
     ``threads``: torch threads while training (None: 1 for small steps, else torch's setting).
+    ``X_*`` may be ``LazyRows`` (rows read from a store on demand) and ``views`` ``LazyViews``;
+    ``memory_budget`` (bytes or "8G"): when the rows and views would take more than that in RAM,
+    train from the store instead (``stream_train``, same result in distribution). None: arrays
+    train in RAM as given, ``LazyRows`` get the default share of the machine's RAM.
     """
     cfg = config or HeadConfig()
+    budget = stream_budget(X_train, views, cfg.augment.views, memory_budget)
+    if budget is not None:
+        from .stream_train import train_head_streamed     # imports this module
+        return train_head_streamed(X_train, y_train, X_val, y_val, groups=groups, config=cfg,
+                                   views=views, seed=seed, classes=classes, threads=threads,
+                                   memory_budget=budget)
+    X_train, X_val, views = _in_memory(X_train, X_val, views)
     t0 = time.perf_counter()
     X_train = check_features(X_train, "training embeddings")
     codes, class_list = _training_codes(X_train, y_train, views, classes)
@@ -188,7 +201,20 @@ def train_head(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray,
     return head
 
 
-def _training_codes(X_train: np.ndarray, y_train: Sequence[Any] | np.ndarray, views: ViewBank | None,
+def _in_memory(X_train: np.ndarray | LazyRows, X_val: np.ndarray | LazyRows | None,
+               views: ViewBank | LazyViews | None) -> tuple[np.ndarray, np.ndarray | None, ViewBank | None]:
+    """Lazy rows and views read whole (they fit the budget); arrays as they are."""
+    if isinstance(views, LazyViews):
+        views = views.materialise(int(X_train.shape[1]), np.dtype(X_train.dtype))
+    if isinstance(X_train, LazyRows):
+        X_train = X_train.materialise()
+    if isinstance(X_val, LazyRows):
+        X_val = X_val.materialise()
+    return X_train, X_val, views
+
+
+def _training_codes(X_train: np.ndarray | LazyRows, y_train: Sequence[Any] | np.ndarray,
+                    views: ViewBank | LazyViews | None,
                     classes: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
     """``(codes (n,) int64, classes)`` of the training labels; one line for labels that cannot train."""
     codes, class_list = encode_labels(y_train, classes)
@@ -341,17 +367,28 @@ def _tune_and_score(head: TrainedHead, data: _Problem) -> dict[str, Any]:
         return {}
     with torch.inference_mode():
         prob = torch.softmax(head.module.body(data.xv), dim=1).numpy()
+    return _tune_on(head, data.val_codes, prob)
+
+
+def _tune_on(head: TrainedHead, val_codes: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+    """Tune the binary threshold (when asked) and score, on early-stopping rows of ``prob`` (n, c)."""
     positive = head.positive
     if positive is not None and head.config.tune_threshold:
-        threshold, best_f1 = best_f1_threshold(data.val_codes == positive, prob[:, positive])
+        threshold, best_f1 = best_f1_threshold(val_codes == positive, prob[:, positive])
         head.threshold = None if math.isnan(best_f1) else threshold
-    return classification_metrics(data.val_codes, prob, head.decide(prob), positive)
+    return classification_metrics(val_codes, prob, head.decide(prob), positive)
 
 
-def evaluate(head: TrainedHead, X: np.ndarray, y: Sequence[Any] | np.ndarray) -> dict[str, Any]:
-    """Metrics of ``head`` on (n, dim) embeddings with (n,) labels: accuracy, balanced accuracy,
-    F1 (positive class for binary, macro otherwise), AUROC, confusion matrix."""
-    X = check_features(X, "evaluation embeddings")
+def evaluate(head: TrainedHead, X: np.ndarray | LazyRows, y: Sequence[Any] | np.ndarray) -> dict[str, Any]:
+    """Metrics of ``head`` on (n, dim) embeddings (or ``LazyRows``, scored chunk by chunk) with
+    (n,) labels: accuracy, balanced accuracy, F1 (positive class for binary, macro otherwise),
+    AUROC, confusion matrix."""
+    if not isinstance(X, LazyRows):
+        X = check_features(X, "evaluation embeddings")
     codes, _ = encode_labels(y, head.classes)
-    prob = head.predict_proba(X)
+    if isinstance(X, LazyRows):
+        from .stream_train import predict_rows
+        prob = predict_rows(head, X)
+    else:
+        prob = head.predict_proba(X)
     return classification_metrics(codes, prob, head.decide(prob), head.positive)

@@ -20,6 +20,7 @@ from .splits import Fold, check_fold_counts, check_group_count, stratified_group
 from .crossval import cross_validate, pin_positive
 from .metrics import SCALAR_METRICS, format_table
 from .models import HeadConfig
+from .stream import LazyRows, LazyViews
 from .train import encode_labels
 
 __all__ = ["DEFAULT_SPACE", "SweepResult", "sweep", "plan_trials"]
@@ -62,16 +63,17 @@ def plan_trials(space: Mapping[str, Sequence[Any]], search: str = "grid", trials
     return [grid[i] for i in sorted(pick)]
 
 
-def sweep(X: np.ndarray, y: Sequence[Any] | np.ndarray, *, groups: np.ndarray | None = None,
+def sweep(X: np.ndarray | LazyRows, y: Sequence[Any] | np.ndarray, *, groups: np.ndarray | None = None,
           base: HeadConfig | None = None, space: Mapping[str, Sequence[Any]] | None = None,
           search: str = "grid", trials: int = 20, folds: int = 5, seed: int = 0,
-          views: ViewBank | None = None, metric: str = "f1",
-          classes: Sequence[str] | None = None) -> SweepResult:
+          views: ViewBank | LazyViews | None = None, metric: str = "f1",
+          classes: Sequence[str] | None = None, memory_budget: int | str | None = None) -> SweepResult:
     """Score every configuration by ``folds``-fold stratified group CV over (n, dim) ``X``.
 
     ``space`` maps HeadConfig fields (or ``augment.noise`` / ``augment.mixup`` /
     ``augment.dropout``) to candidate values; ``groups`` (n,) keeps slides or patients within one
-    fold. Pass only training data: the test set must stay outside the sweep.
+    fold. Pass only training data: the test set must stay outside the sweep. ``memory_budget``:
+    as ``train_head`` (``X`` may be ``LazyRows``).
     """
     if metric not in SCALAR_METRICS:
         raise HeadError(f"sweep metric must be one of {SCALAR_METRICS}, got {metric!r}")
@@ -89,7 +91,8 @@ def sweep(X: np.ndarray, y: Sequence[Any] | np.ndarray, *, groups: np.ndarray | 
     for params in plan_trials(space, search, trials, seed):
         cfg = base_cfg.with_params(params)
         t0 = time.perf_counter()
-        report = cross_validate(X, y, cv, groups=groups, config=cfg, views=views, seeds=[seed], classes=cls)
+        report = cross_validate(X, y, cv, groups=groups, config=cfg, views=views, seeds=[seed], classes=cls,
+                                memory_budget=memory_budget)
         table.append({**params, **report.summary, "seconds": time.perf_counter() - t0})
     order = sorted(range(len(table)), key=lambda i: -_score(table[i][metric]))
     for rank, i in enumerate(order, 1):

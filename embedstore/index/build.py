@@ -3,6 +3,11 @@
 Everything streams from the store: the training sample is gathered by random ids, rows are
 added batch by batch (float16 -> float32, L2-normalised, per batch), and recall is measured
 against an exact search that is itself a streamed scan. FAISS ids are the store's tile ids.
+
+``kind="auto"`` measures every candidate that fits the budget on a sample of the store
+(``index/measure.py``) and builds the fastest that met the target recall. Every recall figure,
+the sample's and the saved one, is measured on held-out stored rows that the measured index
+does not contain: they are added to the full-size index only after its recall was measured.
 """
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS, two_level_centroids
+from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS
+from embedstore.index._make import gather_rows, held_out_queries, new_index, random_ids, train
 from embedstore.index._vectors import SCAN_BATCH, check_metric, log, prepare, require_rows
-from embedstore.index.choose import QUANTIZER_EF_SEARCH, IndexPlan, parse_memory, plan_index
-from embedstore.index.recall import exact_scan, tune
+from embedstore.index.choose import (EXACT_MAX_ROWS, IndexPlan, parse_memory, pick,
+                                     plan_candidates, plan_index)
+from embedstore.index.measure import RECALL_K, gpu_count, measure_candidates
+from embedstore.index.recall import exact_scan, recall_at_k, tune
 from embedstore.index.stored import (IndexInfo, VectorIndex, index_dir, load_index, now_iso,
                                      require_gpu, save_index, to_gpu)
 from embedstore.sizes import format_bytes
@@ -23,149 +31,144 @@ from embedstore.store.protocol import StoreLike
 
 __all__ = ["build_index", "update_index"]
 
-RECALL_K = 10
-PQ_TRAIN_NITER = 10              # k-means iterations per PQ sub-quantizer (faiss default 25)
-PQ_TRAIN_POINTS = 64             # points per PQ centroid (faiss default 256): ~10x faster, and
-                                 # exact re-ranking absorbs the small loss in code quality
-
-
-def _new_index(plan: IndexPlan) -> Any:
-    import faiss
-
-    index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.kind in ("flat", "hnsw"):   # IVF holds ids in its lists; the others need a map
-        return faiss.IndexIDMap(index)
-    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    if hasattr(quantizer, "hnsw"):        # list assignment while adding rows uses this too
-        quantizer.hnsw.efSearch = QUANTIZER_EF_SEARCH
-    if plan.kind == "ivf-pq":
-        ivf.pq.cp.niter = PQ_TRAIN_NITER
-        ivf.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS
-    return index
-
-
-def _training_sample(store: StoreLike, size: int, seed: int, metric: str,
-                     batch_size: int) -> np.ndarray:
-    """(size, dim) float32 rows gathered by seeded random ids, converted batch by batch."""
-    all_ids = store.all_ids()
-    rng = np.random.default_rng(seed)
-    pick = np.sort(all_ids[rng.choice(len(all_ids), size=size, replace=False)])
-    sample = np.empty((size, store.dim), dtype=np.float32)
-    for s in range(0, size, batch_size):
-        sample[s:s + batch_size] = prepare(store.gather(pick[s:s + batch_size]), metric)
-    return sample
-
-
-def _query_sample(store: StoreLike, n_queries: int, seed: int, metric: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out queries: seeded random stored rows -> (ids (nq,), vectors (nq, dim) float32)."""
-    all_ids = store.all_ids()
-    rng = np.random.default_rng(seed + 1)
-    nq = min(n_queries, len(all_ids))
-    qids = np.sort(all_ids[rng.choice(len(all_ids), size=nq, replace=False)])
-    return qids, prepare(store.gather(qids), metric)
-
 
 def _without_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
-    """(nq, m) ids -> (nq, k): each query's own row removed, so a stored query is scored like
-    a new one (its own row would otherwise be a free hit in every top-k)."""
+    """(nq, m) ids -> (nq, k): each query's own row removed (for measuring an index that
+    contains its queries; build_index now holds them out instead)."""
     keep = ids != qids[:, None]
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, axis=1)
 
 
 def _add_rows(index: Any, store: StoreLike, metric: str, batch_size: int,
-              above_id: int = -1) -> tuple[int, int]:
-    """Add every live row with id > above_id; returns (rows added, largest id seen)."""
+              above_id: int = -1, skip: np.ndarray | None = None) -> tuple[int, int]:
+    """Add every live row with id > above_id (and not in sorted ``skip``); returns (rows
+    added, largest id seen)."""
     added, max_id = 0, above_id
     for ids, emb in store.scan(batch_size):
         if len(ids) == 0 or ids[-1] <= above_id:
             continue
         ids = np.asarray(ids, dtype=np.int64)
-        if ids[0] <= above_id:
-            keep = ids > above_id
+        keep = ids > above_id
+        if skip is not None and len(skip):
+            keep &= ~np.isin(ids, skip)
+        if not keep.all():
             ids, emb = ids[keep], emb[keep]
-        index.add_with_ids(prepare(emb, metric), ids)
-        added += len(ids)
-        max_id = max(max_id, int(ids[-1]))
+        if len(ids):
+            index.add_with_ids(prepare(emb, metric), ids)
+            added += len(ids)
+            max_id = max(max_id, int(ids[-1]))
     return added, max_id
 
 
-def _train_and_fill(store: StoreLike, plan: IndexPlan, metric: str, seed: int, gpu: bool,
-                    batch_size: int) -> tuple[Any, int, int]:
+def _train_and_fill(store: StoreLike, plan: IndexPlan, metric: str, seed: int,
+                    batch_size: int, skip: np.ndarray) -> tuple[Any, int, int]:
+    """The full-size index of ``plan`` over every row but ``skip`` (CPU index returned)."""
     import faiss
 
-    index = _new_index(plan)
+    index = new_index(plan)
     work, res = index, None
-    if gpu and plan.kind != "hnsw":
+    if plan.gpu and plan.kind != "hnsw":
         work, res = to_gpu(index, plan.kind)
-    elif gpu:
+    elif plan.gpu:
         log.warning("faiss has no GPU HNSW; building %s on CPU", plan.factory)
     if plan.needs_training:
         t0 = time.perf_counter()
-        sample = _training_sample(store, plan.train_size, seed, metric, batch_size)
-        if res is None and plan.nlist >= TWO_LEVEL_MIN_LISTS and not plan.factory.startswith("OPQ"):
-            # lists from two-level k-means; train() then sees a full quantizer and fits only codes
-            ivf = faiss.extract_index_ivf(work)
-            ivf.quantizer.add(two_level_centroids(sample, plan.nlist, seed))
-        work.train(sample)
+        pool = store.all_ids()
+        pick_ids = random_ids(pool, plan.train_size, seed)
+        sample = gather_rows(store, pick_ids, metric, batch_size)
+        train(work, sample, plan, seed, res is not None, TWO_LEVEL_MIN_LISTS)
         del sample
-        log.info("trained %s on %d sampled rows in %.1fs", plan.factory, plan.train_size,
+        log.info("trained %s on %d sampled rows in %.1fs", plan.factory, len(pick_ids),
                  time.perf_counter() - t0)
-    added, max_id = _add_rows(work, store, metric, batch_size)
+    added, max_id = _add_rows(work, store, metric, batch_size, skip=skip)
     if res is not None:
         index = faiss.index_gpu_to_cpu(work)
     return index, added, max_id
 
 
+def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu: bool,
+            metric: str, seed: int, qids: np.ndarray, q: np.ndarray, batch_size: int,
+            measure: bool) -> tuple[IndexPlan, list[dict], int]:
+    """(plan to build, every candidate measured, sample rows): a forced kind, the static plan
+    (``measure=False``), the only candidate, or the winner of the measurement."""
+    n, dim = len(store), store.dim
+    if kind != "auto" or not measure:
+        plan = plan_index(n, dim, budget, target_recall, kind)
+        return replace(plan, gpu=gpu), [], 0
+    plans = plan_candidates(n, dim, budget, target_recall, gpus=gpu_count() if gpu else 0)
+    if len(plans) == 1:      # below EXACT_MAX_ROWS, or the budget leaves one: nothing to compare
+        only = plans[0]
+        why = only.reason if only.kind == "flat" and n < EXACT_MAX_ROWS else \
+            f"the only candidate that fits the memory budget of {format_bytes(budget)}"
+        return replace(only, reason=why), [], 0
+    measured, sample = measure_candidates(store, plans, qids, q, target_recall, metric, seed,
+                                          budget, batch_size)
+    win = pick(measured, target_recall)
+    measured[win]["chosen"] = True
+    best = measured[win]
+    met = "met" if best["recall"] >= target_recall else "NOT met by any candidate"
+    reason = (f"measured {len(plans)} candidates on a {sample:,}-row sample: {plans[win].label}"
+              f" predicted {best['qps']:,.0f} QPS at recall@10 {best['recall']:.3f} (target "
+              f"{target_recall}: {met}), {format_bytes(best['memory_bytes'])}")
+    return replace(plans[win], reason=reason), measured, sample
+
+
 def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int = "8G",
                 target_recall: float = 0.95, gpu: bool = False, metric: str = "cosine",
-                seed: int = 0, *, n_queries: int = 1000,
-                batch_size: int = SCAN_BATCH) -> IndexInfo:
-    """Plan, train, fill, tune and save the index of ``store`` under ``store.path/index``.
+                seed: int = 0, *, n_queries: int = 1000, batch_size: int = SCAN_BATCH,
+                measure: bool = True) -> IndexInfo:
+    """Choose (or take the forced ``kind``), train, fill, tune and save the index of ``store``
+    under ``store.path/index``.
 
-    Recall@10 against exact search is measured on ``n_queries`` seeded stored rows (each
-    query's own row left out of both lists, so the figure holds for new queries), and the
-    search parameter (nprobe / efSearch, and re-rank depth for IVF-PQ) is the cheapest that met
-    ``target_recall`` in an increasing sweep; every point tried is kept in ``info.curve``.
+    Recall@10 against exact search is measured on up to ``n_queries`` seeded stored rows that
+    the index does not yet hold (they are added after), and the search parameter (nprobe /
+    efSearch, and re-rank depth for IVF-PQ) is the cheapest that met ``target_recall`` in an
+    increasing sweep; every point tried is kept in ``info.curve``, every candidate measured
+    by the auto chooser in ``info.candidates``.
     """
     check_metric(metric)
     n = require_rows(store)
     if gpu:
         require_gpu()
-    plan = plan_index(n, store.dim, parse_memory(memory_budget), target_recall, kind)
-    log.info("index plan for %d x %d: %s (~%s): %s", n, store.dim, plan.factory,
+    budget = parse_memory(memory_budget)
+    qids, q = held_out_queries(store, n_queries, seed, metric)
+    plan, candidates, sample = _choose(store, kind, budget, target_recall, gpu, metric, seed,
+                                       qids, q, batch_size, measure)
+    log.info("index plan for %d x %d: %s (~%s): %s", n, store.dim, plan.label,
              format_bytes(plan.memory_bytes), plan.reason)
     committed = int(store.n_rows_committed)
     t0 = time.perf_counter()
-    index, added, max_id = _train_and_fill(store, plan, metric, seed, gpu, batch_size)
+    index, added, max_id = _train_and_fill(store, plan, metric, seed, batch_size, qids)
     build_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    qids, q = _query_sample(store, n_queries, seed, metric)
-    _, truth = exact_scan(store, q, RECALL_K + 1, metric, batch_size=batch_size)
-    truth = _without_self(truth, qids, RECALL_K)
+    _, truth = exact_scan(store, q, RECALL_K, metric, batch_size=batch_size, skip=qids)
     info = IndexInfo(factory=plan.factory, kind=plan.kind, metric=metric, dim=store.dim,
                      nlist=plan.nlist, params={}, n_covered=int(index.ntotal), max_id=max_id,
                      n_rows_committed=committed, recall_at_10=0.0, target_recall=target_recall,
                      recall_met=False, qps=0.0, n_queries=len(qids),
                      build_seconds=round(build_seconds, 3), tune_seconds=0.0, memory_bytes=0,
-                     reason=plan.reason, seed=seed, gpu=gpu, created=now_iso())
+                     reason=plan.reason, seed=seed, gpu=plan.gpu, created=now_iso(),
+                     candidates=candidates, sample_size=sample)
     vindex = VectorIndex(index, info)
-    tuned = tune(lambda qq, k, params: _without_self(vindex.query(store, qq, k + 1, params)[1],
-                                                     qids, k),
+    for row in candidates:          # the sample's prediction, checked at full size
+        if row.get("chosen"):
+            found = vindex.query(store, q, RECALL_K, row["params"])[1]
+            row["full_recall"] = round(recall_at_k(found, truth, RECALL_K), 4)
+    tuned = tune(lambda qq, k, params: vindex.query(store, qq, k, params)[1],
                  plan, q, truth, target_recall, RECALL_K)
+    index.add_with_ids(q, qids)                 # the held-out rows join once measured
     info = replace(info, params=tuned.params, recall_at_10=tuned.recall, recall_met=tuned.met,
-                   qps=tuned.qps, curve=tuned.curve,
-                   tune_seconds=round(time.perf_counter() - t1, 3))
+                   qps=tuned.qps, curve=tuned.curve, n_covered=int(index.ntotal),
+                   max_id=max(max_id, int(qids[-1])), tune_seconds=round(time.perf_counter() - t1, 3))
     if not tuned.met:
         log.warning("%s reached recall@10 %.3f < target %.3f at its widest setting %s; "
                     "consider --kind ivf-flat or a larger --memory-budget", plan.factory,
                     tuned.recall, target_recall, tuned.params)
     info = save_index(index, info, index_dir(store))
     log.info("built %s over %d rows in %.1fs: recall@10 %.3f at %s, %.0f QPS", info.factory,
-             added, build_seconds, info.recall_at_10, info.params, info.qps)
+             added + len(qids), build_seconds, info.recall_at_10, info.params, info.qps)
     return info
 
 

@@ -36,9 +36,10 @@ def exact_search(store: StoreLike, queries: np.ndarray, k: int = 10,
 
 
 def exact_scan(store: StoreLike, q: np.ndarray, k: int, metric: str,
-               allow: AllowFn | None = None, batch_size: int = SCAN_BATCH
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """exact_search on prepared queries (nq, dim) float32, optionally restricted by ``allow``."""
+               allow: AllowFn | None = None, batch_size: int = SCAN_BATCH,
+               skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """exact_search on prepared queries (nq, dim) float32, optionally restricted by ``allow``;
+    the rows ``skip`` (sorted ids: held-out queries) are left out for every query."""
     import faiss
 
     nq = len(q)
@@ -47,6 +48,11 @@ def exact_scan(store: StoreLike, q: np.ndarray, k: int, metric: str,
         if len(batch_ids) == 0:
             continue
         batch_ids = np.asarray(batch_ids, dtype=np.int64)
+        if skip is not None and len(skip):
+            keep = ~np.isin(batch_ids, skip)
+            batch_ids, emb = batch_ids[keep], emb[keep]
+            if not len(batch_ids):
+                continue
         x = prepare(emb, metric)
         kb = min(k, len(batch_ids))
         if allow is None:

@@ -43,7 +43,7 @@ class IndexInfo:
     """What ``index.json`` records about a built index."""
 
     factory: str                 # faiss.index_factory string (before the id map)
-    kind: str                    # flat | hnsw | ivf-flat | ivf-pq
+    kind: str                    # flat | hnsw | ivf-flat | ivf-sq8 | ivf-pq
     metric: str                  # cosine (vectors L2-normalised, inner product) | ip
     dim: int                     # vector dimension
     nlist: int                   # inverted lists (0 unless IVF)
@@ -66,6 +66,10 @@ class IndexInfo:
     created: str = ""            # ISO time of the build
     updated: str = ""            # ISO time of the last update_index ("" if none)
     n_added: int = 0             # rows added by update_index since the build
+    candidates: list = field(default_factory=list)   # auto: every candidate measured on the
+                                 # sample (label, params, recall, qps predicted at full size,
+                                 # sample_qps, memory_bytes, build_seconds, chosen)
+    sample_size: int = 0         # rows of the store sample the candidates were measured on
     faiss_version: str = ""      # faiss that wrote the file
     file: str = ""               # faiss file name inside the index directory
     format_version: int = FORMAT_VERSION
@@ -115,7 +119,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "factory": str, "kind": str, "metric": str, "dim": int, "nlist": int, "params": dict,
     "n_covered": int, "max_id": int, "n_rows_committed": int, "memory_bytes": int, "file": str,
     "n_added": int, "recall_at_10": _NUMBER, "target_recall": _NUMBER, "qps": _NUMBER,
-    "build_seconds": _NUMBER, "tune_seconds": _NUMBER}
+    "build_seconds": _NUMBER, "tune_seconds": _NUMBER, "candidates": list, "sample_size": int}
 
 
 def _check_types(info: IndexInfo) -> None:

@@ -11,6 +11,7 @@ File → Import objects from file, or by dragging it onto the open image.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..arrays import l2_normalise
-from ..errors import ConfigError, HeadError, SlideError, SourceError, UnknownKeyError
+from ..errors import ConfigError, SlideError, SourceError, UnknownKeyError
 from ..store.atomic import atomic_open
 from .geometry import SlideGeometry, _mask_file, slide_geometry
 
@@ -80,8 +81,9 @@ def _ring(points: np.ndarray, outer: bool) -> list[list[float]]:
 def tissue_features(mask: np.ndarray, dims: tuple[int, int]) -> list[dict[str, Any]]:
     """Tissue contours of a (h, w) bool mask spanning a slide of level-0 ``dims`` (w, h): one
     ``annotation`` Feature per connected piece, its holes as interior rings. Boundaries run
-    midway between pixel centres (marching squares), so each polygon's area is its pixel
-    count times the pixel area; diagonal contacts are split, which keeps polygons valid."""
+    through the pixel edges' midpoints (marching squares): a convex corner cuts an eighth of a
+    pixel and a concave one adds it, so a blob's area is its pixel count to within a pixel;
+    pixels touching only at a corner are split apart, which keeps every polygon valid."""
     import contourpy   # a dependency of matplotlib
 
     mask = np.asarray(mask, bool)
@@ -93,7 +95,8 @@ def tissue_features(mask: np.ndarray, dims: tuple[int, int]) -> list[dict[str, A
     xs = (np.arange(w + 2) - 0.5) * sx            # padded column j is pixel j-1, centre (j-0.5)*sx
     ys = (np.arange(h + 2) - 0.5) * sy
     gen = contourpy.contour_generator(xs, ys, z, fill_type="OuterOffset")
-    points, offsets = gen.filled(0.5 + 1e-6, 2.0)   # just above 0.5: saddles count as outside
+    filled: Any = gen.filled(0.5 + 1e-6, 2.0)     # just above 0.5: saddles count as outside
+    points, offsets = filled                     # OuterOffset: (points per polygon, ring offsets)
     out = []
     for pts, offs in zip(points, offsets):
         rings = [_ring(pts[offs[i]:offs[i + 1]], outer=i == 0) for i in range(len(offs) - 1)]
@@ -122,13 +125,11 @@ def _read_predictions(path: Path, slide: str, keys: list[str]) -> tuple[list[str
     file written by ``predict`` (key, pred, prob_<class>..., slide, x, y), joined by key."""
     import pyarrow as pa
     try:
-        with pa.memory_map(str(path)) as src:
-            try:
-                t = pa.ipc.open_file(src).read_all()
-            except pa.ArrowInvalid:
-                src.seek(0)
-                t = pa.ipc.open_stream(src).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
+        try:
+            t = pa.ipc.open_file(str(path)).read_all()
+        except pa.ArrowInvalid:
+            t = pa.ipc.open_stream(str(path)).read_all()
+    except pa.ArrowInvalid as e:
         raise SourceError(f"{path} is not an Arrow predictions file ({e})") from None
     if "key" not in t.column_names:
         raise SourceError(f"{path} has no 'key' column; write it with `embedstore predict`")
@@ -143,8 +144,8 @@ def _read_predictions(path: Path, slide: str, keys: list[str]) -> tuple[list[str
         preds = [None if r < 0 or col[r] is None else str(col[r]) for r in rows]
     numeric: dict[str, np.ndarray] = {}
     for name in t.column_names:
-        if name in ("x", "y") or not pa.types.is_integer(t.schema.field(name).type) and \
-                not pa.types.is_floating(t.schema.field(name).type):
+        kind = t.schema.field(name).type
+        if name in ("x", "y") or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             continue
         v = t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)[take]
         numeric[name] = np.where(rows >= 0, v, np.nan)
@@ -219,17 +220,17 @@ def export_geojson(store: Any, slide: str, out: str | os.PathLike[str], *, predi
         meas["similarity"] = l2_normalise(bag.emb) @ l2_normalise(q)[0]
     if clusters is not None:
         meas["cluster"] = _clusters(bag.emb, clusters)
-    annotations = tissue_features(_read_mask(Path(store.path), slide), geo.dims) if tissue and geo.dims else []
-    if tissue and not geo.dims:
-        raise SourceError(f"slide {slide!r} has no level-0 size recorded (masks/*.grid.json); drop --tissue")
+    annotations: list[dict[str, Any]] = []
+    if tissue:
+        if geo.dims is None:
+            raise SourceError(f"slide {slide!r} has no level-0 size recorded (masks/*.grid.json); drop --tissue")
+        annotations = tissue_features(_read_mask(Path(store.path), slide), geo.dims)
     n = 0
     with atomic_open(out, "w") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
-        for feat in [*annotations, *_features(bag.keys, bag.coords, geo.tile_l0, preds, meas, classes)]:
+        for feat in itertools.chain(annotations, _features(bag.keys, bag.coords, geo.tile_l0, preds, meas, classes)):
             f.write((",\n" if n else "") + json.dumps(feat, separators=(",", ":")))
             n += 1
         f.write("\n]}\n")
-    if head is not None and not classes:
-        raise HeadError("the head has no classes")      # unreachable: load_head checks
     return {"path": str(out), "slide": slide, "tiles": len(bag.keys), "annotations": len(annotations),
             "tile_l0": geo.tile_l0, "geometry": geo.source, "classes": classes, "measurements": sorted(meas)}

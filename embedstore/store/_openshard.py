@@ -60,9 +60,11 @@ class Pending:
 class OpenShard:
     """The base shard being filled (and its view shard, opened with the first views)."""
 
-    def __init__(self, lay: Layout, token: str, seq: int, dim: int, dtype: str) -> None:
+    def __init__(self, lay: Layout, token: str, seq: int, dim: int, dtype: str,
+                 schema_meta: dict[bytes, bytes] | None = None) -> None:
         self.lay, self.token, self.seq, self.dim, self.dtype = lay, token, seq, dim, dtype
-        self.base = ShardFile(lay, shard_name(token, seq), base_schema(dim, dtype))
+        self.schema_meta = schema_meta   # the store's record in every shard's schema
+        self.base = ShardFile(lay, shard_name(token, seq), base_schema(dim, dtype, metadata=schema_meta))
         self.view: ShardFile | None = None
         self.units: list[tuple[str, dict[str, Any]]] = []
         self.keys: list[str] = []
@@ -86,7 +88,7 @@ class OpenShard:
                 raise ShapeError("views given for some units and not others in one shard")
             # a view file shares its base's seq
             self.view = ShardFile(self.lay, shard_name(self.token, self.seq, view=True),
-                                  view_schema(self.dim, self.dtype))
+                                  view_schema(self.dim, self.dtype, metadata=self.schema_meta))
         elif views is None and self.view is not None:
             raise ShapeError("views given for some units and not others in one shard")
         first = self.rows
@@ -111,7 +113,8 @@ class OpenShard:
 
     def _write_views(self, keys: list[str], vb: np.ndarray, first_row: int) -> None:
         assert self.view is not None
-        self.view.write(views_table(keys, vb, self.dim, self.dtype, base_row=first_row))
+        self.view.write(views_table(keys, vb, self.dim, self.dtype, base_row=first_row,
+                                    schema_meta=self.schema_meta))
 
     def _note_slides(self, slides: list[Any], first: int) -> None:
         """Extend the runs of consecutive rows of one slide (the catalog's slide -> ids map)."""
@@ -133,7 +136,8 @@ class OpenShard:
 
 
 def views_table(keys: Sequence[str], views: np.ndarray, dim: int, dtype: str, *,
-                base_row: int | None = None, ids: np.ndarray | None = None) -> pa.Table:
+                base_row: int | None = None, ids: np.ndarray | None = None,
+                schema_meta: dict[bytes, bytes] | None = None) -> pa.Table:
     """View rows of tiles ``keys`` with ``views`` (n, K, dim): row j*K + v is view v+1 of tile j.
 
     Written beside their base shard, tiles are named by row: ``base_row`` is tile 0's. Added to
@@ -145,4 +149,5 @@ def views_table(keys: Sequence[str], views: np.ndarray, dim: int, dtype: str, *,
             pa.array(np.tile(np.arange(1, k + 1, dtype=np.uint8), n)), fixed_list(views.reshape(n * k, dim))]
     if ids is not None:
         cols.append(pa.array(np.repeat(np.asarray(ids, dtype=np.int64), k)))
-    return pa.Table.from_arrays(cols, schema=view_schema(dim, dtype, with_id=ids is not None))
+    return pa.Table.from_arrays(cols, schema=view_schema(dim, dtype, with_id=ids is not None,
+                                                         metadata=schema_meta))

@@ -25,7 +25,7 @@ from .atomic import fsync_dir
 from .catalog import _j, u64
 from .layout import Layout, shard_name
 from .reader import Store
-from .schema import base_schema, view_schema
+from .schema import base_schema, shard_metadata, view_schema
 
 __all__ = ["delete", "compact"]
 
@@ -131,7 +131,8 @@ def _rewrite_base(store: Store, lay: Layout, name: str, rec: dict[str, Any], new
     table = pa.Table.from_batches(store.snapshot.mapped[name].batches).filter(pa.array(live))
     cols = [table.column(c) for c in table.schema.names if c != "id"]
     out = pa.Table.from_arrays(cols + [pa.array(ids[live])],
-                               schema=base_schema(store.dim, store.meta.dtype, with_id=True))
+                               schema=base_schema(store.dim, store.meta.dtype, with_id=True,
+                                                  metadata=shard_metadata(store.meta)))
     new_rec = write_shard(lay, new_name, out)
     new_rec.update(kind="base", first_id=int(ids[live][0]) if live.any() else rec["first_id"],
                    seq=rec["seq"], units=rec.get("units", []), writer=token, time=time.time(),
@@ -149,7 +150,8 @@ def _rewrite_views(store: Store, lay: Layout, vname: str, base: str, new_base: s
     vt = vt.filter(pa.array(keep))
     vcols = [vt.column(c) for c in vt.schema.names if c != "id"]
     vout = pa.Table.from_arrays(vcols + [pa.array(ids[vbase[keep]])],
-                                schema=view_schema(store.dim, store.meta.dtype, with_id=True))
+                                schema=view_schema(store.dim, store.meta.dtype, with_id=True,
+                                                 metadata=shard_metadata(store.meta)))
     new_vname = new_base[:-len(".arrow")] + ".v.arrow"
     rec = write_shard(lay, new_vname, vout)
     rec.update(kind="view", base=new_base, time=time.time())

@@ -68,7 +68,12 @@ def read_meta(path: Path) -> StoreMeta:
     if d.get("format_version", 0) > FORMAT_VERSION:
         raise NotAStoreError(f"{f} has format version {d['format_version']}; this embedstore "
                              f"reads up to {FORMAT_VERSION}: upgrade embedstore")
-    return StoreMeta.from_dict(d)
+    if not isinstance(d, dict):
+        raise NotAStoreError(f"{f} does not hold a JSON object")
+    try:
+        return StoreMeta.from_dict(d)
+    except (ConfigError, DimensionMismatchError, TypeError) as e:  # a field edited to nonsense
+        raise NotAStoreError(f"{f}: {e}; restore it (every shard records the store's dim and dtype)") from None
 
 
 def read_store_meta(path: Path) -> StoreMeta:

@@ -34,6 +34,7 @@ from .commit import apply_commit, apply_staged, register_file_writer, stage_comm
 from .creation import clean_leftovers, create_store
 from .layout import Layout, shard_name
 from .meta import StoreMeta, check_compatible, read_meta
+from . import schema
 from .schema import META_COLUMNS
 
 __all__ = ["StoreWriter", "create_store", "clean_leftovers"]
@@ -321,7 +322,8 @@ class StoreWriter:
     def _write_rows(self, p: Pending) -> None:
         t0 = time.perf_counter()
         if self._file is None:
-            self._file = OpenShard(self.lay, self.token, self._seq, self.dim, self.meta.dtype)
+            self._file = OpenShard(self.lay, self.token, self._seq, self.dim, self.meta.dtype,
+                                   schema.shard_metadata(self.meta))
         self._file.append(p, self.batch_rows)
         self.stats["write_s"] += time.perf_counter() - t0
 
@@ -365,7 +367,8 @@ class StoreWriter:
     def _commit_views(self, unit: str | None, ids: np.ndarray, keys: list[str], views: np.ndarray) -> None:
         name = shard_name(self.token, self._seq, view=True)
         self._seq += 1
-        table = views_table(keys, views, self.dim, self.meta.dtype, ids=ids)
+        table = views_table(keys, views, self.dim, self.meta.dtype, ids=ids,
+                            schema_meta=schema.shard_metadata(self.meta))
         rec = write_shard(self.lay, name, table)
         fsync_dir(self.lay.shards)
         self._apply({"kind": "views", "name": name, "rec": rec, "writer": self.token, "time": time.time(),
