@@ -148,3 +148,23 @@ def test_train_head_refuses_an_out_directory_holding_other_files(small: tuple[Pa
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "notes.txt" in lines[0], err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_train_head_memory_budget_streams_and_the_head_predicts(small: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = small
+    head = tmp_path / "streamed"
+    code, out, err = _run("train-head", store, "--split", "kfold:3", "--seeds", "1", "--epochs", "3",
+                          "--augment", "views", "--memory-budget", "8K", "--out", head, "--json")
+    assert code == 0, err
+    assert json.loads(out)["streamed"] is True
+    assert json.loads((head / "head.json").read_text())["classes"] == ["normal", "tumor"]
+    code, _, err = _run("predict", store, "--head", head, "--out", tmp_path / "p.arrow")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("bad", ["lots", "0", "-5G"])
+def test_train_head_refuses_a_bad_memory_budget_in_one_line(small: tuple[Path, Path], bad: str) -> None:
+    store, _ = small
+    code, _, err = _run("train-head", store, "--split", "kfold:3", "--memory-budget", bad)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "--memory-budget" in lines[0], err

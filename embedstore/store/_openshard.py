@@ -20,7 +20,7 @@ from ._shardfile import ShardFile, fixed_list
 from .layout import Layout, shard_name
 from .schema import META_COLUMNS, base_schema, view_schema
 
-__all__ = ["Pending", "OpenShard", "is_seq", "views_table"]
+__all__ = ["Pending", "OpenShard", "Sealed", "drop_units", "is_seq", "views_table"]
 
 
 def is_seq(v: Any) -> TypeGuard[Iterable[Any]]:
@@ -69,6 +69,7 @@ class OpenShard:
         self.units: list[tuple[str, dict[str, Any]]] = []
         self.keys: list[str] = []
         self.slide_runs: list[list[Any]] = []   # [slide, start_row, count]
+        self.row_units: list[list[Any]] = []    # [unit, start_row, count]: whose rows these are
         self.opened = time.monotonic()
 
     @property
@@ -79,8 +80,8 @@ class OpenShard:
     def name(self) -> str:
         return self.base.name
 
-    def append(self, p: Pending, batch_rows: int) -> None:
-        """Write the rows of ``p`` in batches of ``batch_rows``."""
+    def append(self, p: Pending, batch_rows: int, unit: str | None = None) -> None:
+        """Write the rows of ``p`` (of ``unit``) in batches of ``batch_rows``."""
         emb = np.concatenate(p.emb) if len(p.emb) > 1 else p.emb[0]
         views = (np.concatenate(p.views) if len(p.views) > 1 else p.views[0]) if p.views else None
         if views is not None and self.view is None:
@@ -99,6 +100,7 @@ class OpenShard:
                 self._write_views(p.cols["key"][a:b], views[a:b], first + a)
         self._note_slides(p.cols["slide"], first)
         self.keys.extend(p.cols["key"])
+        self.row_units.append([unit, first, p.rows])
 
     def _write_base(self, p: Pending, emb: np.ndarray, a: int, b: int) -> None:
         arrays = [pa.array(p.cols["key"][a:b], pa.string())]
@@ -127,6 +129,11 @@ class OpenShard:
             else:
                 runs.append([s, first + i, 1])
 
+    def sealed(self, recs: dict[str, dict[str, Any]]) -> "Sealed":
+        """What the commit needs of this file once sealed (``recs``: the seal's records)."""
+        return Sealed(self.name, self.view.name if self.view is not None else None, self.rows, self.keys,
+                      self.slide_runs, self.units, self.row_units, recs)
+
     def files(self) -> list[ShardFile]:
         return [self.base] + ([self.view] if self.view is not None else [])
 
@@ -151,3 +158,68 @@ def views_table(keys: Sequence[str], views: np.ndarray, dim: int, dtype: str, *,
         cols.append(pa.array(np.repeat(np.asarray(ids, dtype=np.int64), k)))
     return pa.Table.from_arrays(cols, schema=view_schema(dim, dtype, with_id=ids is not None,
                                                          metadata=schema_meta))
+
+
+@dataclass
+class Sealed:
+    """A sealed (renamed, not yet registered) base shard and its view shard: what its commit needs."""
+    name: str
+    view: str | None
+    rows: int
+    keys: list[str]
+    slide_runs: list[list[Any]]
+    units: list[tuple[str, dict[str, Any]]]    # units the commit marks done
+    row_units: list[list[Any]]                 # [unit, start_row, count]
+    recs: dict[str, dict[str, Any]]            # file name -> {rows, sha256, size}
+
+
+def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
+               schema_meta: dict[bytes, bytes] | None) -> Sealed | None:
+    """Rewrite sealed shard ``s`` as ``name`` without the rows of the units in ``drop`` (finished
+    by another writer meanwhile), its view shard likewise; the old files go. None when no row is
+    left (the files go too)."""
+    keep = np.ones(s.rows, bool)
+    runs: list[list[Any]] = []
+    for u, a, c in s.row_units:
+        if u in drop:
+            keep[a:a + c] = False
+        else:
+            runs.append([u, int(keep[:a].sum()), c])
+    old = [lay.shard(s.name)] + ([lay.shard(s.view)] if s.view else [])
+    out = None
+    if keep.any():
+        with pa.memory_map(str(old[0])) as m:
+            table = pa.ipc.open_file(m).read_all().filter(pa.array(keep))
+        base = ShardFile(lay, name, table.schema.with_metadata(schema_meta) if schema_meta else table.schema)
+        base.write_table(table)
+        recs = {name: base.seal()}
+        view = None
+        if s.view:
+            view = name[:-len(".arrow")] + ".v.arrow"
+            with pa.memory_map(str(old[1])) as m:
+                vt = pa.ipc.open_file(m).read_all()
+            rows = vt.column("base_row").to_numpy().astype(np.int64)
+            newpos = np.cumsum(keep) - 1
+            vt = vt.filter(pa.array(keep[rows]))
+            vt = vt.set_column(1, "base_row", pa.array(newpos[rows[keep[rows]]].astype(np.int32)))
+            vf = ShardFile(lay, view, vt.schema)
+            vf.write_table(vt)
+            recs[view] = vf.seal()
+        keys = table.column("key").to_pylist()
+        out = Sealed(name, view, table.num_rows, keys, _slide_runs(table.column("slide").to_pylist()),
+                     [(u, i) for u, i in s.units if u not in drop], runs, recs)
+    for f in old:
+        f.unlink(missing_ok=True)
+    return out
+
+
+def _slide_runs(slides: list[Any]) -> list[list[Any]]:
+    runs: list[list[Any]] = []
+    for i, sl in enumerate(slides):
+        if sl is None:
+            continue
+        if runs and runs[-1][0] == sl and runs[-1][1] + runs[-1][2] == i:
+            runs[-1][2] += 1
+        else:
+            runs.append([sl, i, 1])
+    return runs

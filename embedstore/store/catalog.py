@@ -18,13 +18,51 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from ..errors import ConfigError, ReadOnlyError
+from ..errors import CatalogDamagedError, ConfigError, ReadOnlyError
 
-__all__ = ["Catalog", "open_catalog", "u64", "from_u64"]
+__all__ = ["Catalog", "open_catalog", "u64", "from_u64", "damaged", "check_data_file"]
 
 T = TypeVar("T")
 DBS = ("meta", "keys", "shards", "order", "units", "slides", "labels", "tasks",
-       "deleted", "errors", "writers")
+       "deleted", "errors", "writers", "claims")
+OPTIONAL_DBS = {"claims"}   # added later: a read-only open of an older catalog lacks it
+# what reading a damaged environment raises (besides lmdb.Error): undecodable records
+_DAMAGE = (json.JSONDecodeError, UnicodeDecodeError, struct.error)
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def damaged(store_dir: Path | str, detail: str) -> CatalogDamagedError:
+    """The one error a damaged catalog gives, with how to recover."""
+    return CatalogDamagedError(
+        f"the catalog of {store_dir} is damaged ({' '.join(str(detail).split())}); the shards are intact: "
+        f"rebuild it from them with `embedstore rebuild-catalog {store_dir}`")
+
+
+def check_data_file(data: Path, store_dir: Path) -> None:
+    """Check ``data.mdb``'s meta pages before LMDB maps it: a truncated file would kill the
+    process with SIGBUS when LMDB touches a page past its end."""
+    try:
+        with open(data, "rb") as f:
+            head = f.read(2 * 65536)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise damaged(store_dir, f"{data} is missing") from None
+    best: tuple[int, int, int] | None = None   # (txnid, last page, page size)
+    for off in {0, *(p for p in (4096, 8192, 16384, 32768, 65536) if p < len(head))}:
+        meta = head[off + 16: off + 152]
+        if len(meta) < 136 or struct.unpack_from("<I", meta, 0)[0] != _LMDB_MAGIC:
+            continue
+        psize = struct.unpack_from("<I", meta, 24)[0]
+        last, txnid = struct.unpack_from("<QQ", meta, 120)
+        if off not in (0, psize) or not psize:
+            continue
+        if best is None or txnid > best[0]:
+            best = (txnid, last, psize)
+    if best is None:
+        raise damaged(store_dir, f"{data} is not an LMDB file")
+    if size < (best[1] + 1) * best[2]:
+        raise damaged(store_dir, f"{data} is truncated: {size} bytes, its last page ends at "
+                                 f"{(best[1] + 1) * best[2]}")
 MAX_KEY_BYTES = 500  # LMDB's key limit is 511 bytes
 INITIAL_MAP = int(os.environ.get("EMBEDSTORE_LMDB_MAP", 64 << 20))
 
@@ -99,21 +137,41 @@ def open_catalog(path: Path, *, create: bool = False, lock: bool = True) -> "Cat
 
 
 class Catalog:
-    def __init__(self, store_dir: Path, *, create: bool, lock: bool = True) -> None:
-        d = store_dir / "catalog"
+    def __init__(self, store_dir: Path, *, create: bool, lock: bool = True, dirname: str = "catalog") -> None:
+        d = store_dir / dirname
+        self.store_dir = store_dir
         if create:
             d.mkdir(parents=True, exist_ok=True)
+        elif not d.is_dir():
+            raise damaged(store_dir, f"{d} is missing")
+        if (d / "data.mdb").exists() or not create:
+            check_data_file(d / "data.mdb", store_dir)
         self.readonly = not lock
         # lock=False: LMDB's lock-free read-only mode, for a store nothing is writing
         # (for instance on a network filesystem read from another machine).
-        self.env = lmdb.open(str(d), map_size=INITIAL_MAP, max_dbs=len(DBS) + 2, subdir=True,
-                             create=create, readonly=self.readonly, lock=lock,
-                             max_readers=1024, readahead=False)
-        self.db = {n: self.env.open_db(n.encode(), create=not self.readonly) for n in DBS}
+        try:
+            self.env = lmdb.open(str(d), map_size=INITIAL_MAP, max_dbs=len(DBS) + 2, subdir=True,
+                                 create=create, readonly=self.readonly, lock=lock,
+                                 max_readers=1024, readahead=False)
+        except lmdb.Error as e:
+            raise damaged(store_dir, e) from None
+        try:
+            self.db = {n: self._open_db(n) for n in DBS}
+        except lmdb.Error as e:
+            self.env.close()
+            raise damaged(store_dir, e) from None
         self._lock = threading.RLock()
         self.pid = os.getpid()
         self._data = d / "data.mdb"
         self._ino = self._inode()
+
+    def _open_db(self, name: str) -> Any:
+        try:
+            return self.env.open_db(name.encode(), create=not self.readonly)
+        except lmdb.NotFoundError:
+            if self.readonly and name in OPTIONAL_DBS:
+                return None
+            raise
 
     def _inode(self) -> int | None:
         try:
@@ -136,11 +194,14 @@ class Catalog:
 
     def read(self, fn: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         with self._lock:
-            txn = self._begin(False)
             try:
-                return fn(txn)
-            finally:
-                txn.abort()
+                txn = self._begin(False)
+                try:
+                    return fn(txn)
+                finally:
+                    txn.abort()
+            except (lmdb.Error, *_DAMAGE) as e:
+                raise damaged(self.store_dir, e) from None
 
     def write(self, fn: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         """Run ``fn`` in one write transaction; a full map is doubled and ``fn`` retried."""
@@ -148,7 +209,10 @@ class Catalog:
             raise ReadOnlyError("catalog opened read-only (lock=False); cannot write")
         with self._lock:
             while True:
-                txn = self._begin(True)
+                try:
+                    txn = self._begin(True)
+                except lmdb.Error as e:
+                    raise damaged(self.store_dir, e) from None
                 try:
                     out = fn(txn)
                     txn.commit()
@@ -156,6 +220,9 @@ class Catalog:
                 except lmdb.MapFullError:
                     txn.abort()
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except (lmdb.Error, *_DAMAGE) as e:   # MDB_CORRUPTED, MDB_PAGE_FULL, bad records
+                    txn.abort()
+                    raise damaged(self.store_dir, e) from None
                 except BaseException:
                     txn.abort()
                     raise
@@ -177,7 +244,8 @@ class Catalog:
         sh = self.db["shards"]
         for _, name in txn.cursor(db=self.db["order"]):
             rec = txn.get(name, db=sh)
-            assert rec is not None, f"shard {bytes(name).decode()!r} is ordered but not recorded"
+            if rec is None:
+                raise damaged(self.store_dir, f"shard {bytes(name).decode()!r} is ordered but not recorded")
             out.append((bytes(name).decode(), _uj(rec)))
         return out
 

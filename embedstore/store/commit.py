@@ -14,40 +14,62 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from . import journal
 from ._process import crash_point
 from .atomic import atomic_write_bytes
 from .catalog import Catalog, slide_key, u64
 from .layout import Layout
 
-__all__ = ["apply_commit", "stage_commit", "apply_staged", "STAGED"]
+__all__ = ["apply_commit", "stage_commit", "apply_staged", "STAGED", "UnitsTaken"]
 
 STAGED = "staged"
 
 
-def apply_commit(cat: Catalog, p: dict[str, Any]) -> None:
-    """Apply one payload in one transaction (a no-op when it was applied before)."""
+class UnitsTaken(Exception):
+    """Internal signal (never leaves the writer): units with rows in a shard about to be
+    registered were finished by another writer meanwhile; their rows must go first."""
+
+    def __init__(self, units: list[str]) -> None:
+        super().__init__(units)
+        self.units = units
+
+
+def apply_commit(cat: Catalog, p: dict[str, Any], guard: Collection[str] = ()) -> dict[str, Any]:
+    """Apply one payload in one transaction (a no-op when it was applied before). ``guard``:
+    units with rows in the shard; if another writer finished one of them, nothing is written
+    and :class:`UnitsTaken` is raised. Returns ``{"dups": [row, ...]}``: rows of the shard
+    tombstoned because their key was already present."""
     kind = p["kind"]
+    out: dict[str, Any] = {"dups": []}
 
     def txn(t: Any) -> None:
         crash_point("in_txn")
         now = p.get("time", time.time())
         shard = None
+        udb = cat.db["units"]
+        taken = [u for u in guard if t.get(u.encode(), db=udb) is not None]
+        if taken:
+            raise UnitsTaken(taken)
+        rec: dict[str, Any] = {"op": kind, "units": p.get("units", []), "time": now}
         if kind == "rows":
             if t.get(p["base"].encode(), db=cat.db["shards"]) is not None:
                 return  # applied before
             first = cat.bump(t, "next_id", p["rows"])
             seq = cat.bump(t, "next_seq")
             kdb, ddb = cat.db["keys"], cat.db["deleted"]
-            dups = 0
+            dups = out["dups"] = []
             for i, k in enumerate(p["keys"]):
                 if not t.put(k.encode(), u64(first + i), db=kdb, overwrite=False):
                     t.put(u64(first + i), b'{"reason":"duplicate"}', db=ddb)  # kept once
-                    dups += 1
+                    dups.append(i)
             if dups:
                 cat.bump(t, "tomb_gen")
+            rec.update(base=p["base"], view=p.get("view"), first_id=first, seq=seq, rows=p["rows"],
+                       dups=[first + i for i in dups], writer=p["writer"])
             cat.put_json(t, "shards", p["base"], dict(p["base_rec"], kind="base", first_id=first, seq=seq,
                                                        units=[u for u, _ in p["units"]],
                                                        writer=p["writer"], time=now))
@@ -63,15 +85,20 @@ def apply_commit(cat: Catalog, p: dict[str, Any]) -> None:
             cat.put_json(t, "shards", p["name"], dict(p["rec"], kind="view", base=None,
                                                        writer=p["writer"], time=now))
             shard = p["name"]
+            rec.update(name=shard)
         elif kind == "error":
             cat.put_json(t, "errors", p["unit"], dict(p["info"], time=now))
             return
         for u, info in p.get("units", []):
+            if kind == "units" and t.get(u.encode(), db=udb) is not None:
+                continue  # finished by another writer: its record stands
             cat.put_json(t, "units", u, dict(info, shard=shard, time=now))
             t.delete(u.encode(), db=cat.db["errors"])
             for ek, _ in list(cat.items(t, "errors", (u + "|").encode())):  # per-input errors
                 t.delete(ek, db=cat.db["errors"])
+        journal.append(cat.store_dir, rec)   # last: what a rebuild of the catalog replays
     cat.write(txn)
+    return out
 
 
 def stage_commit(lay: Layout, p: dict[str, Any], name: str) -> None:

@@ -21,7 +21,7 @@ from .meta import StoreMeta, write_meta
 __all__ = ["create_store", "clean_leftovers"]
 
 # what a store directory holds before STORE.json appears (an interrupted creation)
-_OURS = {"catalog", "shards", "tmp", ".writers.lock", "staged", "writers"}
+_OURS = {"catalog", "shards", "tmp", ".writers.lock", "staged", "writers", "journal.jsonl"}
 
 
 def create_store(path: Path | str, meta: StoreMeta) -> None:

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import (BackboneMismatchError, ConfigError, DimensionMismatchError, NotAStoreError,
+from ..errors import (BackboneMismatchError, CatalogDamagedError, ConfigError, DimensionMismatchError, NotAStoreError,
                       StoreNotFoundError)
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, recover_dir
 
 __all__ = ["FORMAT_VERSION", "StoreMeta", "read_meta", "read_store_meta", "write_meta", "check_compatible"]
 
@@ -86,8 +86,11 @@ def read_store_meta(path: Path) -> StoreMeta:
     if not path.is_dir():
         raise NotAStoreError(f"{path} is a file, not a store directory")
     meta = read_meta(path)
+    recover_dir(path / "catalog")   # a catalog swap (rebuild-catalog) interrupted between its renames
     if not (path / "catalog").is_dir():
-        raise NotAStoreError(f"{path} has STORE.json but no catalog/; it is damaged")
+        raise CatalogDamagedError(
+            f"the catalog of {path} is damaged ({path / 'catalog'} is missing); the shards are intact: "
+            f"rebuild it from them with `embedstore rebuild-catalog {path}`")
     return meta
 
 

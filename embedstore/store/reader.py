@@ -54,7 +54,8 @@ class Store:
         """Take a new snapshot of the committed shards (and tombstones)."""
         self.meta = read_meta(self.path)
         mapped = self.snapshot.mapped if hasattr(self, "snapshot") else {}  # files stay mapped
-        self.snapshot: Snapshot = read_snapshot(self.lay, self.cat, self.dim, self.dtype, mapped)
+        self.snapshot: Snapshot = read_snapshot(self.lay, self.cat, self.dim, self.dtype, mapped,
+                                                self.meta)
         self.embeddings = self.snapshot.embeddings
         self._row_ids = self.snapshot.row_ids
         self._ranges: dict[str, list[tuple[int, int]]] | None = None

@@ -16,8 +16,10 @@ import pyarrow as pa
 from .catalog import Catalog
 from .layout import Layout
 from .matrix import MappedShard, Matrix, Piece, embedding_view
+from .meta import StoreMeta
+from .schema import check_shard_schema
 
-__all__ = ["Snapshot", "read_snapshot"]
+__all__ = ["Snapshot", "read_snapshot", "check_meta_against_shards"]
 
 
 @dataclass
@@ -73,15 +75,30 @@ class Snapshot:
         return out
 
 
+def check_meta_against_shards(lay: Layout, cat: Catalog, meta: StoreMeta) -> None:
+    """STORE.json against the first and the last committed base shard (what a writer checks
+    before appending: a full check maps every shard, as opening a store for reading does)."""
+    base = cat.read(cat.shards_in_order)
+    for name, rec in {n: r for n, r in (base[:1] + base[-1:])}.items():
+        check_shard_schema(meta, MappedShard(lay.shard(name), rec["size"]).schema, name, lay.meta)
+
+
 def read_snapshot(lay: Layout, cat: Catalog, dim: int, dtype: np.dtype,
-                  mapped: dict[str, MappedShard]) -> Snapshot:
-    """The shards committed now. Files already in ``mapped`` (a previous snapshot) are reused."""
+                  mapped: dict[str, MappedShard], meta: StoreMeta | None = None) -> Snapshot:
+    """The shards committed now. Files already in ``mapped`` (a previous snapshot) are reused;
+    each newly mapped one is checked against ``meta`` (STORE.json)."""
     base, views = cat.read(lambda t: (cat.shards_in_order(t), cat.view_shards(t)))
     now: dict[str, MappedShard] = {}
+
+    def new(name: str, size: int) -> MappedShard:
+        sh = MappedShard(lay.shard(name), size)
+        if meta is not None:
+            check_shard_schema(meta, sh.schema, name, lay.meta)
+        return sh
     pieces, ids, pos = [], [], 0
     start: dict[str, int] = {}
     for name, rec in base:
-        sh = now[name] = mapped.get(name) or MappedShard(lay.shard(name), rec["size"])
+        sh = now[name] = mapped.get(name) or new(name, rec["size"])
         start[name] = pos
         for b in sh.batches:
             pieces.append(Piece(pos, embedding_view(b, dim), b, sh))
@@ -93,7 +110,7 @@ def read_snapshot(lay: Layout, cat: Catalog, dim: int, dtype: np.dtype,
         base_name = rec.get("base")
         if base_name is not None and base_name not in start:
             continue  # its base shard is not in this snapshot
-        sh = now[name] = mapped.get(name) or MappedShard(lay.shard(name), rec["size"])
+        sh = now[name] = mapped.get(name) or new(name, rec["size"])
         for b in sh.batches:
             vpieces.append(Piece(vpos, embedding_view(b, dim), b, sh))
             vpos += b.num_rows

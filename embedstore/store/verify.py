@@ -11,6 +11,7 @@ from .catalog import _uj, from_u64, open_catalog
 from .layout import PARTIAL, Layout
 from .matrix import MappedShard
 from .meta import read_store_meta
+from .schema import check_shard_schema
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -43,7 +44,7 @@ def _sha256(path: Path) -> str:
 
 def verify_store(path: Path | str) -> VerifyReport:
     lay = Layout(Path(path))
-    read_store_meta(lay.root)  # raises on a missing, foreign or damaged directory
+    meta = read_store_meta(lay.root)  # raises on a missing, foreign or damaged directory
     cat = open_catalog(lay.root)
     rep = VerifyReport()
 
@@ -73,6 +74,7 @@ def verify_store(path: Path | str) -> VerifyReport:
         except CorruptShardError as e:
             rep.problems.append(str(e))
             continue
+        check_shard_schema(meta, sh.schema, name, lay.meta)  # an edited STORE.json: one line, raised
         if sh.rows != rec["rows"]:
             rep.problems.append(f"{name}: {sh.rows} rows, catalog says {rec['rows']}")
             continue

@@ -33,9 +33,10 @@ from .catalog import Catalog, open_catalog
 from .commit import apply_commit, apply_staged, register_file_writer, stage_commit, unregister_file_writer
 from .creation import clean_leftovers, create_store
 from .layout import Layout, shard_name
-from .meta import StoreMeta, check_compatible, read_meta
+from .meta import StoreMeta, check_compatible, read_store_meta
 from . import schema
 from .schema import META_COLUMNS
+from .snapshot import check_meta_against_shards
 
 __all__ = ["StoreWriter", "create_store", "clean_leftovers"]
 
@@ -61,7 +62,7 @@ class StoreWriter:
             except StoreExistsError:
                 if not self.lay.meta.exists():
                     raise
-        self.meta = read_meta(self.lay.root)
+        self.meta = read_store_meta(self.lay.root)   # a store without its catalog is damaged, not new
         if meta is not None:
             check_compatible(self.meta, meta, self.lay.root)
         if on_duplicate not in ("error", "skip"):
@@ -83,7 +84,13 @@ class StoreWriter:
             self.cat = None
             register_file_writer(self.lay, self.token, ident)
         else:
-            self.cat = open_catalog(self.lay.root, create=True)
+            self.cat = open_catalog(self.lay.root)
+            try:
+                check_meta_against_shards(self.lay, self.cat, self.meta)
+            except BaseException:
+                fcntl.flock(self._lockf, fcntl.LOCK_UN)
+                self._lockf.close()
+                raise
             self.cat.write(lambda t: self._catalog.put_json(t, "writers", self.token, ident))
             apply_staged(self.lay, self.cat)
             clean_leftovers(self.lay, self.cat)
