@@ -80,10 +80,12 @@ class FakeStore:
         return self._emb[self._live(ids)]
 
     def ids(self, keys: Sequence[str]) -> np.ndarray:
-        try:
-            return np.array([self._key_to_id[key] for key in keys], dtype=np.int64)
-        except KeyError as exc:
-            raise UnknownKeyError(f"unknown tile key {exc.args[0]!r}") from None
+        """Like the real store: a deleted key is unknown."""
+        found = [self._key_to_id.get(key) for key in keys]
+        for key, i in zip(keys, found):
+            if i is None or self._deleted[i]:
+                raise UnknownKeyError(f"unknown tile key {key!r}")
+        return np.array(found, dtype=np.int64)
 
     def keys_of(self, ids: np.ndarray) -> list[str]:
         return [self._keys[i] for i in self._live(ids)]

@@ -81,11 +81,6 @@ class TestIndexFake(StoreContract):
     def delete(self, store: Any, keys: list[str]) -> None:
         store.delete(store.ids(keys))
 
-    @pytest.mark.xfail(strict=True, reason="test_index.FakeStore.ids() still returns the id of a "
-                       "deleted key; the real store raises UnknownKeyError (deleted keys leave the key map)")
-    def test_a_deleted_key_is_unknown(self, made: tuple[Any, Expected]) -> None:
-        super().test_a_deleted_key_is_unknown(made)
-
 
 class TestHeadsFake(StoreContract):
     """``tests/test_heads.py``'s FakeStore: every row live, slides, views and a task."""

@@ -201,7 +201,7 @@ def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
             rows = vt.column("base_row").to_numpy().astype(np.int64)
             newpos = np.cumsum(keep) - 1
             vt = vt.filter(pa.array(keep[rows]))
-            vt = vt.set_column(1, "base_row", pa.array(newpos[rows[keep[rows]]].astype(np.int32)))
+            vt = vt.set_column(1, pa.field("base_row", pa.int32(), nullable=False), pa.array(newpos[rows[keep[rows]]].astype(np.int32)))
             vf = ShardFile(lay, view, vt.schema)
             vf.write_table(vt)
             recs[view] = vf.seal()

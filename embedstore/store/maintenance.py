@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StoreLockedError, UnknownKeyError
+from . import journal
 from ._process import process_identity
 from ._shardfile import write_shard
 from .atomic import fsync_dir
@@ -54,6 +55,9 @@ def delete(store_path: Path | str, keys: Sequence[str] | None = None,
             t.put(u64(i), rec, db=cat.db["deleted"])
             t.delete(k.encode(), db=cat.db["keys"])
         cat.bump(t, "tomb_gen")
+        journal.append(lay_root, {"op": "delete", "ids": ids_arr.tolist(), "reason": reason or "deleted",
+                                  "time": time.time()})
+    lay_root = Path(store.path)
     cat.write(txn)
     return int(ids_arr.size)
 
@@ -111,6 +115,8 @@ def _compact(lay: Layout) -> dict[str, Any]:
         # tombstones stay: readers still holding the old snapshot must keep hiding those rows
         cat.bump(t, "tomb_gen")
         t.delete(token.encode(), db=cat.db["writers"])
+        journal.append(lay.root, {"op": "compact", "time": time.time(), "replaced": [
+            [old, new, rec["seq"], view[0] if view is not None else None] for old, new, rec, view in replaced]})
     cat.write(txn)
     for old, _, _, _ in replaced:
         lay.shard(old).unlink(missing_ok=True)

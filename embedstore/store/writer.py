@@ -25,12 +25,13 @@ import numpy as np
 
 from ..errors import (ConfigError, DimensionMismatchError, DuplicateKeyError, StoreExistsError,
                       StoreNotFoundError, WriterError)
-from ._openshard import OpenShard, Pending, is_seq, views_table
-from ._process import crash_point, process_identity
+from ._openshard import OpenShard, Pending, Sealed, drop_units, is_seq, views_table
+from ._process import crash_point, process_alive, process_identity
 from ._shardfile import write_shard
 from .atomic import fsync_dir
 from .catalog import Catalog, open_catalog
-from .commit import apply_commit, apply_staged, register_file_writer, stage_commit, unregister_file_writer
+from .commit import (UnitsTaken, apply_commit, apply_staged, register_file_writer, stage_commit,
+                     unregister_file_writer)
 from .creation import clean_leftovers, create_store
 from .layout import Layout, shard_name
 from .meta import StoreMeta, check_compatible, read_store_meta
@@ -100,7 +101,10 @@ class StoreWriter:
         self._spilled: set[str] = set()         # units with rows in the open file, not ended
         self._file: OpenShard | None = None
         self._exc: BaseException | None = None
-        self.rows_committed = 0
+        self.rows_committed = 0                 # rows really committed (duplicates and lost units not)
+        self.committed: dict[str, int] = {}     # unit -> rows this writer really committed for it
+        self.discarded: dict[str, int] = {}     # unit -> rows dropped: another writer finished it first
+        self._claims: set[str] = set()
         self.stats = {"write_s": 0.0, "commit_s": 0.0, "shards": 0}
         self._q: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
@@ -115,6 +119,30 @@ class StoreWriter:
         if self.staged:
             return set()
         return self._catalog.key_set("units")
+
+    def claim(self, unit: str) -> bool:
+        """Claim ``unit`` for this writer before working on it (one catalog transaction): False
+        when it is done, or claimed by another writer that is alive (or on another host); a dead
+        writer's claim is taken over. Claims go when the writer closes. A staged writer cannot
+        see the catalog: it always gets True (its node's work is planned by the run)."""
+        if self.staged:
+            return True
+        cat = self._catalog
+
+        def txn(t: Any) -> bool:
+            if t.get(unit.encode(), db=cat.db["units"]) is not None:
+                return False
+            owner = t.get(unit.encode(), db=cat.db["claims"])
+            if owner is not None and bytes(owner).decode() != self.token:
+                ident = cat.get_json(t, "writers", bytes(owner))
+                if ident is not None and process_alive(ident) is not False:
+                    return False
+            t.put(unit.encode(), self.token.encode(), db=cat.db["claims"])
+            return True
+        ok = cat.write(txn)
+        if ok:
+            self._claims.add(unit)
+        return ok
 
     def add(self, emb: np.ndarray, keys: Sequence[str], *, unit: str | None = None,
             views: np.ndarray | None = None, **meta: Any) -> None:
@@ -138,9 +166,9 @@ class StoreWriter:
         if unknown:
             raise ConfigError(f"unknown metadata columns {sorted(unknown)}; "
                               f"known: {sorted(META_COLUMNS)[1:]}")
-        if not self.staged and unit is not None and unit not in self._pending and unit not in self._spilled and \
-                self._catalog.read(lambda t: t.get(unit.encode(), db=self._catalog.db["units"])) is not None:
-            return  # committed meanwhile (by another process): kept once
+        if self._done_elsewhere(unit):   # committed meanwhile by another writer: kept once, theirs
+            self._discard_unit(unit, n)
+            return
         keys = [str(k) for k in keys]
         keep = self._check_duplicates(keys)
         if keep is not None:
@@ -215,7 +243,14 @@ class StoreWriter:
             if self.staged:
                 unregister_file_writer(self.lay, self.token)
             else:
-                self._catalog.write(lambda t: t.delete(self.token.encode(), db=self._catalog.db["writers"]))
+                cat, mine = self._catalog, self.token.encode()
+
+                def txn(t: Any) -> None:
+                    for u in self._claims:
+                        if t.get(u.encode(), db=cat.db["claims"]) == mine:
+                            t.delete(u.encode(), db=cat.db["claims"])
+                    t.delete(mine, db=cat.db["writers"])
+                cat.write(txn)
         finally:
             fcntl.flock(self._lockf, fcntl.LOCK_UN)
             self._lockf.close()
@@ -235,6 +270,23 @@ class StoreWriter:
         """The catalog: only a writer that is not staged has one, and only it asks."""
         assert self.cat is not None, "a staged writer has no catalog"
         return self.cat
+
+    def _done_elsewhere(self, unit: str | None) -> bool:
+        """Whether ``unit`` is marked done in the catalog although this writer has not ended it."""
+        if self.staged or unit is None:
+            return False
+        cat = self._catalog
+        return cat.read(lambda t: t.get(unit.encode(), db=cat.db["units"])) is not None
+
+    def _discard_unit(self, unit: str | None, rows: int) -> None:
+        """Drop what is buffered of ``unit`` (another writer committed it); rows it spilled into
+        the open file are dropped when that file is committed."""
+        p = self._pending.pop(unit, None)
+        if p is not None:
+            self._pending_keys.difference_update(p.cols.get("key", []))
+            rows += p.rows
+        if unit is not None:
+            self.discarded[unit] = self.discarded.get(unit, 0) + rows
 
     def _check_duplicates(self, keys: list[str]) -> np.ndarray | None:
         seen: set[str] = set()
@@ -299,11 +351,15 @@ class StoreWriter:
     def _do(self, op: tuple[str, Any, Any]) -> None:
         kind, unit, arg = op
         if kind == "spill":
-            self._write_rows(arg)
+            self._write_rows(arg, unit)
         elif kind == "end":
             p, done, info = arg
+            if self._done_elsewhere(unit):   # finished by another writer meanwhile: theirs stands
+                self._spilled.discard(unit)
+                self.discarded[unit] = self.discarded.get(unit, 0) + (p.rows if p is not None else 0)
+                return
             if p is not None and p.rows:
-                self._write_rows(p)
+                self._write_rows(p, unit)
             self._spilled.discard(unit)
             if unit is not None and done:
                 if self._file is not None:
@@ -326,12 +382,12 @@ class StoreWriter:
         elif kind == "stop":
             pass
 
-    def _write_rows(self, p: Pending) -> None:
+    def _write_rows(self, p: Pending, unit: str | None) -> None:
         t0 = time.perf_counter()
         if self._file is None:
             self._file = OpenShard(self.lay, self.token, self._seq, self.dim, self.meta.dtype,
                                    schema.shard_metadata(self.meta))
-        self._file.append(p, self.batch_rows)
+        self._file.append(p, self.batch_rows, unit)
         self.stats["write_s"] += time.perf_counter() - t0
 
     def _seal_and_commit(self) -> None:
@@ -344,32 +400,57 @@ class StoreWriter:
         crash_point("after_rename")
         self._file = None
         self._seq += 1
-        self._commit(f, f.units, recs)
+        self._commit_rows(f.sealed(recs))
         self.stats["commit_s"] += time.perf_counter() - t0
         self.stats["shards"] += 1
 
-    def _commit(self, f: OpenShard | None, units: list[tuple[str, dict[str, Any]]],
-                recs: dict[str, dict[str, Any]] | None = None) -> None:
-        now = time.time()
-        if f is not None and recs is not None:
+    def _commit_rows(self, s: Sealed) -> None:
+        """Register sealed shard ``s``. Units with rows in it that another writer finished
+        meanwhile lose their rows first (the shard is rewritten without them), so nothing is
+        stored twice; ``committed`` counts what really went in, per unit."""
+        self._pending_keys.difference_update(s.keys)
+        while True:
+            guard = {u for u, _, _ in s.row_units if u is not None} if not self.staged else set()
             p: dict[str, Any] = {
-                "kind": "rows", "base": f.name, "base_rec": recs[f.name], "rows": f.rows,
-                "view": f.view.name if f.view is not None else None,
-                "view_rec": recs.get(f.view.name) if f.view is not None else None,
-                "keys": f.keys, "slide_runs": f.slide_runs, "units": units,
-                "writer": self.token, "time": now}
-        else:
-            p = {"kind": "units", "units": units, "time": now}
-        self._apply(p, f.name if f is not None else f"units-{self.token}-{self._seq}")
-        if f is not None:
-            self.rows_committed += f.rows
-            self._pending_keys.difference_update(f.keys)
+                "kind": "rows", "base": s.name, "base_rec": s.recs[s.name], "rows": s.rows, "view": s.view,
+                "view_rec": s.recs.get(s.view) if s.view else None, "keys": s.keys,
+                "slide_runs": s.slide_runs, "units": s.units, "writer": self.token, "time": time.time()}
+            try:
+                res = self._apply(p, s.name, guard)
+                break
+            except UnitsTaken as e:
+                for u, _, c in s.row_units:
+                    if u in e.units:
+                        self.discarded[u] = self.discarded.get(u, 0) + c
+                left = drop_units(self.lay, s, set(e.units), shard_name(self.token, self._seq),
+                                  schema.shard_metadata(self.meta))
+                self._seq += 1
+                if left is None:   # nothing of the shard is left; its other units had no rows
+                    units = [(u, i) for u, i in s.units if u not in e.units]
+                    if units:
+                        self._commit(None, units)
+                    return
+                s = left
+        dups = np.zeros(s.rows, bool)
+        dups[res["dups"]] = True
+        for u, a, c in s.row_units:
+            if u is not None:
+                self.committed[u] = self.committed.get(u, 0) + int(c - dups[a:a + c].sum())
+        self.rows_committed += int(s.rows - dups.sum())
+        for u, _ in s.units:
+            self.committed.setdefault(u, 0)
 
-    def _apply(self, p: dict[str, Any], name: str) -> None:
+    def _commit(self, f: OpenShard | None, units: list[tuple[str, dict[str, Any]]]) -> None:
+        """Mark ``units`` (without rows) done."""
+        self._apply({"kind": "units", "units": units, "time": time.time()}, f"units-{self.token}-{self._seq}")
+        for u, _ in units:
+            self.committed.setdefault(u, 0)
+
+    def _apply(self, p: dict[str, Any], name: str, guard: set[str] | None = None) -> dict[str, Any]:
         if self.staged:
             stage_commit(self.lay, p, name)
-        else:
-            apply_commit(self._catalog, p)
+            return {"dups": []}
+        return apply_commit(self._catalog, p, guard or ())
 
     def _commit_views(self, unit: str | None, ids: np.ndarray, keys: list[str], views: np.ndarray) -> None:
         name = shard_name(self.token, self._seq, view=True)
