@@ -290,7 +290,7 @@ def test_cached_store_of_another_geometry(tmp_path):
     pcam = write_csv(tmp_path / "pcam.csv", [{"path": str(p), "label": p.parent.name}
                                               for p in sorted((PCAM / "train").rglob("*.jpg"))[:8]])
     extract([pcam], ExtractConfig(store=tmp_path / "cache" / ONNX, backbone=ONNX, progress=False,
-                                  num_workers=0))            # 96 px tiles; the lung tiles are 224 px
+                                  num_workers=0, tile_size=96))   # 96 px tiles; the lung tiles are 224 px
     with pytest.raises(SelectionError, match="another geometry.*tile_size': 96.*tile_size': 224"):
         run_cfg(tmp_path, LUNG, cache=tmp_path / "cache")
 

@@ -8,7 +8,7 @@ Exit status: 0 success, 1 completed with errors (some inputs recorded as errors)
 """
 from __future__ import annotations
 
-from . import extract, heads, index, interop, select, store  # noqa: F401  (each registers its commands)
+from . import extract, heads, index, interop, select, serve, store  # noqa: F401  (each registers its commands)
 from ._app import main
 
 __all__ = ["main"]

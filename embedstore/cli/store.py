@@ -1,4 +1,4 @@
-"""Store commands: info, errors, verify, compact, delete, labels, import-h5, export-h5."""
+"""Store commands: info, errors, verify, compact, delete, labels, import-h5, export-h5, rebuild-catalog."""
 from __future__ import annotations
 
 import sys
@@ -160,3 +160,20 @@ def export_h5(store: Path, out: Path, as_json: bool) -> None:
         echo_json({"store": str(store), "out": str(out), **r})
     else:
         click.echo(f"wrote {r['files']} file(s), {r['rows']:,} tiles to {out}")
+
+
+@main.command("rebuild-catalog")
+@click.argument("store", type=click.Path(path_type=Path))
+@json_option
+def rebuild_catalog(store: Path, as_json: bool) -> None:
+    """Rebuild a damaged or missing catalog from the shards (no writer may be running)."""
+    from ..store import rebuild_catalog as do
+    r = do(store)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"rebuilt the catalog of {store}: {r['shards']} shard(s) + {r['view_shards']} view shard(s), "
+               f"{r['rows']:,} rows, {r['deleted']:,} deleted, {r['units']:,} units done"
+               + ("" if r["ids_preserved"] else "; some ids changed"))
+    for x in r["lost"]:
+        click.echo(f"  not recovered: {x}")

@@ -1,8 +1,9 @@
 """The thin layer between a store and the array-level head code.
 
 Labels come from a store task (``store.task_table``) or from a CSV (read by the store's
-``read_labels_csv``) / mapping keyed by tile key; embeddings are gathered once into memory;
-slide-level work gets a ``Dataset`` of per-slide bags.
+``read_labels_csv``) / mapping keyed by tile key; embeddings are gathered once into memory
+when they fit the memory budget (else ``heads.stream`` reads them as training goes);
+slide-level work gets a ``Dataset`` of per-slide bags, each read from the store on access.
 
 Functions that need only what ``StoreLike`` declares take one; those that also read tasks,
 views or slides (``task_table``, ``views``, ``slides``, ``slide``: not in the protocol yet) take

@@ -210,12 +210,15 @@ def _check_geometry(store: Path, tile: dict[str, Any], what: str) -> None:
                                  f"the {what} ({tile}); use another --cache or delete that store")
 
 
-def _embed(source: Path, store: Path, name: str, random_init: bool, cfg: SelectConfig) -> ExtractResult:
+def _embed(tiles: ProxySet, store: Path, name: str, random_init: bool, cfg: SelectConfig) -> ExtractResult:
+    """Embed a proxy or task set into ``store`` at the set's own tile size (the stores of all
+    candidates then share one geometry, whatever each backbone's input size)."""
     from ..extract.runner import ExtractConfig, extract
     ecfg = ExtractConfig(store=store, backbone=name, random_init=random_init,
+                         tile_size=tiles.tile["tile_size"],
                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                          num_threads=cfg.num_threads, devices=cfg.devices, progress=cfg.progress)
-    return extract([source], ecfg)
+    return extract([tiles.source], ecfg)
 
 
 def _rows_in_store(store: StoreLike, proxy: ProxySet) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +241,7 @@ def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
     from ..heads import HeadConfig, run_seeds
     from ..store import open_store
     store = root / store_dir_name(name)
-    res = _embed(task.source, store, name, random_init, cfg)
+    res = _embed(task, store, name, random_init, cfg)
     s = open_store(store)
     rows, ids = _rows_in_store(s, task)
     emb = np.asarray(s.gather(ids), dtype=np.float32)
@@ -303,7 +306,7 @@ def _embed_candidates(cfg: SelectConfig, cands: Sequence[tuple[str, bool]], prox
     results, stores = [], []
     for name, rnd in cands:
         path = root / store_dir_name(name)
-        res = _embed(proxy.source, path, name, rnd, cfg)
+        res = _embed(proxy, path, name, rnd, cfg)
         s = open_store(path)
         results.append(Candidate(name, "random init" if rnd else "pretrained", str(path), s.dim,
                                  extract_s=res.elapsed, tiles_written=res.tiles_written,

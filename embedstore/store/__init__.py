@@ -5,9 +5,10 @@ from .meta import StoreMeta
 from .progress import apply_staged_commits, lookup_ids, units_with_views
 from .protocol import Bag, StoredViews, StoreLike
 from .reader import Store, open_store
+from .rebuild import rebuild_catalog
 from .verify import VerifyReport, verify_store
 from .writer import StoreWriter, create_store
 
 __all__ = ["StoreMeta", "Store", "Bag", "StoredViews", "StoreLike", "open_store", "StoreWriter", "create_store",
            "import_labels", "delete", "compact", "verify_store", "VerifyReport",
-           "lookup_ids", "units_with_views", "apply_staged_commits"]
+           "lookup_ids", "units_with_views", "apply_staged_commits", "rebuild_catalog"]

@@ -85,8 +85,8 @@ class StoreWriter:
             self.cat = None
             register_file_writer(self.lay, self.token, ident)
         else:
-            self.cat = open_catalog(self.lay.root)
             try:
+                self.cat = open_catalog(self.lay.root)
                 check_meta_against_shards(self.lay, self.cat, self.meta)
             except BaseException:
                 fcntl.flock(self._lockf, fcntl.LOCK_UN)
