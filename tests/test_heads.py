@@ -73,8 +73,16 @@ class FakeStore:
     def all_ids(self):
         return np.arange(len(self.emb), dtype=np.int64)
 
+    def _known(self, ids):
+        """Like the real store: an id outside the store is unknown (never wrapped around)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        bad = (ids < 0) | (ids >= len(self.emb))
+        if bad.any():
+            raise UnknownKeyError(f"{int(bad.sum())} id(s) not in {self.path}, first: {int(ids[bad][0])}")
+        return ids
+
     def keys_of(self, ids):
-        return list(self.keys[np.asarray(ids, dtype=np.int64)])
+        return list(self.keys[self._known(ids)])
 
     def labels(self, keys, task=None):
         if self.task is None:
@@ -85,7 +93,7 @@ class FakeStore:
         return dict(self._fp)
 
     def gather(self, ids):
-        return self.emb[np.asarray(ids)]
+        return self.emb[self._known(ids)]
 
     def ids(self, keys):
         index = {k: i for i, k in enumerate(self.keys)}
@@ -113,7 +121,7 @@ class FakeStore:
     def views(self):
         if self._views is None:
             return np.empty(0, np.int64), np.empty(0, np.uint8), np.empty((0, self.emb.shape[1]), np.float16)
-        view_ids, view_num, view_emb = self._views            # the store's ViewBank: ids + gather
+        view_ids, view_num, view_emb = self._views            # the store's StoredViews: ids + gather
         return SimpleNamespace(ids=view_ids, view=view_num, gather=lambda j: view_emb[np.asarray(j)])
 
     def slides(self):
@@ -121,6 +129,8 @@ class FakeStore:
 
     def slide(self, name):
         ids = np.flatnonzero(self.slide_of == name)
+        if not ids.size:
+            raise UnknownKeyError(f"slide {name!r} is not in {self.path}")
         return SimpleNamespace(emb=self.emb[ids], coords=self.xy[ids], keys=list(self.keys[ids]), ids=ids)
 
 

@@ -96,16 +96,6 @@ class TestHeadsFake(StoreContract):
                  for i in np.unique(view_ids)}
         return store, Expected(list(store.keys), store.emb, cols, views)
 
-    @pytest.mark.xfail(strict=True, reason="test_heads.FakeStore.gather/keys_of index numpy arrays "
-                       "directly: an unknown id raises IndexError (or wraps, for -1), not UnknownKeyError")
-    def test_unknown_id_raises(self, made: tuple[Any, Expected]) -> None:
-        super().test_unknown_id_raises(made)
-
-    @pytest.mark.xfail(strict=True, reason="test_heads.FakeStore.slide() of an unknown slide returns "
-                       "an empty bag; the real store raises UnknownKeyError")
-    def test_unknown_slide_raises(self, made: tuple[Any, Expected]) -> None:
-        super().test_unknown_slide_raises(made)
-
 
 # -- the protocol itself -----------------------------------------------------------------------
 

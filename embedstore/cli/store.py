@@ -159,7 +159,8 @@ def export_h5(store: Path, out: Path, as_json: bool) -> None:
     if as_json:
         echo_json({"store": str(store), "out": str(out), **r})
     else:
-        click.echo(f"wrote {r['files']} file(s), {r['rows']:,} tiles to {out}")
+        click.echo(f"wrote {r['files']} file(s), {r['rows']:,} tiles to {out}; slide id -> file in {r['mapping']}"
+                   + (f" ({r['renamed']} slide id(s) made into safe file names)" if r["renamed"] else ""))
 
 
 @main.command("rebuild-catalog")

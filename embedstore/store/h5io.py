@@ -8,18 +8,22 @@ unit, so a re-run skips the files already imported.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DimensionMismatchError, SourceError
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text
 from .meta import StoreMeta
 from .protocol import StoreLike
 from .writer import StoreWriter
 
-__all__ = ["import_h5", "export_h5"]
+__all__ = ["import_h5", "export_h5", "slide_file_name"]
 
 
 def _attr(v: Any) -> Any:
@@ -101,8 +105,36 @@ def import_h5(src: Path | str, store: Path | str, *, backbone_name: str | None =
     return {"files": done_files, "rows": rows, "skipped": len(files) - done_files}
 
 
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs")
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+MAPPING = "slides.csv"
+
+
+def slide_file_name(slide: str) -> str:
+    """The ``.h5`` file (relative to ``--out``) for a slide id: its ``/``-separated parts kept as
+    subfolders when every one is a safe name (letters, digits, ``._+-``, not starting with a dot),
+    else the whole id flattened into one safe name with a hash of the id (never ``..``, absolute,
+    control characters, empty parts)."""
+    stem = slide[: -len(slide.rsplit(".", 1)[1]) - 1] if slide.lower().endswith(SLIDE_SUFFIXES) else slide
+    parts = stem.split("/")
+    if stem and all(_SAFE.fullmatch(p) for p in parts):
+        return "/".join(parts) + ".h5"
+    flat = re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("._") or "slide"
+    digest = hashlib.sha256(slide.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{flat[:150]}-{digest}.h5"
+
+
+def _inside(out: Path, rel: str) -> Path:
+    path = (out / rel).resolve()
+    if not path.is_relative_to(out.resolve()):  # a symlinked subfolder, say
+        raise SourceError(f"export-h5: {rel} would be written outside {out}; refused")
+    return path
+
+
 def export_h5(store: StoreLike, out: Path | str, *, progress: bool = True) -> dict[str, Any]:
-    """Write one TRIDENT-layout ``.h5`` per slide of ``store``."""
+    """Write one TRIDENT-layout ``.h5`` per slide of ``store`` under ``out`` (never outside it:
+    slide ids become safe file names, see :func:`slide_file_name`), and ``out/slides.csv``
+    mapping each slide id to its file."""
     import h5py
     from tqdm import tqdm
     out = Path(out)
@@ -112,11 +144,19 @@ def export_h5(store: StoreLike, out: Path | str, *, progress: bool = True) -> di
     slides = store.slides()
     if not slides:
         raise SourceError(f"{store.path} has no slides to export (tiles without a slide)")
+    files: dict[str, str] = {}
+    used: set[str] = set()
+    for s in slides:
+        rel = slide_file_name(s)
+        if rel.lower() in used:   # two ids naming one file (or differing only in case)
+            rel = rel[:-3] + "-" + hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()[:10] + ".h5"
+        used.add(rel.lower())
+        files[s] = rel
     rows = 0
     for s in tqdm(slides, desc="export-h5", unit="slide", disable=not progress):
         bag = store.slide(s)
-        stem = s.rsplit(".", 1)[0] if s.lower().endswith((".svs", ".tif", ".tiff", ".ndpi", ".mrxs")) else s
-        path = out / f"{stem}.h5"
+        path = _inside(out, files[s])
+        stem = path.name[:-3]
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["encoder"] = encoder
@@ -132,4 +172,10 @@ def export_h5(store: StoreLike, out: Path | str, *, progress: bool = True) -> di
             if "patch_size" not in c.attrs and tile.get("tile_size"):
                 c.attrs["patch_size"] = int(tile["tile_size"])
         rows += len(bag.ids)
-    return {"files": len(slides), "rows": rows}
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide", "file"])
+    w.writerows([s, files[s]] for s in slides)
+    atomic_write_text(out / MAPPING, buf.getvalue())
+    renamed = sum(1 for s in slides if files[s] != slide_file_name(s) or files[s][:-3] not in s)
+    return {"files": len(slides), "rows": rows, "mapping": str(out / MAPPING), "renamed": renamed}
