@@ -165,3 +165,51 @@ def test_two_writers_and_a_polling_reader(tmp_path: Path) -> None:
     assert c.wait(60) == 0 and d.wait(60) == 0
     s.refresh()
     assert sorted(s.keys()) == sorted(expected(universe + [300, 301, 302]))
+
+
+def _contents(store: Path) -> tuple[dict, set]:
+    s = open_store(store)
+    keys = s.keys()
+    emb = s.get(keys)
+    return {k: (int(i), emb[j].tobytes()) for j, (k, i) in enumerate(zip(keys, s.ids(keys)))}, s.units_done()
+
+
+def _spawn_rebuild(store: Path, crash_at: str | None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{HERE.parent}")
+    env.pop("EMBEDSTORE_CRASH_AT", None)
+    if crash_at:
+        env["EMBEDSTORE_CRASH_AT"] = crash_at
+    code = "import sys; from embedstore.store import rebuild_catalog; rebuild_catalog(sys.argv[1])"
+    return subprocess.Popen([sys.executable, "-c", code, str(store)], env=env)
+
+
+@pytest.mark.parametrize("damage", ["healthy", "deleted"])
+@pytest.mark.parametrize("point", ["rebuild_mid", "publish_swap", "random"])
+def test_rebuild_catalog_killed_then_rerun(tmp_path: Path, point: str, damage: str) -> None:
+    import shutil
+    from embedstore.store import delete, rebuild_catalog
+    store = tmp_path / "st"
+    write_units(store, list(range(N_UNITS)))
+    delete(store, keys=open_store(store).keys()[:4], reason="qc")
+    before = _contents(store)
+    ref = tmp_path / "ref"                      # an uninterrupted rebuild of a copy
+    shutil.copytree(store, ref)
+    if damage == "deleted":
+        shutil.rmtree(ref / "catalog")
+    rebuild_catalog(ref)
+    assert _contents(ref) == before
+    if damage == "deleted":
+        shutil.rmtree(store / "catalog")
+    p = _spawn_rebuild(store, None if point == "random" else point)
+    if point == "random":
+        time.sleep(random.Random(7).uniform(0.2, 0.6))
+        p.send_signal(signal.SIGKILL)
+    p.wait(60)
+    if damage == "healthy" or (store / "catalog").exists() or (store / ".catalog.old").exists():
+        # the old catalog is never destroyed before the new one is complete
+        assert _contents(store) == before and verify_store(store).ok
+    p = _spawn_rebuild(store, None)
+    assert p.wait(60) == 0
+    assert _contents(store) == _contents(ref) == before
+    assert verify_store(store).ok
+    assert not (store / ".catalog.rebuild").exists() and not (store / ".catalog.old").exists()

@@ -5,6 +5,7 @@ and oversized uploads)."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,35 @@ def test_cli_serve_help_and_bad_store(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "--host" in r.output and "127.0.0.1" in r.output
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cli_serve_binds_localhost_and_prints_the_url(stores: tuple[Path, Path]) -> None:
+    import http.client
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "embedstore", "serve", *map(str, stores), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("embedstore serve: http://127.0.0.1:"), line
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)   # bound before the line
+        conn.request("GET", "/api/stores")
+        resp = conn.getresponse()
+        assert resp.status == 200 and {s["name"] for s in json.loads(resp.read())} == {"lung", "wsi"}
+        # a raw request line, not normalised by any client, reaches the real server
+        for raw in ("/api/lung/tile/../../STORE.json", "/api/lung/tile/lung_n/../STORE.json",
+                    "/api/wsi/slide/../../../etc/passwd/thumbnail"):
+            conn.request("GET", raw)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 404 and b"\n" not in body and set(json.loads(body)) == {"error"}, (raw, body)
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()

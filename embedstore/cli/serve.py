@@ -1,6 +1,7 @@
 """``embedstore serve``: the web page and JSON API over one or more stores (uvicorn)."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import click
@@ -27,6 +28,12 @@ def serve(stores: tuple[Path, ...], host: str, port: int) -> None:
         raise MissingDependencyError(f"embedstore serve needs {exc.name or 'fastapi'}: "
                                      "pip install 'embedstore[serve]'") from None
     app = create_app(list(stores))
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((host, port), family=family)    # bound here: the URL says the real port
+    port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"embedstore serve: http://{shown}:{port}/  (API: http://{shown}:{port}/docs; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()

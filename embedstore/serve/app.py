@@ -74,6 +74,7 @@ def _install_errors(app: FastAPI) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
 
+# long: one short route per endpoint, each a closure over ``served`` (FastAPI's own idiom)
 def create_app(stores: Sequence[str | os.PathLike[str]] | dict[str, ServedStore],
                max_upload: int = MAX_UPLOAD) -> FastAPI:
     """The app serving ``stores`` (paths, opened here, or already-served stores by name)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import ConfigError
+from ._process import crash_point
 
 __all__ = ["fsync_dir", "fsync_file", "atomic_path", "atomic_open", "atomic_write_bytes",
            "atomic_write_text", "publish_dir", "recover_dir"]
@@ -90,6 +91,7 @@ def publish_dir(staged: Path, final: Path) -> None:
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
+    crash_point("publish_swap")
     os.replace(staged, final)
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)

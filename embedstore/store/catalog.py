@@ -31,7 +31,7 @@ _DAMAGE = (json.JSONDecodeError, UnicodeDecodeError, struct.error)
 _LMDB_MAGIC = 0xBEEFC0DE
 
 
-def damaged(store_dir: Path | str, detail: str) -> CatalogDamagedError:
+def damaged(store_dir: Path | str, detail: object) -> CatalogDamagedError:
     """The one error a damaged catalog gives, with how to recover."""
     return CatalogDamagedError(
         f"the catalog of {store_dir} is damaged ({' '.join(str(detail).split())}); the shards are intact: "

@@ -110,12 +110,17 @@ _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 MAPPING = "slides.csv"
 
 
+def _natural_stem(slide: str) -> str:
+    """The slide id without its slide-file suffix (what the file is named when the id is safe)."""
+    return slide.rsplit(".", 1)[0] if slide.lower().endswith(SLIDE_SUFFIXES) else slide
+
+
 def slide_file_name(slide: str) -> str:
     """The ``.h5`` file (relative to ``--out``) for a slide id: its ``/``-separated parts kept as
     subfolders when every one is a safe name (letters, digits, ``._+-``, not starting with a dot),
     else the whole id flattened into one safe name with a hash of the id (never ``..``, absolute,
     control characters, empty parts)."""
-    stem = slide[: -len(slide.rsplit(".", 1)[1]) - 1] if slide.lower().endswith(SLIDE_SUFFIXES) else slide
+    stem = _natural_stem(slide)
     parts = stem.split("/")
     if stem and all(_SAFE.fullmatch(p) for p in parts):
         return "/".join(parts) + ".h5"
@@ -177,5 +182,5 @@ def export_h5(store: StoreLike, out: Path | str, *, progress: bool = True) -> di
     w.writerow(["slide", "file"])
     w.writerows([s, files[s]] for s in slides)
     atomic_write_text(out / MAPPING, buf.getvalue())
-    renamed = sum(1 for s in slides if files[s] != slide_file_name(s) or files[s][:-3] not in s)
+    renamed = sum(1 for s in slides if files[s][:-3] != _natural_stem(s))
     return {"files": len(slides), "rows": rows, "mapping": str(out / MAPPING), "renamed": renamed}

@@ -154,7 +154,7 @@ class _Plan:
                     if e["op"] == "units" and u in self.units:
                         continue
                     self.units[u] = dict(info, shard=shard, time=e.get("time"))
-        self.views = {e["name"]: None for e in entries if e["op"] == "views" and e["name"] in on_disk}
+        self.views: dict[str, str | None] = {e["name"]: None for e in entries if e["op"] == "views" and e["name"] in on_disk}
         for e in self.base.values():
             if e.get("view") and e["view"] in on_disk:
                 self.views[e["view"]] = e["base"]

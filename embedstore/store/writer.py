@@ -24,25 +24,27 @@ from typing import Any
 import numpy as np
 
 from ..errors import (ConfigError, DimensionMismatchError, DuplicateKeyError, StoreExistsError,
-                      StoreNotFoundError, WriterError)
+                      StoreNotFoundError)
+from ._background import Background
 from ._openshard import OpenShard, Pending, Sealed, drop_units, is_seq, views_table
-from ._process import crash_point, process_alive, process_identity
+from ._process import crash_point, process_identity
 from ._shardfile import write_shard
+from . import schema
 from .atomic import fsync_dir
 from .catalog import Catalog, open_catalog
+from .claims import claim_unit, release_claims
 from .commit import (UnitsTaken, apply_commit, apply_staged, register_file_writer, stage_commit,
                      unregister_file_writer)
 from .creation import clean_leftovers, create_store
 from .layout import Layout, shard_name
 from .meta import StoreMeta, check_compatible, read_store_meta
-from . import schema
 from .schema import META_COLUMNS
 from .snapshot import check_meta_against_shards
 
 __all__ = ["StoreWriter", "create_store", "clean_leftovers"]
 
 
-class StoreWriter:
+class StoreWriter(Background):
     """Append tiles to a store (creating it with ``meta`` if missing). A context manager.
 
     Several processes may write one store at once, each with its own writer (and shards).
@@ -127,19 +129,7 @@ class StoreWriter:
         see the catalog: it always gets True (its node's work is planned by the run)."""
         if self.staged:
             return True
-        cat = self._catalog
-
-        def txn(t: Any) -> bool:
-            if t.get(unit.encode(), db=cat.db["units"]) is not None:
-                return False
-            owner = t.get(unit.encode(), db=cat.db["claims"])
-            if owner is not None and bytes(owner).decode() != self.token:
-                ident = cat.get_json(t, "writers", bytes(owner))
-                if ident is not None and process_alive(ident) is not False:
-                    return False
-            t.put(unit.encode(), self.token.encode(), db=cat.db["claims"])
-            return True
-        ok = cat.write(txn)
+        ok = claim_unit(self._catalog, self.token, unit)
         if ok:
             self._claims.add(unit)
         return ok
@@ -243,14 +233,7 @@ class StoreWriter:
             if self.staged:
                 unregister_file_writer(self.lay, self.token)
             else:
-                cat, mine = self._catalog, self.token.encode()
-
-                def txn(t: Any) -> None:
-                    for u in self._claims:
-                        if t.get(u.encode(), db=cat.db["claims"]) == mine:
-                            t.delete(u.encode(), db=cat.db["claims"])
-                    t.delete(mine, db=cat.db["writers"])
-                cat.write(txn)
+                release_claims(self._catalog, self.token, self._claims)
         finally:
             fcntl.flock(self._lockf, fcntl.LOCK_UN)
             self._lockf.close()
@@ -304,50 +287,6 @@ class StoreWriter:
                                     "(keys are unique; delete it first or pass on_duplicate='skip')")
         return ~dup
 
-    def _submit(self, op: tuple[str, Any, Any]) -> None:
-        if self._q is None:
-            self._do(op)
-            return
-        while True:
-            self._raise_pending()
-            try:
-                self._q.put(op, timeout=0.5)
-                return
-            except queue.Full:
-                if self._thread is not None and not self._thread.is_alive():
-                    self._raise_pending()
-                    raise WriterError("background writer stopped unexpectedly")
-
-    def _wait(self) -> None:
-        if self._q is not None:
-            done = threading.Event()
-            self._submit(("sync", None, done))
-            while not done.wait(0.5):
-                if self._thread is not None and not self._thread.is_alive():
-                    break
-        self._raise_pending()
-
-    def _raise_pending(self) -> None:
-        if self._exc is not None:
-            e, self._exc = self._exc, None
-            self._closed = True
-            raise WriterError(str(e)) from e
-
-    def _run(self) -> None:
-        assert self._q is not None
-        while True:
-            op = self._q.get()
-            if op[0] == "stop":
-                return
-            if self._exc is not None:
-                if op[0] == "sync":
-                    op[2].set()
-                continue
-            try:
-                self._do(op)
-            except BaseException as e:  # re-raised in the caller
-                self._exc = e
-
     def _do(self, op: tuple[str, Any, Any]) -> None:
         kind, unit, arg = op
         if kind == "spill":
@@ -365,7 +304,7 @@ class StoreWriter:
                 if self._file is not None:
                     self._file.units.append((unit, info or {}))
                 else:
-                    self._commit(None, [(unit, info or {})])   # a unit without rows (no tissue)
+                    self._commit([(unit, info or {})])   # a unit without rows (no tissue)
             f = self._file
             if f is not None and not self._spilled and (
                     f.rows >= self.rows_per_shard or time.monotonic() - f.opened > self.commit_every_s):
@@ -428,7 +367,7 @@ class StoreWriter:
                 if left is None:   # nothing of the shard is left; its other units had no rows
                     units = [(u, i) for u, i in s.units if u not in e.units]
                     if units:
-                        self._commit(None, units)
+                        self._commit(units)
                     return
                 s = left
         dups = np.zeros(s.rows, bool)
@@ -440,7 +379,7 @@ class StoreWriter:
         for u, _ in s.units:
             self.committed.setdefault(u, 0)
 
-    def _commit(self, f: OpenShard | None, units: list[tuple[str, dict[str, Any]]]) -> None:
+    def _commit(self, units: list[tuple[str, dict[str, Any]]]) -> None:
         """Mark ``units`` (without rows) done."""
         self._apply({"kind": "units", "units": units, "time": time.time()}, f"units-{self.token}-{self._seq}")
         for u, _ in units:

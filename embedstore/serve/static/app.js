@@ -43,10 +43,13 @@ async function pickStore(name) {
   state.store = name;
   state.slide = state.info = state.query = null;
   $("viewer").hidden = true;
+  $("query").hidden = true;
   $("gallery").innerHTML = "";
   const box = $("slides");
   box.innerHTML = "";
   const slides = await getJSON(api("/slides"));
+  $("view-title").textContent = slides.length ? "Pick a slide, then click a region of it"
+    : "Click a tile, or drop an image, to search by it";
   if (slides.length) {
     $("browse-title").textContent = `Slides (${slides.length})`;
     box.className = "";

@@ -1,0 +1,125 @@
+"""The ``embedstore serve`` page in a real browser: headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, installed by ``.ci/run``) driven by selenium against uvicorn on a free
+local port. Picks the slide store, clicks a slide and a point on it, waits for the gallery,
+checks it; then uploads an image to the lung store. Saves a screenshot (also /tmp/serve.png)."""
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from embedstore.serve import create_app  # noqa: E402
+
+from test_serve_api import SAMPLE, build_lung_store, build_slide_store  # noqa: E402
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+K = 6
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("serve-browser")
+    app = create_app([build_slide_store(base / "wsi"), build_lung_store(base / "lung", per_class=3)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start within 30 s"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    if not (CHROMIUM.exists() and DRIVER.exists()):
+        pytest.skip(f"needs {CHROMIUM} and {DRIVER} (apt-get install chromium chromium-driver; .ci/run does)")
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1500,1000"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _loaded(driver: webdriver.Chrome, css: str) -> bool:
+    return bool(driver.execute_script(
+        "const ims = document.querySelectorAll(arguments[0]);"
+        "return ims.length > 0 && [...ims].every(i => i.complete && i.naturalWidth > 0);", css))
+
+
+def test_click_a_slide_region_shows_the_gallery(server: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    wait = WebDriverWait(browser, 60)
+    browser.get(server + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#store option")) == 2)
+    k_box = browser.find_element(By.ID, "k")
+    k_box.clear()
+    k_box.send_keys(str(K))
+    Select(browser.find_element(By.ID, "store")).select_by_value("wsi")
+    thumb = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".slide-thumb"))[0]
+    thumb.click()
+    img = wait.until(lambda d: d.find_element(By.ID, "viewer-img") if _loaded(d, "#viewer-img") else None)
+    ActionChains(browser).move_to_element_with_offset(img, 10, -20).click().perform()   # near the centre
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .result")) == K)
+    scores = [float(e.text) for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .result .score")]
+    assert len(scores) == K and scores == sorted(scores, reverse=True) and abs(scores[0] - 1) < 1e-3
+    assert all(-1.0 <= s <= 1.0 + 1e-3 for s in scores)
+    wheres = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .result .where")]
+    assert all(w.startswith("CMU-1-Small-Region.svs (") for w in wheres), wheres
+    assert browser.find_element(By.ID, "marker").is_displayed()
+    wait.until(lambda d: _loaded(d, "#gallery .result img") and _loaded(d, "#heatmap"))
+    assert "results" in browser.find_element(By.ID, "status").text
+    # a result opens its slide with the spot marked
+    browser.find_elements(By.CSS_SELECTOR, "#gallery .result")[2].click()
+    wait.until(lambda d: d.find_element(By.ID, "marker").is_displayed())
+    shot = tmp_path / "serve.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+    shutil.copy(shot, "/tmp/serve.png")
+
+
+def test_upload_an_image_to_the_lung_store(server: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    wait = WebDriverWait(browser, 60)
+    browser.get(server + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#store option")) == 2)
+    Select(browser.find_element(By.ID, "store")).select_by_value("lung")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".key-thumb")) == 9)
+    image = sorted((SAMPLE / "lung" / "lung_scc").glob("*.jpeg"))[0]
+    file_input = browser.find_element(By.ID, "file")
+    browser.execute_script("arguments[0].hidden = false;", file_input)
+    file_input.send_keys(str(image))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .result")) == 9)
+    first = browser.find_elements(By.CSS_SELECTOR, "#gallery .result")[0]
+    assert first.get_attribute("title").startswith(f"lung_scc/{image.name}")
+    assert float(first.find_element(By.CLASS_NAME, "score").text) > 0.999
+    wait.until(lambda d: _loaded(d, "#gallery .result img"))
+    browser.save_screenshot(str(tmp_path / "serve-upload.png"))
+    shutil.copy(tmp_path / "serve-upload.png", "/tmp/serve-upload.png")
