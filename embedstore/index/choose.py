@@ -23,7 +23,7 @@ from embedstore.sizes import format_bytes, parse_size
 
 __all__ = [
     "KINDS", "FLAT_MAX_ROWS", "EXACT_MAX_ROWS", "IndexPlan", "plan_index", "plan_candidates",
-    "parse_memory", "sample_size", "pick",
+    "parse_memory", "sample_size", "pick", "plan_on_disk", "fits_in_memory", "ON_DISK_KINDS",
 ]
 
 KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq")
@@ -52,6 +52,8 @@ HNSW_QUANTIZER_MIN_LISTS = 1 << 16  # from here, assign to lists through an HNSW
                                     # lists, which costs more than scanning the 4096 centroids
 QUANTIZER_EF_SEARCH = 256        # efSearch of an HNSW quantizer (at least 2 * nprobe at search)
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
+ON_DISK_KINDS = ("auto", "ivf-flat", "ivf-sq8", "ivf-pq")   # an on-disk index is an IVF
+SHARD_MAX_ROWS = 1 << 21         # on disk: rows per shard (also at most a quarter of the budget)
 
 
 
@@ -75,6 +77,9 @@ class IndexPlan:
     k_factors: tuple[int, ...]         # re-rank depths swept (candidates per result; 1 = none)
     reason: str                        # one line: why this kind
     gpu: bool = False                  # trained, filled and searched on a GPU
+    on_disk: bool = False              # inverted lists in an .ivfdata file, memory-mapped
+    shard_rows: int = 0                # on disk: rows added in memory before a shard is written
+    disk_bytes: int = 0                # on disk: size of the .ivfdata file (codes + ids)
 
     @property
     def needs_training(self) -> bool:
@@ -343,3 +348,47 @@ def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float 
                                         " codes"))
     wanted.extend(pqs)
     return _first_fitting(wanted, budget, _nothing_fits(n, dim, budget))
+
+
+def fits_in_memory(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
+                   kind: str = "auto") -> bool:
+    """Whether some in-memory index of ``kind`` fits the budget (auto: any candidate). When none
+    does, ``build_index(on_disk=None)`` builds the on-disk IVF instead (``plan_on_disk``)."""
+    try:
+        if kind == "auto":
+            plan_candidates(n, dim, memory_budget_bytes, target_recall)
+        else:
+            plan_index(n, dim, memory_budget_bytes, target_recall, kind)
+    except BudgetError:
+        return False
+    return True
+
+
+def plan_on_disk(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
+                 kind: str = "auto") -> IndexPlan:
+    """An IVF whose inverted lists (codes + ids) live in an ``.ivfdata`` file, memory-mapped at
+    search time, for stores whose vectors, or even codes, exceed the budget. ``auto``: IVF-PQ
+    with the largest code (dim / 12 bytes: the codes cost disk, not RAM) and exact re-ranking
+    from the store. What must fit the budget is what stays resident while building: the coarse
+    centroids, the codebooks, the float32 training sample (shrunk down to 10 rows per list if
+    need be) and one shard of codes (``shard_rows``, at most a quarter of the budget)."""
+    _check(n, dim, target_recall, kind)
+    if kind not in ON_DISK_KINDS:
+        raise VectorIndexError(f"an on-disk index is an inverted file; kind={kind} keeps every "
+                               f"vector in memory: choose --kind {' | '.join(ON_DISK_KINDS)}")
+    budget = int(memory_budget_bytes)
+    why = (f"on disk: inverted lists memory-mapped from STORE/index, {n:,} x {dim} trained on a "
+           "sample and added shard by shard")
+    plan = {"ivf-flat": lambda: _ivf_flat(n, dim, why), "ivf-sq8": lambda: _ivf_sq8(n, dim, why),
+            }.get(kind, lambda: _ivf_pq(n, dim, _pq_m_options(dim)[0], why))()
+    per_row = {"ivf-flat": 4 * dim, "ivf-sq8": dim}.get(plan.kind, math.ceil(plan.m * _pq_bits(n) / 8))
+    per_row += ID_BYTES
+    disk = n * per_row
+    resident = plan.memory_bytes - disk            # centroids, codebooks, rotation
+    shard = max(1, min(SHARD_MAX_ROWS, n, (budget // 4) // per_row))
+    plan = replace(plan, on_disk=True, disk_bytes=disk, shard_rows=shard,
+                   memory_bytes=resident + shard * per_row)
+    return _first_fitting([plan], budget, lambda p: (
+        f"an on-disk {p.factory} for {n:,} x {dim} still needs {format_bytes(_needed(p))} "
+        f"resident (centroids, codebooks, training sample) but the memory budget is "
+        f"{format_bytes(budget)}; raise --memory-budget to at least {_needed_mb(p)}M"))

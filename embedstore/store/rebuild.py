@@ -120,7 +120,7 @@ def _sha256(path: Path) -> str:
 class _Plan:
     """Which shard files the new catalog registers, with which ids, order and units."""
 
-    def __init__(self, lay: Layout, entries: list[dict[str, Any]], old: dict[str, Any] | None) -> None:
+    def __init__(self, lay: Layout, entries: list[dict[str, Any]], old: dict[str, Any] | None) -> None:  # one replay of the journal, kept whole
         self.lay = lay
         by_seq: dict[int, dict[str, Any]] = {}
         mentioned: set[str] = set()
@@ -190,10 +190,20 @@ class _Plan:
         lay = self.lay
         next_seq = max(self.base, default=-1) + 1
         order = list(self.base.values())
-        for name in self.fresh:
-            sh = MappedShard(lay.shard(name))
-            order.append({"base": name, "first_id": self.next_id, "seq": next_seq, "units": []})
-            self.next_id += sh.rows
+        # shards without a record: compacted ones carry their ids (they go first, by id); the
+        # others get new ids above every id in use, in the order they were written
+        fresh = {name: MappedShard(lay.shard(name)) for name in self.fresh}
+        with_ids = sorted((int(sh.row_ids(0)[0]) if sh.rows else 0, n) for n, sh in fresh.items()
+                          if "id" in sh.schema.names)
+        for n, sh in fresh.items():
+            if "id" in sh.schema.names and sh.rows:
+                self.next_id = max(self.next_id, int(sh.row_ids(0)[-1]) + 1)
+        plain = sorted((lay.shard(n).stat().st_mtime, n) for n, sh in fresh.items() if "id" not in sh.schema.names)
+        for _, name in with_ids + plain:
+            first = 0 if "id" in fresh[name].schema.names else self.next_id
+            order.append({"base": name, "first_id": first, "seq": next_seq, "units": []})
+            if "id" not in fresh[name].schema.names:
+                self.next_id += fresh[name].rows
             next_seq += 1
         rows = 0
         for e in order:
