@@ -60,7 +60,7 @@ def test_weights_with_random_init_is_one_line_and_debug_shows_the_traceback(file
     assert code == 2 and "--weights" in one_line(err) and "--random-init" in one_line(err), err
     code, out, err = run("--debug", *argv)
     assert code == 2 and "Traceback (most recent call last)" in err and "ConfigError" in err
-    assert err.strip().splitlines()[-1].startswith("error: pass either")
+    assert err.strip().splitlines()[-1].startswith("error: --weights and --random-init")
     assert not (files["dir"] / "new" / "STORE.json").exists()
 
 

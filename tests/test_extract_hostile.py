@@ -228,6 +228,41 @@ def test_csv_paths_are_normalised(tmp_path: Path) -> None:
         extract([tmp_path / "twice.csv"], cfg(tmp_path / "st2"))
 
 
+# ------------------------------------------------------------------ 3: two runs, one source
+
+def _shard_rows(store: Path) -> int:
+    import pyarrow as pa
+    total = 0
+    for f in sorted((store / "shards").glob("*.arrow")):
+        if f.name.endswith(".v.arrow"):
+            continue
+        with pa.memory_map(str(f)) as src:
+            total += pa.ipc.open_file(src).read_all().num_rows
+    return total
+
+
+def test_two_runs_over_one_source_store_each_row_once_and_report_what_they_committed(
+        tmp_path: Path) -> None:
+    st = tmp_path / "st"
+    args = [sys.executable, "-m", "embedstore", "extract", str(SAMPLE / "lung"), "--store", str(st),
+            "--backbone", ONNX, "--files-per-unit", "4", "--batch-size", "2", "--workers", "0",
+            "--threads", "1", "--quiet", "--json"]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in runs]
+    for p, (out, err) in zip(runs, outs):
+        assert p.returncode == 0, out + err
+    reports = [json.loads(out) for out, _ in outs]
+    assert len(open_store(st)) == 60
+    assert _shard_rows(st) == 60                                  # no duplicate row on disk
+    assert sum(r["tiles_written"] for r in reports) == 60, reports   # each says what it committed
+    assert all(not r["errors"] for r in reports)
+    assert verify_store(st).ok
+    from embedstore.store import journal                          # the labels task is journaled
+    labels = [e for e in journal.read(st) if e["op"] == "labels" and e["task"] == "lung"]
+    assert labels and len(labels[-1]["rows"]) == 60 == labels[-1]["record"]["n"]
+
+
 # ------------------------------------------------------------------ 14: sockets
 
 def _descendants(pid: int) -> set[int]:

@@ -159,6 +159,27 @@ def test_views_only_items_become_one_add_views_each() -> None:
     assert (pipe.res.tiles_written, pipe.res.views_added, pipe.res.units_done) == (3, 2, 2)
 
 
+def test_claiming_skips_units_another_run_holds_and_never_claims_views_only_items() -> None:
+    from embedstore.extract.pending import WorkPlan
+    from embedstore.extract.runner import _claiming
+
+    class _Claims:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def claim(self, unit: str) -> bool:
+            self.asked.append(unit)
+            return unit != "files:1"          # another live extract holds files:1
+
+    items = [WorkItem(_files(0)), WorkItem(_files(1)), WorkItem(_files(2), views_only=True),
+             WorkItem(_files(3))]
+    order = iter(range(len(items)))
+    w, res = _Claims(), ExtractResult()
+    claim = _claiming(lambda: next(order, None), WorkPlan(items), w, res)  # type: ignore[arg-type]
+    assert [claim(), claim(), claim(), claim()] == [0, 2, 3, None]
+    assert w.asked == ["files:0", "files:1", "files:3"] and res.units_left == 1
+
+
 # --------------------------------------------------------------------------- store progress
 
 def test_store_progress_lookup_and_units_with_views(tmp_path: Path) -> None:

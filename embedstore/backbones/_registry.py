@@ -1,6 +1,7 @@
 """The registry: a name -> `BackboneSpec` table with a fixed verb set.
 
-`get_spec` resolves, in order: a registered name (case-insensitive); an ``hf-hub:ORG/MODEL``
+`get_spec` resolves, in order: a registered name (case-insensitive), or an alias of one
+(`ALIASES`: TRIDENT's encoder names such as ``uni_v1``, ``conch_v15``); an ``hf-hub:ORG/MODEL``
 id (a registered entry with that hub id, else the timm ``config.json`` in the local Hugging Face
 cache); a path to an ``.onnx`` file; a timm architecture name, optionally with a pretrained tag
 (``resnet18``, ``resnet50.tv_in1k``). Anything else is an `UnknownBackboneError` that lists
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackboneError, UnknownBackboneError, WeightsNotFoundError
-from .builtin import BUILTIN_SPECS
+from .builtin import ALIASES, BUILTIN_SPECS
 from .spec import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, BackboneSpec, frozen_kwargs
 
-__all__ = ["register_backbone", "list_backbones", "get_spec"]
+__all__ = ["register_backbone", "list_backbones", "get_spec", "registered_spec", "ALIASES"]
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
@@ -53,7 +54,7 @@ def get_spec(name: str) -> BackboneSpec:
     if not isinstance(name, str) or not name.strip():
         raise UnknownBackboneError(f"backbone name must be a non-empty string, got {name!r}")
     name = name.strip()
-    spec = _REGISTRY.get(name.lower())
+    spec = registered_spec(name)
     if spec is not None:
         return spec
     if name.startswith(HUB_PREFIXES):
@@ -64,6 +65,16 @@ def get_spec(name: str) -> BackboneSpec:
     if timm_spec is not None:
         return timm_spec
     raise UnknownBackboneError(_unknown_message(name))
+
+
+def registered_spec(name: str) -> BackboneSpec | None:
+    """The registered spec named `name` or by one of its aliases (case-insensitive), else None:
+    no timm, hub or file look-up (what importing another tool's features by encoder name needs)."""
+    key = name.strip().lower()
+    spec = _REGISTRY.get(key)
+    if spec is None and key in ALIASES:
+        spec = _REGISTRY.get(ALIASES[key].lower())
+    return spec
 
 
 def _unknown_message(name: str) -> str:

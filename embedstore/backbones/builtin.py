@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .spec import BackboneSpec, frozen_kwargs
 
-__all__ = ["BUILTIN_SPECS", "HOPTIMUS_MEAN", "HOPTIMUS_STD", "SHIPPED_ONNX"]
+__all__ = ["BUILTIN_SPECS", "HOPTIMUS_MEAN", "HOPTIMUS_STD", "SHIPPED_ONNX", "ALIASES"]
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -108,3 +108,19 @@ BUILTIN_SPECS: tuple[BackboneSpec, ...] = (
                      "file shipped in sample_data/models"),
     ),
 )
+
+# Other tools' names for the entries above: TRIDENT's patch encoder names (``enc_name`` in
+# trident/patch_encoder_models/load.py, the ``features_<encoder>`` folders and the ``encoder``
+# attribute of its h5 files). Only encoders whose output is the entry's own vector are listed:
+# TRIDENT's ``resnet50`` (cut after layer 3, 1024-d) and ``midnight12k`` (class token only,
+# 1536-d) are other embedding spaces than ``resnet50-tv-in1k`` and ``midnight``, so not aliased.
+ALIASES: dict[str, str] = {
+    "uni_v1": "uni",
+    "uni_v2": "uni2-h",
+    "conch_v15": "conch-v1.5",
+    "virchow2": "virchow2",
+    "phikon_v2": "phikon-v2",
+    "gigapath": "prov-gigapath",
+    "hoptimus0": "h-optimus-0",
+    "hoptimus1": "h-optimus-1",
+}

@@ -33,6 +33,9 @@ def format_info(info: IndexInfo, store_path: Path | str) -> str:
         f"{format_bytes(info.memory_bytes)} on disk",
         f"  why            {info.reason}",
     ]
+    if info.on_disk:
+        lines.insert(2, f"  storage        on disk: inverted lists {info.ivfdata} "
+                        f"({format_bytes(info.ivfdata_bytes)}), memory-mapped at search")
     return "\n".join(lines + format_candidates(info))
 
 
@@ -99,14 +102,18 @@ def results_json(hits: list[SearchResult], queries: list[str]) -> list[dict[str,
               help="recall@10 vs exact search, measured on held-out queries; search parameters are tuned to it.")
 @click.option("--gpu", is_flag=True, help="Build and search with faiss-gpu (the `gpu` extra).")
 @click.option("--update", is_flag=True, help="Add rows committed since the build, without retraining.")
+@click.option("--on-disk/--in-memory", "on_disk", default=None,
+              help="--on-disk: an IVF whose inverted lists live in STORE/index and are memory-mapped "
+                   "(for stores larger than RAM); --in-memory: never. Default: on disk only when no "
+                   "in-memory index fits --memory-budget.")
 @json_option
 def index(store: Path, kind: str, memory_budget: str, target_recall: float, gpu: bool, update: bool,
-          as_json: bool) -> None:
+          on_disk: bool | None, as_json: bool) -> None:
     """Build the store's FAISS index (cosine), measure its recall@10 and tune it; saved in STORE/index/."""
     from ..index.jobs import index_command
     from ..store import open_store
     info = index_command(open_store(store), kind=kind, memory_budget=memory_budget,
-                         target_recall=target_recall, gpu=gpu, update=update)
+                         target_recall=target_recall, gpu=gpu, update=update, on_disk=on_disk)
     if as_json:
         echo_json(info.to_json())
     else:

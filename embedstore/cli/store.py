@@ -137,30 +137,47 @@ def labels(store: Path, csv_path: Path, task: str, skip_unknown: bool, as_json: 
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @json_option
 def import_h5(src: Path, store: Path, backbone_name: str | None, dtype: str, as_json: bool) -> None:
-    """Import per-slide HDF5 feature files (TRIDENT / CLAM layout: features, coords)."""
+    """Import per-slide HDF5 feature files: a TRIDENT job folder as it is (its features_<encoder>
+    folders; TRIDENT encoder names such as uni_v1 map to the registry's), CLAM's h5_files, or an
+    export-h5 output."""
+    from ..backbones._registry import registered_spec
     from ..store.h5io import import_h5 as do
-    r = do(src, store, backbone_name=backbone_name, dtype=dtype)
+
+    def resolve(name: str) -> dict[str, Any] | None:
+        spec = registered_spec(name)
+        return spec.to_dict() if spec is not None else None
+    r = do(src, store, backbone_name=backbone_name, dtype=dtype, resolve=resolve)
     if as_json:
         echo_json({"store": str(store), **r})
-    else:
-        click.echo(f"imported {r['files']} file(s), {r['rows']:,} tiles"
-                   + (f"; {r['skipped']} already imported" if r["skipped"] else ""))
+        return
+    click.echo(f"imported {r['files']} file(s), {r['rows']:,} tiles, backbone {r['backbone']}"
+               + ("" if r["backbone_known"] else " (unknown to the registry)")
+               + (f"; {r['skipped']} already imported" if r["skipped"] else ""))
+    for note in r["notes"]:
+        click.echo(f"  note: {note}")
 
 
 @main.command("export-h5")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--layout", type=click.Choice(["trident", "clam"]), default="trident", show_default=True,
+              help="trident: OUT/<slide>.h5; clam: OUT/h5_files/<slide>.h5 + OUT/pt_files/<slide>.pt.")
 @json_option
-def export_h5(store: Path, out: Path, as_json: bool) -> None:
-    """Write one TRIDENT-layout HDF5 file per slide (features, coords, attributes)."""
+def export_h5(store: Path, out: Path, layout: str, as_json: bool) -> None:
+    """Write one HDF5 file per slide (features, coords, TRIDENT's coords attributes); a store of
+    tile folders gets one file per source folder or CSV."""
     from ..store import open_store
     from ..store.h5io import export_h5 as do
-    r = do(open_store(store), out)
+    r = do(open_store(store), out, layout=layout)
     if as_json:
         echo_json({"store": str(store), "out": str(out), **r})
-    else:
-        click.echo(f"wrote {r['files']} file(s), {r['rows']:,} tiles to {out}; slide id -> file in {r['mapping']}"
-                   + (f" ({r['renamed']} slide id(s) made into safe file names)" if r["renamed"] else ""))
+        return
+    click.echo(f"wrote {r['files']} file(s) ({layout} layout, one per {r['per']}), {r['rows']:,} tiles "
+               f"to {out}; {r['per']} -> file in {r['mapping']}"
+               + (f" ({r['renamed']} name(s) made into safe file names)" if r["renamed"] else ""))
+    if r["incomplete_geometry"]:
+        click.echo(f"  note: {r['incomplete_geometry']} slide(s) lack level-0 geometry (slide µm/px or "
+                   "size not recorded): their coords attributes are incomplete for TRIDENT")
 
 
 @main.command("rebuild-catalog")

@@ -100,6 +100,8 @@ class ExtractResult:
     views_added: int = 0              # tiles of earlier runs given their views
     units_done: int = 0
     units_skipped: int = 0            # done in an earlier run
+    units_left: int = 0               # claimed by (or finished by) another running extract
+    tiles_discarded: int = 0          # embedded, then dropped at commit: another run committed them
     errors: list[tuple[str, str]] = field(default_factory=list)
     conflicting_keys: list[str] = field(default_factory=list)   # keys holding another file's row
     stages: dict[str, float] = field(default_factory=dict)
@@ -120,6 +122,8 @@ class ExtractResult:
         self.tiles_skipped += other.tiles_skipped
         self.views_added += other.views_added
         self.units_done += other.units_done
+        self.units_left += other.units_left
+        self.tiles_discarded += other.tiles_discarded
         self.errors += other.errors
         self.conflicting_keys += other.conflicting_keys
         self.overlays += other.overlays
@@ -134,6 +138,12 @@ class ExtractResult:
             + (f"{self.views_added:,} given views, " if self.views_added else "")
             + f"{self.units_done} units done "
             f"({self.units_skipped} done before), {len(self.errors)} error(s)",
+        ]
+        if self.units_left or self.tiles_discarded:
+            lines.append(f"{self.units_left} unit(s) left to another running extract"
+                         + (f", {self.tiles_discarded:,} tiles discarded at commit (another run "
+                            "committed them first)" if self.tiles_discarded else ""))
+        lines += [
             f"time {self.elapsed:.1f} s, {self.tiles_per_s:.1f} tiles/s",
             "stages (s): " + ", ".join(f"{k} {st.get(k, 0.0):.1f}" for k in STAGES),
         ]

@@ -173,11 +173,39 @@ def run_process(cfg: ExtractConfig, disc: Discovery, recipe: ViewRecipe | None, 
         if claim is None:
             order = iter(range(len(work.items)))
             claim = lambda: next(order, None)  # noqa: E731
-        pipe = _pipeline(cfg, disc, meta, work, w, res, claim, sync, staged, rank)
+        pipe = _pipeline(cfg, disc, meta, work, w, res, _claiming(claim, work, w, res), sync,
+                         staged, rank)
         _embed(pipe, bb, cfg, recipe, device, work, rank, world)
         t4 = time.perf_counter()
     res.stages["write"] += time.perf_counter() - t4  # the final flush and commit
+    _committed(res, w, failed={work.items[i].name for i in pipe.failed})
     return res
+
+
+def _claiming(nxt: Callable[[], int | None], work: WorkPlan, w: StoreWriter,
+              res: ExtractResult) -> Callable[[], int | None]:
+    """``nxt`` (the next index into ``work``), skipping the units the store will not let this
+    writer have: done meanwhile or claimed by another live extract (counted in ``units_left``).
+    Items that only add views are not claimed: their unit is done, so a claim would refuse."""
+    def claim() -> int | None:
+        while (index := nxt()) is not None:
+            item = work.items[index]
+            if item.views_only or w.claim(item.name):
+                return index
+            res.units_left += 1
+        return None
+    return claim
+
+
+def _committed(res: ExtractResult, w: StoreWriter, failed: set[str]) -> None:
+    """Report what the closed writer really committed, not what the pipeline handed it: rows
+    another run committed first were dropped at commit, and so were the units they belong to
+    (``failed``: units the pipeline did not count done)."""
+    res.tiles_written = w.rows_committed
+    res.tiles_discarded = sum(w.discarded.values())
+    lost = [u for u in w.discarded if u not in w.committed]
+    res.units_done -= sum(u not in failed for u in lost)
+    res.units_left += len(lost)
 
 
 def _pipeline(cfg: ExtractConfig, disc: Discovery, meta: StoreMeta, work: WorkPlan, w: StoreWriter,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -29,6 +30,23 @@ def deleted(store: StoreLike, ids: np.ndarray) -> np.ndarray:
         return np.ones(ids.shape, dtype=bool)
     pos = np.minimum(np.searchsorted(live, ids), len(live) - 1)
     return live[pos] != ids
+
+
+def rows_after(store: StoreLike, batch_size: int, above_id: int = -1,
+               skip: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``store.scan`` batches of the live rows with id > ``above_id`` and not in sorted ``skip``
+    (the rows an index build or update adds); empty batches are left out."""
+    for ids, emb in store.scan(batch_size):
+        if len(ids) == 0 or ids[-1] <= above_id:
+            continue
+        ids = np.asarray(ids, dtype=np.int64)
+        keep = ids > above_id
+        if skip is not None and len(skip):
+            keep &= ~np.isin(ids, skip)
+        if not keep.all():
+            ids, emb = ids[keep], emb[keep]
+        if len(ids):
+            yield ids, emb
 
 
 def check_metric(metric: str) -> str:

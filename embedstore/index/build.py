@@ -12,6 +12,7 @@ does not contain: they are added to the full-size index only after its recall wa
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -19,13 +20,16 @@ import numpy as np
 
 from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS
 from embedstore.index._make import gather_rows, held_out_queries, new_index, random_ids, train
-from embedstore.index._vectors import SCAN_BATCH, check_metric, log, prepare, require_rows
-from embedstore.index.choose import (EXACT_MAX_ROWS, IndexPlan, parse_memory, pick,
-                                     plan_candidates, plan_index)
+from embedstore.index._vectors import (SCAN_BATCH, check_metric, log, prepare, require_rows,
+                                       rows_after)
+from embedstore.index.choose import (EXACT_MAX_ROWS, SHARD_MAX_ROWS, IndexPlan, fits_in_memory, parse_memory,
+                                     pick, plan_candidates, plan_index, plan_on_disk)
 from embedstore.index.measure import RECALL_K, gpu_count, measure_candidates
+from embedstore.index.ondisk import OnDiskBuild, empty_copy, lists_of, train_empty
 from embedstore.index.recall import exact_scan, recall_at_k, tune
-from embedstore.index.stored import (IndexInfo, VectorIndex, index_dir, load_index, now_iso,
-                                     require_gpu, save_index, to_gpu)
+from embedstore.index.stored import (IndexInfo, VectorIndex, index_dir, index_file, load_index,
+                                     now_iso, require_gpu, save_index, to_gpu)
+from embedstore.errors import VectorIndexError
 from embedstore.sizes import format_bytes
 from embedstore.store.protocol import StoreLike
 
@@ -45,19 +49,10 @@ def _add_rows(index: Any, store: StoreLike, metric: str, batch_size: int,
     """Add every live row with id > above_id (and not in sorted ``skip``); returns (rows
     added, largest id seen)."""
     added, max_id = 0, above_id
-    for ids, emb in store.scan(batch_size):
-        if len(ids) == 0 or ids[-1] <= above_id:
-            continue
-        ids = np.asarray(ids, dtype=np.int64)
-        keep = ids > above_id
-        if skip is not None and len(skip):
-            keep &= ~np.isin(ids, skip)
-        if not keep.all():
-            ids, emb = ids[keep], emb[keep]
-        if len(ids):
-            index.add_with_ids(prepare(emb, metric), ids)
-            added += len(ids)
-            max_id = max(max_id, int(ids[-1]))
+    for ids, emb in rows_after(store, batch_size, above_id, skip):
+        index.add_with_ids(prepare(emb, metric), ids)
+        added += len(ids)
+        max_id = max(max_id, int(ids[-1]))
     return added, max_id
 
 
@@ -89,10 +84,21 @@ def _train_and_fill(store: StoreLike, plan: IndexPlan, metric: str, seed: int,
 
 def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu: bool,
             metric: str, seed: int, qids: np.ndarray, q: np.ndarray, batch_size: int,
-            measure: bool) -> tuple[IndexPlan, list[dict], int]:
-    """(plan to build, every candidate measured, sample rows): a forced kind, the static plan
-    (``measure=False``), the only candidate, or the winner of the measurement."""
+            measure: bool, on_disk: bool | None) -> tuple[IndexPlan, list[dict], int]:
+    """(plan to build, every candidate measured, sample rows): the on-disk IVF (forced, or when
+    no in-memory index fits the budget), a forced kind, the static plan (``measure=False``), the
+    only candidate, or the winner of the measurement."""
     n, dim = len(store), store.dim
+    if on_disk is None:
+        on_disk = kind in ("auto", "ivf-flat", "ivf-sq8", "ivf-pq") and \
+            not fits_in_memory(n, dim, budget, target_recall, kind)
+        if on_disk:
+            log.info("no in-memory %s index of %d x %d fits %s: building it on disk", kind, n,
+                     dim, format_bytes(budget))
+    if on_disk:
+        if gpu:
+            raise VectorIndexError("an on-disk index is built and searched on CPU; drop --gpu")
+        return plan_on_disk(n, dim, budget, target_recall, kind), [], 0
     if kind != "auto" or not measure:
         plan = plan_index(n, dim, budget, target_recall, kind)
         return replace(plan, gpu=gpu), [], 0
@@ -117,7 +123,8 @@ def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu:
 def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int = "8G",
                 target_recall: float = 0.95, gpu: bool = False, metric: str = "cosine",
                 seed: int = 0, *, n_queries: int = 1000, batch_size: int = SCAN_BATCH,
-                measure: bool = True) -> IndexInfo:
+                measure: bool = True, on_disk: bool | None = None,
+                shard_rows: int | None = None) -> IndexInfo:
     """Choose (or take the forced ``kind``), train, fill, tune and save the index of ``store``
     under ``store.path/index``.
 
@@ -126,6 +133,10 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
     efSearch, and re-rank depth for IVF-PQ) is the cheapest that met ``target_recall`` in an
     increasing sweep; every point tried is kept in ``info.curve``, every candidate measured
     by the auto chooser in ``info.candidates``.
+
+    ``on_disk``: True builds the IVF with memory-mapped on-disk lists (``index/ondisk.py``),
+    False never does, None (default) does when no in-memory index of ``kind`` fits the budget;
+    ``shard_rows`` overrides the rows it encodes in memory before writing a shard.
     """
     check_metric(metric)
     n = require_rows(store)
@@ -134,12 +145,30 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
     budget = parse_memory(memory_budget)
     qids, q = held_out_queries(store, n_queries, seed, metric)
     plan, candidates, sample = _choose(store, kind, budget, target_recall, gpu, metric, seed,
-                                       qids, q, batch_size, measure)
+                                       qids, q, batch_size, measure, on_disk)
+    if shard_rows is not None and plan.on_disk:
+        plan = replace(plan, shard_rows=max(1, int(shard_rows)))
     log.info("index plan for %d x %d: %s (~%s): %s", n, store.dim, plan.label,
              format_bytes(plan.memory_bytes), plan.reason)
     committed = int(store.n_rows_committed)
+    staging = OnDiskBuild(index_dir(store)) if plan.on_disk else None
+    with staging or nullcontext():
+        return _build(store, plan, candidates, sample, metric, seed, batch_size, target_recall,
+                      qids, q, committed, staging)
+
+
+def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: int, metric: str,
+           seed: int, batch_size: int, target_recall: float, qids: np.ndarray, q: np.ndarray,
+           committed: int, staging: OnDiskBuild | None) -> IndexInfo:
+    """Fill, measure, tune and save the index of ``plan`` (on disk when ``staging``)."""
     t0 = time.perf_counter()
-    index, added, max_id = _train_and_fill(store, plan, metric, seed, batch_size, qids)
+    if staging is not None:
+        work = train_empty(store, plan, metric, seed, batch_size)
+        added, max_id = staging.encode(work, store, metric, batch_size, plan.shard_rows, qids)
+        del work
+        index = staging.merge([])
+    else:
+        index, added, max_id = _train_and_fill(store, plan, metric, seed, batch_size, qids)
     build_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -158,7 +187,10 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
             row["full_recall"] = round(recall_at_k(found, truth, RECALL_K), 4)
     tuned = tune(lambda qq, k, params: vindex.query(store, qq, k, params)[1],
                  plan, q, truth, target_recall, RECALL_K)
-    index.add_with_ids(q, qids)                 # the held-out rows join once measured
+    if staging is not None:                     # the held-out rows join once measured
+        index = staging.merge([lists_of(index)], q, qids, final=True)
+    else:
+        index.add_with_ids(q, qids)
     info = replace(info, params=tuned.params, recall_at_10=tuned.recall, recall_met=tuned.met,
                    qps=tuned.qps, curve=tuned.curve, n_covered=int(index.ntotal),
                    max_id=max(max_id, int(qids[-1])), tune_seconds=round(time.perf_counter() - t1, 3))
@@ -166,23 +198,45 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
         log.warning("%s reached recall@10 %.3f < target %.3f at its widest setting %s; "
                     "consider --kind ivf-flat or a larger --memory-budget", plan.factory,
                     tuned.recall, target_recall, tuned.params)
-    info = save_index(index, info, index_dir(store))
+    info = save_index(index, info, index_dir(store),
+                      staging.ivfdata_name if staging is not None else "")
     log.info("built %s over %d rows in %.1fs: recall@10 %.3f at %s, %.0f QPS", info.factory,
              added + len(qids), build_seconds, info.recall_at_10, info.params, info.qps)
     return info
 
 
+def _update_on_disk(store: StoreLike, vindex: VectorIndex, batch_size: int
+                    ) -> tuple[Any, int, int, str]:
+    """New rows encoded in shards with the published quantizer and codebooks, merged with the
+    published lists into a new ``.ivfdata``: (index over it, rows added, max id, its name)."""
+    import faiss
+
+    info = vindex.info
+    with OnDiskBuild(index_dir(store)) as staging:
+        work = empty_copy(index_file(store, info), faiss.IO_FLAG_SKIP_IVF_DATA)
+        added, max_id = staging.encode(work, store, info.metric, batch_size, SHARD_MAX_ROWS,
+                                       above_id=info.max_id)
+        del work
+        index = staging.merge([lists_of(vindex.index)], final=True)
+    return index, added, max_id, staging.ivfdata_name
+
+
 def update_index(store: StoreLike, batch_size: int = SCAN_BATCH) -> IndexInfo:
-    """Add rows committed since the build (ids above the covered max id), without retraining."""
+    """Add rows committed since the build (ids above the covered max id), without retraining
+    (an on-disk index: into a new merged ``.ivfdata``, published like a build)."""
     vindex = load_index(store, check_stale=False)
     info = vindex.info
     committed = int(store.n_rows_committed)
     if committed <= info.n_rows_committed:
         return info
-    added, max_id = _add_rows(vindex.index, store, info.metric, batch_size, info.max_id)
-    info = replace(info, n_covered=int(vindex.ntotal), max_id=max_id,
+    if info.on_disk:
+        index, added, max_id, ivfdata = _update_on_disk(store, vindex, batch_size)
+    else:
+        added, max_id = _add_rows(vindex.index, store, info.metric, batch_size, info.max_id)
+        index, ivfdata = vindex.index, ""
+    info = replace(info, n_covered=int(index.ntotal), max_id=max_id,
                    n_rows_committed=committed, updated=now_iso(), n_added=info.n_added + added)
-    info = save_index(vindex.index, info, index_dir(store))
+    info = save_index(index, info, index_dir(store), ivfdata)
     grown = info.n_covered / max(1, info.n_covered - info.n_added)
     log.info("added %d rows to %s (now %d)", added, info.factory, info.n_covered)
     if grown >= 2.0:

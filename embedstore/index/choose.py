@@ -371,7 +371,8 @@ def plan_on_disk(n: int, dim: int, memory_budget_bytes: int, target_recall: floa
     with the largest code (dim / 12 bytes: the codes cost disk, not RAM) and exact re-ranking
     from the store. What must fit the budget is what stays resident while building: the coarse
     centroids, the codebooks, the float32 training sample (shrunk down to 10 rows per list if
-    need be) and one shard of codes (``shard_rows``, at most a quarter of the budget)."""
+    need be) and one shard of codes (``shard_rows``: at most a quarter of the budget, and what
+    the rest leaves)."""
     _check(n, dim, target_recall, kind)
     if kind not in ON_DISK_KINDS:
         raise VectorIndexError(f"an on-disk index is an inverted file; kind={kind} keeps every "
@@ -385,7 +386,8 @@ def plan_on_disk(n: int, dim: int, memory_budget_bytes: int, target_recall: floa
     per_row += ID_BYTES
     disk = n * per_row
     resident = plan.memory_bytes - disk            # centroids, codebooks, rotation
-    shard = max(1, min(SHARD_MAX_ROWS, n, (budget // 4) // per_row))
+    room = budget - resident - _train_floor(plan) * dim * 4     # what the shard may take
+    shard = max(1, min(SHARD_MAX_ROWS, n, (budget // 4) // per_row, room // per_row))
     plan = replace(plan, on_disk=True, disk_bytes=disk, shard_rows=shard,
                    memory_bytes=resident + shard * per_row)
     return _first_fitting([plan], budget, lambda p: (

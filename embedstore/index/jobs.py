@@ -3,6 +3,7 @@ The CLI opens the store, parses flags and prints what these return; nothing here
 or formats output.
 
     embedstore index STORE [--kind auto] [--memory-budget 8G] [--target-recall 0.95] [--gpu] [--update]
+        [--on-disk | --in-memory]
     embedstore search STORE --key KEY | --image FILE | --vector FILE.npy [-k 10]
         [--exclude-same-slide] [--label L [--task T]] [--json] [--gallery OUT.png]
         [--slide-heatmap SLIDE [--heatmap-out PNG]]
@@ -31,12 +32,14 @@ __all__ = ["index_command", "search_command", "SearchRun"]
 
 def index_command(store: StoreLike, kind: str = "auto", memory_budget: str = "8G",
                   target_recall: float = 0.95, gpu: bool = False,
-                  update: bool = False) -> IndexInfo:
-    """Build (or with ``update``, extend) the store's index; returns what ``index.json`` records."""
+                  update: bool = False, on_disk: bool | None = None) -> IndexInfo:
+    """Build (or with ``update``, extend) the store's index; returns what ``index.json`` records.
+    ``on_disk``: True / False forces / forbids memory-mapped on-disk lists; None lets the build
+    choose them when no in-memory index fits the budget."""
     if update:
         return update_index(store)
     return build_index(store, kind=kind, memory_budget=memory_budget, target_recall=target_recall,
-                       gpu=gpu)
+                       gpu=gpu, on_disk=on_disk)
 
 
 @dataclass(frozen=True)

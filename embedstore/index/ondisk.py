@@ -42,15 +42,23 @@ import numpy as np
 
 from embedstore.errors import VectorIndexError
 from embedstore.index._make import gather_rows, new_index, random_ids, train
-from embedstore.index._vectors import log, prepare
+from embedstore.index._vectors import log, prepare, rows_after
 from embedstore.index.choose import IndexPlan
 from embedstore.store.atomic import atomic_path
 from embedstore.store.protocol import StoreLike
 
-__all__ = ["train_empty", "write_shards", "merge_lists", "OnDiskBuild", "PREFETCH_THREADS"]
+__all__ = ["OnDiskBuild", "open_on_disk", "empty_copy", "merge_lists", "write_shards", "train_empty",
+           "PREFETCH_THREADS"]
 
 PREFETCH_THREADS = 0     # faiss's list prefetch threads at search (default 32): the lists are
                          # mapped, so the kernel's read-ahead does the work on two cores
+
+
+def _faiss() -> Any:
+    """faiss, untyped: its SWIG stubs lack the on-disk list API used here."""
+    import faiss
+
+    return faiss
 
 
 @contextmanager
@@ -86,7 +94,7 @@ def train_empty(store: StoreLike, plan: IndexPlan, metric: str, seed: int,
 
 
 def _flush(index: Any, staging: Path, shards: list[Path]) -> None:
-    import faiss
+    faiss = _faiss()
 
     if index.ntotal == 0:
         return
@@ -104,17 +112,7 @@ def write_shards(index: Any, store: StoreLike, metric: str, batch_size: int, sha
     is left empty): (shard paths, rows added, largest id seen)."""
     shards: list[Path] = []
     added, max_id = 0, above_id
-    for ids, emb in store.scan(batch_size):
-        if len(ids) == 0 or ids[-1] <= above_id:
-            continue
-        ids = np.asarray(ids, dtype=np.int64)
-        keep = ids > above_id
-        if skip is not None and len(skip):
-            keep &= ~np.isin(ids, skip)
-        if not keep.all():
-            ids, emb = ids[keep], emb[keep]
-        if not len(ids):
-            continue
+    for ids, emb in rows_after(store, batch_size, above_id, skip):
         index.add_with_ids(prepare(emb, metric), ids)
         added += len(ids)
         max_id = max(max_id, int(ids[-1]))
@@ -124,18 +122,10 @@ def write_shards(index: Any, store: StoreLike, metric: str, batch_size: int, sha
     return shards, added, max_id
 
 
-def rows_shard(index: Any, emb: np.ndarray, ids: np.ndarray, staging: Path,
-               shards: list[Path]) -> None:
-    """Prepared rows ``emb`` with ``ids`` as one more shard (``index`` trained and empty)."""
-    index.add_with_ids(emb, ids)
-    _flush(index, staging, shards)
-
-
 def merge_lists(index: Any, sources: list[Any], path: Path) -> Any:
-    """Replace ``index``'s (empty) inverted lists by on-disk lists in ``path`` holding every list
-    of ``sources`` (faiss InvertedLists, e.g. mapped shards), merged list by list; returns the
-    index. ``index`` must be the trained index the sources were encoded with."""
-    import faiss
+    """Give ``index`` (trained, empty) on-disk lists in ``path`` holding every list of
+    ``sources`` (faiss InvertedLists, e.g. mapped shards), merged list by list; returns it."""
+    faiss = _faiss()
 
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
@@ -146,43 +136,68 @@ def merge_lists(index: Any, sources: list[Any], path: Path) -> Any:
         ntotal = lists.merge_from_multiple(vector.data(), vector.size(), False, False)
     ivf.replace_invlists(lists, True)
     lists.this.disown()                 # the index owns it now
-    ivf.ntotal = ntotal
-    index.ntotal = ntotal
+    ivf.ntotal = index.ntotal = ntotal
     return index
 
 
-def _mapped(paths: list[Path]) -> list[Any]:
-    """Shard indexes read with IO_FLAG_MMAP: their lists are mapped, not loaded."""
-    import faiss
+def empty_copy(path: Path, flags: int = 0) -> Any:
+    """The index in faiss file ``path`` with empty in-memory lists: its quantizer and codebooks
+    (``flags``: IO_FLAG_SKIP_IVF_DATA for a published on-disk index, whose lists stay unmapped)."""
+    faiss = _faiss()
 
-    return [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in paths]
+    index = faiss.read_index(str(path), flags)
+    ivf = faiss.extract_index_ivf(index)
+    fresh = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(fresh, True)
+    fresh.this.disown()
+    ivf.ntotal = index.ntotal = 0
+    return index
 
 
-def _lists(index: Any) -> Any:
-    import faiss
+def lists_of(index: Any) -> Any:
+    """The inverted lists of an IVF index (maybe under a pre-transform)."""
+    faiss = _faiss()
 
     return faiss.extract_index_ivf(index).invlists
 
 
-def detach_lists(index: Any) -> None:
-    """Unmap the on-disk lists of ``index`` (an empty ArrayInvertedLists takes their place)."""
-    import faiss
+def open_on_disk(path: Path, ivfdata: Path) -> Any:
+    """The published index ``path`` over the lists of ``ivfdata``, mapped read-only; the file
+    name recorded inside ``path`` is never opened. VectorIndexError when ``path`` does not hold
+    on-disk lists or ``ivfdata`` is shorter than they need (RuntimeError from faiss on a damaged
+    file is left to the caller)."""
+    faiss = _faiss()
 
-    ivf = faiss.extract_index_ivf(index)
-    ivf.replace_invlists(faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size), True)
-    ivf.ntotal = index.ntotal = 0
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        raise VectorIndexError(f"{path} holds no on-disk inverted lists but index.json says "
+                               "on_disk")
+    size = ivfdata.stat().st_size
+    if lists.totsize > size:
+        raise VectorIndexError(f"{ivfdata} is {size:,} bytes but {path.name} needs "
+                               f"{int(lists.totsize):,} (truncated)")
+    lists.filename = str(ivfdata)
+    lists.prefetch_nthread = PREFETCH_THREADS
+    lists.do_mmap()
+    return index
 
 
 class OnDiskBuild:
-    """Staging for one build or update under ``STORE/index/.build-<token>/``: shards, the
-    merged lists for tuning, and the final ``index-<token>.ivfdata`` published atomically.
-    Use as a context manager: the staging folder is removed at the end, whatever happens."""
+    """One build or update of an on-disk index, staged under ``STORE/index/.build-<token>/``
+    (removed at the end, whatever happens): the trained empty index, the shards, the merge
+    searched while tuning, and the published ``index-<token>.ivfdata``."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.token = uuid.uuid4().hex[:12]
         self.staging = directory / f".build-{self.token}"
         self.shards: list[Path] = []
+        self.empty = self.staging / "empty.faiss"
 
     @property
     def ivfdata_name(self) -> str:
@@ -196,56 +211,42 @@ class OnDiskBuild:
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def merge_shards(self, index: Any, extra: list[Any] | None = None) -> Any:
-        """Merge ``extra`` lists (e.g. a published index's) and every shard into a staged file,
-        then delete the shards (the merged file holds them)."""
-        opened = _mapped(self.shards)
-        staged = self.staging / "merged.ivfdata"
-        merge_lists(index, list(extra or []) + [_lists(s) for s in opened], staged)
-        del opened
+    def encode(self, work: Any, store: StoreLike, metric: str, batch_size: int,
+               shard_rows: int, skip: np.ndarray | None = None, above_id: int = -1
+               ) -> tuple[int, int]:
+        """Encode the rows (id > ``above_id``, not in ``skip``) with ``work`` (trained, empty;
+        also kept as the staged ``empty.faiss``) into shards: (rows added, largest id seen)."""
+        faiss = _faiss()
+
+        faiss.write_index(work, str(self.empty))
+        self.shards, added, max_id = write_shards(work, store, metric, batch_size,
+                                                  max(1, shard_rows), self.staging,
+                                                  above_id, skip)
+        return added, max_id
+
+    def merge(self, extra: list[Any], tail: np.ndarray | None = None,
+              tail_ids: np.ndarray | None = None, final: bool = False) -> Any:
+        """The lists ``extra`` (a staged or published index's), the shards and the prepared
+        rows ``tail`` (ids ``tail_ids``) merged into one file: staged (for tuning), or with
+        ``final`` ``index-<token>.ivfdata``, fsynced and renamed into place. Returns the index
+        over it; the shards are deleted."""
+        faiss = _faiss()
+
+        if tail is not None and tail_ids is not None and len(tail_ids):
+            part = empty_copy(self.empty)
+            part.add_with_ids(np.ascontiguousarray(tail, dtype=np.float32), tail_ids)
+            _flush(part, self.staging, self.shards)
+            del part
+        opened = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in self.shards]
+        sources = list(extra) + [lists_of(s) for s in opened]
+        if not final:
+            index = merge_lists(empty_copy(self.empty), sources, self.staging / "merged.ivfdata")
+        else:
+            with atomic_path(self.directory / self.ivfdata_name) as tmp:
+                index = merge_lists(empty_copy(self.empty), sources, tmp)
+                faiss.downcast_InvertedLists(lists_of(index)).filename = self.ivfdata_name
+        del sources, opened
         for p in self.shards:
             p.unlink()
         self.shards = []
         return index
-
-    def publish(self, index: Any, tail: np.ndarray, tail_ids: np.ndarray) -> Any:
-        """The final lists: the staged merge plus the rows ``tail`` (prepared, with ``tail_ids``),
-        merged into ``index-<token>.ivfdata`` (fsynced, renamed); returns the index over it,
-        with the plain file name recorded inside (load_index ignores it anyway)."""
-        import faiss
-
-        empty = faiss.clone_index(index) if False else None   # noqa: F841 (kept simple below)
-        staged = _lists(index)
-        holder = faiss.read_index(str(self._write_empty(index)))
-        if len(tail_ids):
-            rows_shard(holder, tail, tail_ids, self.staging, self.shards)
-        opened = _mapped(self.shards)
-        final = self.directory / self.ivfdata_name
-        with atomic_path(final) as tmp:
-            merge_lists(holder, [staged] + [_lists(s) for s in opened], tmp)
-            del opened
-            detach_lists(index)                # unmaps the staged merge
-            ondisk = faiss.downcast_InvertedLists(_lists(holder))
-            ondisk.filename = self.ivfdata_name
-        (self.staging / "merged.ivfdata").unlink(missing_ok=True)
-        return holder
-
-    def _write_empty(self, index: Any) -> Path:
-        """The trained, empty index as a file (the quantizer and codebooks, no lists)."""
-        import faiss
-
-        ivf = faiss.extract_index_ivf(index)
-        keep, keep_n = ivf.invlists, ivf.ntotal
-        ivf.own_invlists = False
-        ivf.invlists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-        ivf.ntotal = index.ntotal = 0
-        path = self.staging / "empty.faiss"
-        try:
-            faiss.write_index(index, str(path))
-        finally:
-            temp = ivf.invlists
-            ivf.invlists = keep
-            ivf.own_invlists = True
-            ivf.ntotal = index.ntotal = keep_n
-            del temp
-        return path

@@ -8,6 +8,12 @@ record, so a crash leaves either the previous index or the new one, never a mix.
 name (no directory, no ``..``, not a link), the faiss file is always looked up inside
 ``STORE/index/``, and a file of another size than recorded, or one faiss cannot read, is
 refused with one line naming it and how to rebuild.
+
+An on-disk index (``info.on_disk``, built by ``index/ondisk.py``) has one more file,
+``index-<token>.ivfdata`` (its inverted lists), published before the ``.faiss`` file of the same
+token and found the same way: the name in ``index.json`` must be exactly that one, a plain file
+of the recorded size; the ``.ivfdata`` path faiss keeps inside the ``.faiss`` file is never
+used. It is memory-mapped read-only at load.
 """
 from __future__ import annotations
 
@@ -25,14 +31,17 @@ from embedstore.store.atomic import atomic_path, atomic_write_text
 from embedstore.errors import DimensionMismatchError, VectorIndexError, StaleIndexError
 from embedstore.index._vectors import deleted, log
 from embedstore.index.choose import QUANTIZER_EF_SEARCH
+from embedstore.index.ondisk import open_on_disk
 from embedstore.store.protocol import StoreLike
 
 __all__ = ["IndexInfo", "VectorIndex", "load_index", "read_index_info", "index_dir",
-           "index_file", "check_fresh", "require_gpu"]
+           "index_file", "ivfdata_file", "check_fresh", "require_gpu"]
 
 INDEX_DIRNAME = "index"
 INFO_NAME = "index.json"
 FILE_PATTERN = re.compile(r"index-[0-9a-f]{12}\.faiss")    # what save_index names a faiss file
+IVFDATA_SUFFIX = ".ivfdata"      # on-disk lists: index-<token>.ivfdata beside index-<token>.faiss
+RERANK_ROWS = 1 << 14            # re-ranking gathers at most this many rows from the store at once
 _FAISS_MESSAGE = re.compile(r"Error in .*? at \S+:\d+: (?:Error: )?(.*)")   # faiss's own words
 FORMAT_VERSION = 1
 GPU_MAX_K = 2048            # faiss GPU search returns at most this many neighbours
@@ -72,6 +81,9 @@ class IndexInfo:
     sample_size: int = 0         # rows of the store sample the candidates were measured on
     faiss_version: str = ""      # faiss that wrote the file
     file: str = ""               # faiss file name inside the index directory
+    on_disk: bool = False        # inverted lists in ``ivfdata``, memory-mapped (ondisk.py)
+    ivfdata: str = ""            # on disk: index-<token>.ivfdata beside ``file`` (same token)
+    ivfdata_bytes: int = 0       # on disk: its size
     format_version: int = FORMAT_VERSION
 
     @property
@@ -119,14 +131,15 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "factory": str, "kind": str, "metric": str, "dim": int, "nlist": int, "params": dict,
     "n_covered": int, "max_id": int, "n_rows_committed": int, "memory_bytes": int, "file": str,
     "n_added": int, "recall_at_10": _NUMBER, "target_recall": _NUMBER, "qps": _NUMBER,
-    "build_seconds": _NUMBER, "tune_seconds": _NUMBER, "candidates": list, "sample_size": int}
+    "build_seconds": _NUMBER, "tune_seconds": _NUMBER, "candidates": list, "sample_size": int,
+    "on_disk": bool, "ivfdata": str, "ivfdata_bytes": int}
 
 
 def _check_types(info: IndexInfo) -> None:
     """TypeError naming the first field of ``info`` (read from JSON) that has the wrong type."""
     for name, kind in _TYPES.items():
         value = getattr(info, name)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise TypeError(f"field {name!r} is {value!r}")
 
 
@@ -145,10 +158,34 @@ def index_file(store: StoreLike, info: IndexInfo) -> Path:
                                f"{directory}; {rebuild}")
     if not path.is_file():
         raise VectorIndexError(f"{path} named by index.json is missing; {rebuild}")
+    _check_size(path, info.memory_bytes, rebuild)
+    return path
+
+
+def _check_size(path: Path, recorded: int, rebuild: str) -> None:
     size = path.stat().st_size
-    if info.memory_bytes and size != info.memory_bytes:
+    if recorded and size != recorded:
         raise VectorIndexError(f"{path} is {size:,} bytes but index.json records "
-                               f"{info.memory_bytes:,} (truncated or replaced); {rebuild}")
+                               f"{recorded:,} (truncated or replaced); {rebuild}")
+
+
+def ivfdata_file(store: StoreLike, info: IndexInfo) -> Path:
+    """The on-disk lists of ``info``: ``index-<token>.ivfdata`` beside its ``.faiss`` file inside
+    ``STORE/index/`` (VectorIndexError for any other name, a link, a missing file or another
+    size than recorded)."""
+    directory = index_dir(store)
+    rebuild = f"rebuild with `embedstore index {store.path}`"
+    want = Path(info.file).stem + IVFDATA_SUFFIX
+    if info.ivfdata != want:
+        raise VectorIndexError(f"{directory / INFO_NAME} names the on-disk lists {info.ivfdata!r},"
+                               f" not {want!r} beside {info.file}; refusing to read it; {rebuild}")
+    path = directory / want
+    if path.is_symlink():
+        raise VectorIndexError(f"{path} is a link; index files are plain files inside "
+                               f"{directory}; {rebuild}")
+    if not path.is_file():
+        raise VectorIndexError(f"{path} named by index.json is missing; {rebuild}")
+    _check_size(path, info.ivfdata_bytes, rebuild)
     return path
 
 
@@ -183,19 +220,26 @@ def to_gpu(index: Any, kind: str) -> tuple[Any, Any]:
         raise VectorIndexError(f"faiss cannot run a {kind} index on GPU ({exc}); drop --gpu") from exc
 
 
-def save_index(index: Any, info: IndexInfo, directory: Path) -> IndexInfo:
-    """Write the faiss file, then index.json (the commit), then drop older files."""
+def save_index(index: Any, info: IndexInfo, directory: Path, ivfdata: str = "") -> IndexInfo:
+    """Write the faiss file, then index.json (the commit), then drop older files. ``ivfdata``:
+    the on-disk lists ``index-<token>.ivfdata``, already published in ``directory``; the faiss
+    file then takes its token."""
     import faiss
 
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"index-{uuid.uuid4().hex[:12]}.faiss"
+    token = Path(ivfdata).stem[len("index-"):] if ivfdata else uuid.uuid4().hex[:12]
+    name = f"index-{token}.faiss"
     with atomic_path(directory / name) as tmp:
         faiss.write_index(index, str(tmp))
+    extra: dict[str, Any] = {"on_disk": True, "ivfdata": ivfdata,
+             "ivfdata_bytes": (directory / ivfdata).stat().st_size} if ivfdata else \
+        {"on_disk": False, "ivfdata": "", "ivfdata_bytes": 0}
     info = replace(info, file=name, memory_bytes=(directory / name).stat().st_size,
-                   faiss_version=faiss.__version__)
+                   faiss_version=faiss.__version__, **extra)
     atomic_write_text(directory / INFO_NAME, json.dumps(info.to_json(), indent=1) + "\n")
     for old in directory.iterdir():
-        if old.name != name and (old.suffix in (".faiss", ".partial")):
+        if old.name not in (name, ivfdata) and old.suffix in (".faiss", ".partial",
+                                                              IVFDATA_SUFFIX):
             old.unlink(missing_ok=True)
     return info
 
@@ -221,7 +265,8 @@ def rerank(store: StoreLike, q: np.ndarray, cand: np.ndarray, metric: str
     filler = cand[valid][0]                       # any real id stands in for -1, then masked
     safe = np.where(valid, cand, filler)
     scores = np.empty((nq, kk), dtype=np.float32)
-    chunk = max(1, (1 << 24) // max(1, kk * store.dim * 4))    # ~16 MB of float32 per chunk
+    chunk = max(1, min((1 << 24) // max(1, kk * store.dim * 4),   # ~16 MB of float32 per chunk
+                       RERANK_ROWS // max(1, kk)))
     for s in range(0, nq, chunk):
         e = min(nq, s + chunk)
         x = np.asarray(store.gather(safe[s:e].ravel()), dtype=np.float32)
@@ -292,8 +337,14 @@ def load_index(store: StoreLike, gpu: bool = False, check_stale: bool = True) ->
     if check_stale:
         check_fresh(store, info)
     path = index_file(store, info)
+    if info.on_disk and gpu:
+        raise VectorIndexError(f"{path} is an on-disk index, searched on CPU from its mapped "
+                               "lists; drop --gpu")
+    ivfdata = ivfdata_file(store, info) if info.on_disk else None
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path)) if ivfdata is None else open_on_disk(path, ivfdata)
+    except VectorIndexError as exc:
+        raise VectorIndexError(f"{exc}; rebuild with `embedstore index {store.path}`") from None
     except (RuntimeError, MemoryError) as exc:       # truncated, garbage, crafted sizes
         text = " ".join(str(exc).split())
         found = _FAISS_MESSAGE.search(text)

@@ -3,6 +3,11 @@
 Columns: ``key`` (or ``path``, the same value), ``label``, optional ``split`` and ``group``
 (patient/case), and any other grouping column (``slide``, ``patient``...), which the heads keep.
 All keys must be in the store; nothing is written unless the whole file is good.
+
+An import is journaled (``{"op": "labels", "task", "record", "rows": [[key, label, split,
+group], ...]}``, appended inside its transaction, see :mod:`.journal`), so a catalog rebuilt
+from the shards can get the task back even when the old catalog is unreadable; the last
+record of a task wins (an import replaces the task).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LabelsError
+from . import journal
 from .catalog import label_key, open_catalog, _j
 from .layout import Layout
 
@@ -95,6 +101,8 @@ def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str
         for r in rows:
             t.put(label_key(task, r["key"]), _j([r["label"], r["split"], r["group"]]), db=db)
         cat.put_json(t, "tasks", task, record)
+        journal.append(lay.root, {"op": "labels", "task": task, "record": record, "time": record["time"],
+                                  "rows": [[r["key"], r["label"], r["split"], r["group"]] for r in rows]})
     cat.write(txn)
     return record
 
