@@ -277,9 +277,15 @@ def test_resume_under_bf16_autocast_agrees_with_uninterrupted(tmp_path: Path) ->
     p = subprocess.Popen([sys.executable, "-m", "embedstore", "extract", src, "--store", str(st), *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (
-            (st / "shards").is_dir() and any((st / "shards").iterdir())):
-        time.sleep(0.01)
+
+    def committed() -> int:       # a shard renamed into shards/ is committed a moment later
+        try:
+            return len(open_store(st)) if (st / "STORE.json").exists() else 0
+        except Exception:          # the store is being created
+            return 0
+
+    while time.time() < deadline and p.poll() is None and committed() == 0:
+        time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert verify_store(st).ok and 0 < len(open_store(st)) < 60       # killed mid-run

@@ -172,7 +172,7 @@ def test_export_writes_tridents_coords_attributes(slide_store: Path, tmp_path: P
         assert d.shape == (len(bag.ids), 1280) and d.dtype == np.float32 and c.dtype == np.int64
         np.testing.assert_array_equal(d[()], bag.emb.astype(np.float32))
         np.testing.assert_array_equal(c[()], bag.coords)
-    rows = list(csv.reader((out / "slides.csv").open()))
+    rows = list(csv.reader((out / "slides.csv").read_text().splitlines()))
     assert rows == [["slide", "file"], [SLIDE, "CMU-1-Small-Region.h5"]]
     with h5py.File(out / "CMU-1-Small-Region.h5", "r+") as f:   # appendable, as TRIDENT's save_h5 does
         f["features"].resize(len(bag.ids) + 1, axis=0)
@@ -225,7 +225,7 @@ def test_tile_folder_store_exports_one_file_per_source(tmp_path: Path) -> None:
     assert code == 0, err
     r = json.loads(stdout)
     assert (r["files"], r["rows"], r["per"]) == (2, 5, "source")
-    rows = dict(list(csv.reader((out / "sources.csv").open()))[1:])
+    rows = dict(list(csv.reader((out / "sources.csv").read_text().splitlines()))[1:])
     with h5py.File(out / rows["/data/folder_a"]) as f:
         assert f["features"].shape == (3, 4) and f["coords"].shape == (3, 2)
         assert [k.decode() for k in f["keys"][()]] == [f"/data/folder_a/{i}.png" for i in range(3)]

@@ -59,13 +59,19 @@ def _encoder_of(f: Any) -> str | None:
     return None
 
 
-def _mag_mpp(mag: Any) -> float | None:
-    """µm/px of a magnification (10 / mag), or None."""
+def _num(v: Any) -> float | None:
+    """``v`` as a positive finite float, or None."""
     try:
-        m = float(mag)
+        f = float(v)
     except (TypeError, ValueError):
         return None
-    return 10.0 / m if np.isfinite(m) and m > 0 else None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+def _mag_mpp(mag: Any) -> float | None:
+    """µm/px of a magnification (10 / mag), or None."""
+    m = _num(mag)
+    return 10.0 / m if m else None
 
 
 @dataclass
@@ -301,14 +307,6 @@ def _inside(out: Path, rel: str) -> Path:
 def _mag(mpp: float | None) -> int | None:
     """The whole magnification of ``mpp`` µm/px (10 / mpp: 0.5 -> 20x, 0.25 -> 40x)."""
     return max(1, int(round(10.0 / mpp))) if mpp else None
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) and f > 0 else None
 
 
 def _grid(store_path: Path, slide: str) -> dict[str, Any]:
