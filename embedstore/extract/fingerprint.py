@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .sources import FileTile
+from .wsi.identity import head_tail_digest
 
 __all__ = ["file_fingerprint", "fingerprints", "conflict_reason", "moved_conflicts"]
 
@@ -25,16 +26,8 @@ _PART = 64 << 10
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """``"size:hash"``: the file size and blake2b-128 of its first and last 64 KiB."""
-    p = Path(path)
-    size = p.stat().st_size
     h = hashlib.blake2b(digest_size=16)
-    with open(p, "rb") as f:
-        if size <= 2 * _PART:
-            h.update(f.read())
-        else:
-            h.update(f.read(_PART))
-            f.seek(size - _PART)
-            h.update(f.read(_PART))
+    size = head_tail_digest(path, _PART, h)
     return f"{size}:{h.hexdigest()}"
 
 

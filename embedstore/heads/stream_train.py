@@ -10,7 +10,6 @@ O(n) index arrays (ids, labels, which view each row uses) — never an (n, dim) 
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .splits import carve_validation
 from ._optim import AdamW, lr_factor
 from .models import HeadConfig, HeadModule, build_head_module
 from .stream import LazyRows, LazyViews, Prefetcher, locality_order, scan_rows
-from .train import (MIN_DELTA, SMALL_STEP, TrainedHead, _class_weights, _torch_threads,
+from .train import (EarlyStopping, TrainedHead, _class_weights, _torch_threads, step_threads,
                     _training_codes, _tune_on, check_features, encode_labels, resolve_positive)
 
 __all__ = ["train_head_streamed", "predict_rows", "streaming_moments"]
@@ -167,20 +166,15 @@ def _fit_streamed(cfg: HeadConfig, data: _Streamed, n_classes: int, seed: int,
     weights of the best validation loss."""
     n, dim = data.codes.size, data.fit.dim
     bs = cfg.batch_rows(n)
-    width = cfg.hidden if cfg.kind == "mlp" else n_classes
-    if threads is None and bs * dim * width < SMALL_STEP:
-        threads = 1
-    with torch.random.fork_rng(devices=[]), _torch_threads(threads):
+    with torch.random.fork_rng(devices=[]), _torch_threads(step_threads(cfg, n, dim, n_classes, threads)):
         torch.manual_seed(seed)
         module = build_head_module(cfg, dim, n_classes, data.mean, data.std)
         body = module.body
         opt = AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         factor = lr_factor(cfg.schedule, cfg.epochs * math.ceil(n / bs))
-        train_loss: list[float] = []
-        valid_loss: list[float] = []
-        best = (math.inf, -1, copy.deepcopy(body.state_dict()))
-        epoch = 0
+        stopping = EarlyStopping(body, cfg)
         for epoch in range(cfg.epochs):
+            stopping.epoch = epoch
             body.train()
             total = 0.0
             for xb, yb in Prefetcher(epoch_batches(data, cfg, seed, epoch, bs), PREFETCH_BATCHES):
@@ -189,22 +183,15 @@ def _fit_streamed(cfg: HeadConfig, data: _Streamed, n_classes: int, seed: int,
                 loss.backward()
                 opt.step(factor(opt.steps))
                 total += loss.item() * yb.numel()
-            train_loss.append(total / n)
+            stopping.train_loss.append(total / n)
             if data.held is None or cfg.patience == 0:
                 continue
             body.eval()
-            vl = _valid_loss(body, data)
-            valid_loss.append(vl)
-            if vl < best[0] - MIN_DELTA:
-                best = (vl, epoch, copy.deepcopy(body.state_dict()))
-            elif epoch - best[1] >= cfg.patience:
+            if stopping.stop(epoch, _valid_loss(body, data)):
                 break
-        if best[1] >= 0:
-            body.load_state_dict(best[2])
+        stopping.restore()
     module.eval()
-    return module, {"epochs_run": epoch + 1, "best_epoch": best[1] + 1 if best[1] >= 0 else epoch + 1,
-                    "stopped_early": epoch + 1 < cfg.epochs, "train_loss": train_loss,
-                    "valid_loss": valid_loss}
+    return module, stopping.history()
 
 
 def _prepare(X: LazyRows, codes: np.ndarray, fit: np.ndarray, held: LazyRows | None,

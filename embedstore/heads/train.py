@@ -291,16 +291,51 @@ def _standardise(cfg: HeadConfig, X_train: np.ndarray, codes: np.ndarray, fit: n
                     val_codes if xv is not None else None, bank, bank_emb)
 
 
+class EarlyStopping:
+    """Best-validation-loss bookkeeping shared by the in-RAM and the streamed fit: the losses of
+    each epoch, the weights of the best one (restored at the end) and when patience runs out."""
+
+    def __init__(self, body: torch.nn.Module, cfg: HeadConfig) -> None:
+        self.body, self.cfg = body, cfg
+        self.best = (math.inf, -1, copy.deepcopy(body.state_dict()))
+        self.train_loss: list[float] = []
+        self.valid_loss: list[float] = []
+        self.epoch = 0
+
+    def stop(self, epoch: int, valid_loss: float) -> bool:
+        """Record ``valid_loss`` of ``epoch``; True when training should stop."""
+        self.valid_loss.append(valid_loss)
+        if valid_loss < self.best[0] - MIN_DELTA:
+            self.best = (valid_loss, epoch, copy.deepcopy(self.body.state_dict()))
+            return False
+        return epoch - self.best[1] >= self.cfg.patience
+
+    def restore(self) -> None:
+        if self.best[1] >= 0:
+            self.body.load_state_dict(self.best[2])
+
+    def history(self) -> dict[str, Any]:
+        e, b = self.epoch, self.best[1]
+        return {"epochs_run": e + 1, "best_epoch": b + 1 if b >= 0 else e + 1,
+                "stopped_early": e + 1 < self.cfg.epochs, "train_loss": self.train_loss,
+                "valid_loss": self.valid_loss}
+
+
+def step_threads(cfg: HeadConfig, n: int, dim: int, n_classes: int, threads: int | None) -> int | None:
+    """One torch thread when a training step is too small to gain from more."""
+    width = cfg.hidden if cfg.kind == "mlp" else n_classes
+    if threads is None and cfg.batch_rows(n) * dim * width < SMALL_STEP:
+        return 1
+    return threads
+
+
 def _fit(cfg: HeadConfig, data: _Problem, n_classes: int, seed: int,
          threads: int | None) -> tuple[HeadModule, dict[str, Any]]:
     """Build the head and train it epoch by epoch, keeping the weights of the best validation
     loss (early stopping). Returns the module in eval mode and its training history."""
     n, dim = data.x.shape
     bs = cfg.batch_rows(n)
-    width = cfg.hidden if cfg.kind == "mlp" else n_classes
-    if threads is None and bs * dim * width < SMALL_STEP:
-        threads = 1
-    with torch.random.fork_rng(devices=[]), _torch_threads(threads):
+    with torch.random.fork_rng(devices=[]), _torch_threads(step_threads(cfg, n, dim, n_classes, threads)):
         torch.manual_seed(seed)
         module = build_head_module(cfg, dim, n_classes, data.mean, data.std)
         body = module.body
@@ -312,11 +347,9 @@ def _fit(cfg: HeadConfig, data: _Problem, n_classes: int, seed: int,
             counts = torch.bincount(data.y, minlength=n_classes).to(torch.float64)
             sample_p = (1.0 / counts.clamp_min(1))[data.y]
         batch = torch.empty(bs, dim)
-        train_loss: list[float] = []
-        valid_loss: list[float] = []
-        best = (math.inf, -1, copy.deepcopy(body.state_dict()))
-        epoch = 0
+        stopping = EarlyStopping(body, cfg)
         for epoch in range(cfg.epochs):
+            stopping.epoch = epoch
             body.train()
             xe = augment_epoch(data.x, data.y_fit, cfg.augment, seed=seed, epoch=epoch, bank=data.bank,
                                bank_emb=data.bank_emb) if cfg.augment.active else data.x
@@ -324,23 +357,17 @@ def _fit(cfg: HeadConfig, data: _Problem, n_classes: int, seed: int,
                 order = torch.multinomial(sample_p, n, replacement=True, generator=order_gen)
             else:
                 order = torch.randperm(n, generator=order_gen)
-            train_loss.append(_epoch(body, opt, factor, xe, data.y, order, batch, data.weight))
+            stopping.train_loss.append(_epoch(body, opt, factor, xe, data.y, order, batch, data.weight))
             if data.xv is None or data.yv is None or cfg.patience == 0:
                 continue
             body.eval()
             with torch.no_grad():
                 vl = float(F.cross_entropy(body(data.xv), data.yv, weight=data.weight))
-            valid_loss.append(vl)
-            if vl < best[0] - MIN_DELTA:
-                best = (vl, epoch, copy.deepcopy(body.state_dict()))
-            elif epoch - best[1] >= cfg.patience:
+            if stopping.stop(epoch, vl):
                 break
-        if best[1] >= 0:
-            body.load_state_dict(best[2])
+        stopping.restore()
     module.eval()
-    return module, {"epochs_run": epoch + 1, "best_epoch": best[1] + 1 if best[1] >= 0 else epoch + 1,
-                    "stopped_early": epoch + 1 < cfg.epochs, "train_loss": train_loss,
-                    "valid_loss": valid_loss}
+    return module, stopping.history()
 
 
 def _epoch(body: torch.nn.Module, opt: AdamW, factor: Callable[[int], float], xe: torch.Tensor,

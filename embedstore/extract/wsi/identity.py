@@ -12,7 +12,7 @@ from typing import Any
 
 from embedstore.errors import SourceError
 
-__all__ = ["slide_identity", "slide_id", "tile_key", "parse_tile_key"]
+__all__ = ["slide_identity", "slide_id", "tile_key", "parse_tile_key", "head_tail_digest"]
 
 _MIB = 1 << 20
 
@@ -23,17 +23,24 @@ def slide_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     Cheap on multi-GB slides and catches re-scans, truncation and replaced files; a change
     confined to the middle of a large file goes unnoticed.
     """
+    h = hashlib.sha256()
+    size = head_tail_digest(path, _MIB, h)
+    return {"size": size, "sha256_head_tail": h.hexdigest()}
+
+
+def head_tail_digest(path: str | os.PathLike[str], part: int, h: Any) -> int:
+    """Feed ``h`` (a hashlib object) the first and last ``part`` bytes of the file (all of it
+    when it is at most ``2 * part`` long); returns the file size. Slides and tile files share it."""
     p = Path(path)
     size = p.stat().st_size
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        if size <= 2 * _MIB:
+        if size <= 2 * part:
             h.update(f.read())
         else:
-            h.update(f.read(_MIB))
-            f.seek(size - _MIB)
-            h.update(f.read(_MIB))
-    return {"size": size, "sha256_head_tail": h.hexdigest()}
+            h.update(f.read(part))
+            f.seek(size - part)
+            h.update(f.read(part))
+    return size
 
 
 def slide_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
