@@ -129,6 +129,17 @@ def test_encoder_none_and_unknown_encoder(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
     code, _, err = _run("search", st, "--image", png)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "backbone unknown" in err and "mymodel" in err and "--key" in err
+
+
+def test_imported_registry_backbone_without_a_weights_sha_is_rebuilt() -> None:
+    """Features imported from TRIDENT name a registry backbone but carry no weights sha256: search
+    by image builds that backbone (here the shipped ONNX one) instead of refusing a mismatch."""
+    from embedstore.backbones import get_spec
+    from embedstore.backbones.images import recorded_backbone
+    spec = get_spec(ONNX).to_dict()
+    bb = recorded_backbone(spec, "", origin="an imported store")
+    assert bb.dim == 1280 and bb.weights_sha256
 
 
 def test_uni_v1_with_another_dim_is_not_recorded_as_uni(tmp_path: Path) -> None:

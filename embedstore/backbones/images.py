@@ -6,6 +6,7 @@ its spec and weights sha256): what searching a store by image needs.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackboneMismatchError, SourceError
+from ..errors import BackboneMismatchError, SourceError, UnknownBackboneError
 from ._load import create_backbone
 from .backbone import Backbone
 from .spec import BackboneSpec
+
+log = logging.getLogger("embedstore.backbones")
 
 __all__ = ["recorded_backbone", "read_rgb", "image_embedder"]
 
@@ -25,9 +28,17 @@ def recorded_backbone(spec: Mapping[str, Any], weights_sha256: str,
                       origin: str | os.PathLike[str] = "the store") -> Backbone:
     """The backbone recorded as ``spec`` (``BackboneSpec.to_dict()``) and ``weights_sha256``,
     rebuilt here; BackboneMismatchError when the weights found here are other ones."""
+    if spec.get("kind") == "imported" or not spec.get("kind"):
+        raise UnknownBackboneError(
+            f"backbone unknown: {origin} was imported with encoder {spec.get('name')!r}, which the "
+            "registry does not name, so a query image cannot be embedded like its tiles; "
+            "search by --key or --vector instead")
     bspec = BackboneSpec.from_dict(spec)
     bb = create_backbone(bspec, random_init=weights_sha256.startswith("random-init"))
-    if bb.weights_sha256 != weights_sha256:
+    if not weights_sha256:
+        log.warning("%s records no weights sha256 (imported features): cannot check that the "
+                    "weights found for %r are the ones that made it", origin, bspec.name)
+    elif bb.weights_sha256 != weights_sha256:
         raise BackboneMismatchError(f"the weights found for {bspec.name!r} differ from the ones that "
                                     f"made {origin} (sha256 {weights_sha256[:12]}...)")
     return bb
