@@ -50,7 +50,10 @@ def test_train_head_with_views_then_predict_with_heatmap(stores: tuple[Path, Pat
              "--heatmap", "CMU-1-Small-Region.svs", "--heatmap-class", "tumor")
     assert r.returncode == 0, r.stderr
     t = pa.ipc.open_file(out).read_all()
-    assert {"key", "pred", "prob_normal", "prob_tumor", "slide", "x", "y"} <= set(t.column_names)
+    assert {"key", "pred", "prob_normal", "prob_tumor", "slide", "x", "y", "tile_size_level0"} <= set(t.column_names)
+    side = t.column("tile_size_level0").to_numpy()      # level-0 px per tile, for QuPath/wsinfer
+    xs = np.unique(t.column("x").to_numpy())
+    assert np.allclose(side, side[0]) and abs(side[0] - np.diff(xs).min()) <= 1.0, (side[0], xs[:4])
     p = np.stack([t.column("prob_normal").to_numpy(), t.column("prob_tumor").to_numpy()], 1)
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
     png = tmp_path / "preds-heatmap.png"

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,9 +63,29 @@ def _column(values: Any, null_below_zero: bool = False) -> Any:
     return pa.array(arr)
 
 
+def _level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
+    """(b,) object slides -> (b,) float64 level-0 tile side per row (NaN where unknown), each
+    slide's side looked up once; None for a store that records no slide geometry (tile files,
+    or a fake without ``units``/``meta``)."""
+    if not (hasattr(store, "units") and hasattr(store, "meta")):
+        return lambda slides: None
+    from ..store.geometry import slide_geometry
+    known: dict[str, float] = {}
+
+    def sides(slides: np.ndarray) -> np.ndarray | None:
+        out = np.full(len(slides), np.nan)
+        for name in {str(v) for v in slides if v is not None}:
+            if name not in known:
+                known[name] = slide_geometry(store, name).tile_l0 or float("nan")
+            out[np.asarray(slides, dtype=object) == name] = known[name]
+        return out
+    return sides
+
+
 def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: dict[str, Any]) -> Any:
     """One Arrow record batch: key, pred ((b,) labels), prob_<class> per class ((b, c) prob), and
-    slide, x, y when ``meta`` has them."""
+    slide, x, y and tile_size_level0 (the tile side in level-0 px, null where unknown) when
+    ``meta`` has them."""
     import pyarrow as pa
     cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(pred.tolist())}
     for i, c in enumerate(classes):
@@ -73,6 +93,9 @@ def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: 
     for name in META_COLUMNS[1:]:
         if meta.get(name) is not None:
             cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
+    side = meta.get("tile_size_level0")
+    if side is not None:
+        cols["tile_size_level0"] = pa.array(side, mask=np.isnan(side), type=pa.float64())
     return pa.RecordBatch.from_pydict(cols)
 
 
@@ -100,12 +123,15 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     heat: list[tuple[np.ndarray, np.ndarray]] = []
     writer = None
     rows = 0
+    level0 = _level0_sides(store)
     with atomic_open(out, "wb") as sink:
         for ids, emb in store.scan(batch_size):
             prob = head.predict_proba(emb)
             pred = head.decide(prob)
             counts += np.bincount(pred, minlength=len(labels))
             meta = store.metadata(ids, columns=META_COLUMNS)
+            if meta.get("slide") is not None:
+                meta["tile_size_level0"] = level0(meta["slide"])
             batch = _record_batch(head.classes, labels[pred], prob, meta)
             if writer is None:
                 schema = batch.schema

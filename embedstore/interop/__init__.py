@@ -6,7 +6,7 @@ a slide, from what the store recorded.
 from __future__ import annotations
 
 from .geojson import export_geojson, tile_feature, tissue_features
-from .geometry import SlideGeometry, slide_geometry
+from ..store.geometry import SlideGeometry, slide_geometry
 from .table import export_table
 
 __all__ = ["export_geojson", "export_table", "tile_feature", "tissue_features", "SlideGeometry",

@@ -24,7 +24,7 @@ import numpy as np
 from ..arrays import l2_normalise
 from ..errors import ConfigError, SlideError, SourceError, UnknownKeyError
 from ..store.atomic import atomic_open
-from .geometry import SlideGeometry, _mask_file, slide_geometry
+from ..store.geometry import SlideGeometry, _mask_file, slide_geometry
 
 __all__ = ["export_geojson", "tile_feature", "tissue_features", "PALETTE"]
 

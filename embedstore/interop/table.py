@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, StoreExistsError
 from ..store.atomic import atomic_write_text, fsync_dir, fsync_file, publish_dir, recover_dir
-from .geometry import slide_geometry
+from ..store.geometry import slide_geometry
 
 __all__ = ["export_table", "MANIFEST", "FORMATS", "table_schema"]
 
