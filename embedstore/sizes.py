@@ -24,8 +24,10 @@ def parse_size(value: str | int | float, what: str = "memory budget") -> int:
 
 def format_bytes(n: float) -> str:
     """1536 -> ``"1.5 KB"`` (binary multiples; whole bytes below 1 KB)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TB"

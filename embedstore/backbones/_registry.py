@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackboneError, UnknownBackboneError, WeightsNotFoundError
+from ..errors import ArgumentTypeError, BackboneError, UnknownBackboneError, WeightsNotFoundError
 from .builtin import ALIASES, BUILTIN_SPECS
 from .spec import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, BackboneSpec, frozen_kwargs
 
@@ -30,7 +30,7 @@ def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> Backbon
     """Add `spec` under ``spec.name`` (case-insensitive). Registering the same spec twice is
     a no-op; a different spec under a taken name needs ``overwrite=True``."""
     if not isinstance(spec, BackboneSpec):
-        raise TypeError(f"register_backbone takes a BackboneSpec, got {type(spec).__name__}")
+        raise ArgumentTypeError(f"register_backbone takes a BackboneSpec, got {type(spec).__name__}")
     key = spec.name.lower()
     old = _REGISTRY.get(key)
     if old is not None and old != spec and not overwrite:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackboneError, WeightsNotFoundError
+from ..errors import BackboneError, UnsafeWeightsError, WeightsNotFoundError
 
 __all__ = [
     "WEIGHT_FILES", "hf_cache_dir", "find_in_hf_cache", "find_in_torch_hub_cache",
@@ -111,8 +111,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            # a builtin for now: callers catch pickle.UnpicklingError; errors.py has no such class yet
-            raise pickle.UnpicklingError(
+            raise UnsafeWeightsError(
                 f"refusing {path}: it is not a plain tensor checkpoint (torch.load weights_only=True "
                 f"failed: {_first_line(exc)}); save model.state_dict() with torch.save or "
                 "safetensors") from None
@@ -136,7 +135,7 @@ def _unwrap(state: Any, path: Path) -> dict[str, Any]:
             state = state[key]
             break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise pickle.UnpicklingError(f"refusing {path}: expected a mapping of parameter names to "
+        raise UnsafeWeightsError(f"refusing {path}: expected a mapping of parameter names to "
                                      "tensors (a state dict)")
     out: dict[str, Any] = {}
     for key, value in state.items():

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DimensionMismatchError, ShapeError
+from ..errors import ArgumentTypeError, DimensionMismatchError, ShapeError
 from .spec import BackboneSpec
 
 __all__ = ["Backbone", "TorchBackbone", "preprocess_batch", "RANDOM_INIT_SEED"]
@@ -44,7 +44,7 @@ def as_uint8_batch(batch: Any) -> torch.Tensor:
         batch = np.ascontiguousarray(batch)
         batch = torch.from_numpy(batch if batch.flags.writeable else batch.copy())
     if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"embed() takes a (n, H, W, 3) uint8 tensor or array, got {type(batch).__name__}")
+        raise ArgumentTypeError(f"embed() takes a (n, H, W, 3) uint8 tensor or array, got {type(batch).__name__}")
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ShapeError(f"embed() takes (n, H, W, 3) uint8 RGB tiles, got {tuple(batch.shape)} "
                          f"{batch.dtype}; decode tiles to HWC uint8 first")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from embedstore.store.atomic import atomic_path, atomic_write_text
-from embedstore.errors import DimensionMismatchError, VectorIndexError, StaleIndexError
+from embedstore.errors import DimensionMismatchError, ShapeError, StaleIndexError, VectorIndexError
 from embedstore.index._vectors import deleted, log
 from embedstore.index.choose import QUANTIZER_EF_SEARCH
 from embedstore.index.ondisk import open_on_disk
@@ -117,7 +117,7 @@ def read_index_info(store: StoreLike) -> IndexInfo | None:
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
-            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            raise ShapeError(f"a JSON {type(data).__name__}, not an object")
         info = IndexInfo.from_json(data)
         _check_types(info)
     except (ValueError, TypeError) as exc:
@@ -140,7 +140,7 @@ def _check_types(info: IndexInfo) -> None:
     for name, kind in _TYPES.items():
         value = getattr(info, name)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise TypeError(f"field {name!r} is {value!r}")
+            raise ShapeError(f"field {name!r} is {value!r}")
 
 
 def index_file(store: StoreLike, info: IndexInfo) -> Path:
