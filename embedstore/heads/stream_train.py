@@ -25,7 +25,8 @@ from .splits import carve_validation
 from ._optim import AdamW, lr_factor
 from .models import HeadConfig, HeadModule, build_head_module
 from .stream import LazyRows, LazyViews, Prefetcher, locality_order, scan_rows
-from .train import (EarlyStopping, TrainedHead, _class_weights, _torch_threads, step_threads,
+from ._fitting import EarlyStopping, step_threads, torch_threads
+from .train import (TrainedHead, _class_weights,
                     _training_codes, _tune_on, check_features, encode_labels, resolve_positive)
 
 __all__ = ["train_head_streamed", "predict_rows", "streaming_moments"]
@@ -166,7 +167,7 @@ def _fit_streamed(cfg: HeadConfig, data: _Streamed, n_classes: int, seed: int,
     weights of the best validation loss."""
     n, dim = data.codes.size, data.fit.dim
     bs = cfg.batch_rows(n)
-    with torch.random.fork_rng(devices=[]), _torch_threads(step_threads(cfg, n, dim, n_classes, threads)):
+    with torch.random.fork_rng(devices=[]), torch_threads(step_threads(cfg, n, dim, n_classes, threads)):
         torch.manual_seed(seed)
         module = build_head_module(cfg, dim, n_classes, data.mean, data.std)
         body = module.body

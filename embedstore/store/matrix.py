@@ -98,22 +98,6 @@ class MappedShard:
             except OSError:
                 pass
 
-    def read_rows(self, offset: np.ndarray, nbytes: np.ndarray) -> bytes:
-        """The bytes of runs of rows (file ``offset`` and length of each, increasing), joined:
-        copied from the page cache (read from disk if absent), mapping nothing."""
-        assert self.fd is not None
-        fd, pread = self.fd, os.pread
-        nb = nbytes.tolist()
-        if len(set(nb)) == 1:
-            n0 = nb[0]
-            data = b"".join([pread(fd, n0, o) for o in offset.tolist()])
-        else:
-            data = b"".join([pread(fd, n, o) for o, n in zip(offset.tolist(), nb)])
-        if len(data) != int(nbytes.sum()):
-            raise CorruptShardError(f"shard {self.path} is shorter than its rows: truncated "
-                                    "after it was opened? run `embedstore verify` on the store")
-        return data
-
     def row_ids(self, first_id: int) -> np.ndarray:
         """(rows,) int64 ids of the rows: a compacted shard's ``id`` column, else consecutive
         from ``first_id`` (recorded in the catalog at commit)."""
@@ -138,6 +122,22 @@ def _reopen(fd: int) -> int:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(new, 0, 0, os.POSIX_FADV_RANDOM)  # read just the pages asked for
     return new
+
+
+def _read_runs(fds: np.ndarray, offset: np.ndarray, nbytes: np.ndarray) -> bytes:
+    """Runs of rows read with ``pread`` (descriptor, file offset and length of each), joined:
+    copied from the page cache (from disk where absent), mapping nothing."""
+    pread = os.pread
+    nb = nbytes.tolist()
+    if nb and min(nb) == max(nb):
+        n0 = nb[0]
+        data = b"".join([pread(f, n0, o) for f, o in zip(fds.tolist(), offset.tolist())])
+    else:
+        data = b"".join([pread(f, n, o) for f, n, o in zip(fds.tolist(), nb, offset.tolist())])
+    if len(data) != int(nbytes.sum()):
+        raise CorruptShardError("a shard is shorter than its rows (truncated after it was "
+                                "opened?); run `embedstore verify` on the store")
+    return data
 
 
 def embedding_view(batch: pa.RecordBatch, dim: int) -> np.ndarray:
@@ -173,6 +173,12 @@ class Matrix:
         self.dim, self.dtype = dim, np.dtype(dtype)
         self.starts = np.array([p.start for p in self.pieces] + [self.pieces[-1].stop if self.pieces else 0],
                                dtype=np.int64)
+        # per piece: the descriptor to pread its rows from (-1: none), the file offset of its
+        # first row, and whether this process has mapped all of it already (a full scan)
+        self._fd = np.array([-1 if p.shard.fd is None else p.shard.fd for p in self.pieces], np.int64)
+        self._off = np.array([p.emb.__array_interface__["data"][0] - p.shard.base for p in self.pieces],
+                             np.int64)
+        self._mapped = np.zeros(len(self.pieces), bool)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -187,6 +193,7 @@ class Matrix:
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         out = self[0:len(self)]
+        self._mapped[:] = True
         return out.astype(dtype) if dtype is not None else out
 
     def __getitem__(self, idx: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
@@ -251,31 +258,34 @@ class Matrix:
         check = prefetch or (prefetch is None and rows.size >= PREFETCH_MIN_ROWS)
         if check and (prefetch or not self._cached(srows, piece)):
             self._prefetch_sorted(srows, bounds, piece)
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            if a == b:
-                continue
-            p = self.pieces[piece[a]]
-            local = srows[a:b] - p.start
-            dest = out[a:b] if order is None else np.empty((b - a, self.dim), self.dtype)
-            self._take_piece(p, local, dest)
-            if order is not None:
-                out[order[a:b]] = dest
-        return out
-
-    def _take_piece(self, p: Piece, local: np.ndarray, dest: np.ndarray) -> None:
-        """Rows ``local`` (sorted) of piece ``p`` into ``dest``."""
+        sout = out if order is None else np.empty_like(out)    # rows in sorted order
+        first, stop = bounds[:-1], bounds[1:]
+        gp = piece[first]                                      # the piece of each group
         rb = self.dim * self.dtype.itemsize
-        span = int(local[-1] - local[0] + 1) * rb
-        if p.shard.fd is None or local.size * rb * DENSE >= span + MAP_SLACK:
-            # Rows were range-checked, so mode="clip" is safe; it avoids np.take's copy of dest.
-            np.take(p.emb, local, axis=0, out=dest, mode="clip")
-            return
-        cut = np.flatnonzero(np.diff(local) != 1) + 1      # runs of adjacent rows
-        first = np.concatenate([[0], cut])
-        count = np.diff(np.concatenate([first, [local.size]]))
-        offset = p.emb.__array_interface__["data"][0] - p.shard.base + local[first] * rb
-        data = p.shard.read_rows(offset, count * rb)
-        dest[...] = np.frombuffer(data, self.dtype).reshape(local.size, self.dim)
+        span = (srows[stop - 1] - srows[first] + 1) * rb
+        by_map = (self._fd[gp] < 0) | self._mapped[gp] | ((stop - first) * rb * DENSE >= span + MAP_SLACK)
+        for g in np.flatnonzero(by_map).tolist():
+            a, b = int(first[g]), int(stop[g])
+            p = self.pieces[gp[g]]
+            # rows were range-checked, so mode="clip" is safe; it avoids np.take copying sout
+            np.take(p.emb, srows[a:b] - p.start, axis=0, out=sout[a:b], mode="clip")
+        if not by_map.all():
+            sel = np.repeat(~by_map, stop - first)
+            r, pc = (srows, piece) if not by_map.any() else (srows[sel], piece[sel])
+            run = np.flatnonzero((np.diff(r) != 1) | (np.diff(pc) != 0)) + 1
+            run = np.concatenate([[0], run])                   # first row of each run of adjacent rows
+            count = np.diff(np.concatenate([run, [r.size]]))
+            off = self._off[pc[run]] + (r[run] - self.starts[pc[run]]) * rb
+            got = np.frombuffer(_read_runs(self._fd[pc[run]], off, count * rb), self.dtype)
+            if by_map.any():
+                sout[sel] = got.reshape(r.size, self.dim)
+            elif order is not None:
+                sout = got.reshape(r.size, self.dim)
+            else:
+                out[...] = got.reshape(r.size, self.dim)
+        if order is not None:
+            out[order] = sout
+        return out
 
     def prefetch(self, rows: np.ndarray) -> None:
         """Start reading the pages that hold ``rows``: all at once, without waiting
@@ -323,11 +333,13 @@ class Matrix:
                 stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first row, zero-copy block) in order; blocks never straddle pieces."""
         stop = len(self) if stop is None else stop
-        for p in self.pieces:
+        for k, p in enumerate(self.pieces):
             a, b = max(start, p.start), min(stop, p.stop)
             for s in range(a, b, batch_size):
                 e = min(s + batch_size, b)
                 yield s, p.emb[s - p.start: e - p.start]
+            if a == p.start and b == p.stop:  # all of it handed out: the reader has mapped it
+                self._mapped[k] = True
 
     def advise(self, advice: int) -> None:
         seen = set()
