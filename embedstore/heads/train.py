@@ -5,7 +5,6 @@ permutation (or a class-balanced draw) of row indices and a few slices of that t
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
