@@ -20,7 +20,7 @@ import lmdb
 
 from ..errors import CatalogDamagedError, ConfigError, ReadOnlyError
 
-__all__ = ["Catalog", "open_catalog", "u64", "from_u64", "damaged", "check_data_file"]
+__all__ = ["Catalog", "open_catalog", "u64", "from_u64", "damaged", "check_data_file", "JsonCache"]
 
 T = TypeVar("T")
 DBS = ("meta", "keys", "shards", "order", "units", "slides", "labels", "tasks",
@@ -82,6 +82,15 @@ def _j(obj: Any) -> bytes:
 
 def _uj(b: bytes | memoryview) -> Any:
     return json.loads(bytes(b))
+
+
+class JsonCache(dict[bytes, Any]):
+    """Decoded JSON by encoded value, for databases whose values repeat (labels: a few distinct
+    ``[label, split, group]`` among millions of rows). Decoded values are shared: do not mutate."""
+
+    def __missing__(self, b: bytes) -> Any:
+        v = self[b] = _uj(b)
+        return v
 
 
 _ENVS: dict[tuple[int, str, bool], "Catalog"] = {}
@@ -280,6 +289,10 @@ class Catalog:
         """The keys of one database, read in their own transaction."""
         return self.read(lambda t: {bytes(k).decode()
                                     for k in t.cursor(db=self.db[db]).iternext(values=False)})
+
+    def count(self, db: str) -> int:
+        """Records in one database (LMDB keeps the count: nothing is listed)."""
+        return int(self.read(lambda t: t.stat(self.db[db])["entries"]))
 
     def get_json(self, txn: lmdb.Transaction[bytes], db: str, key: str | bytes) -> Any:
         v = txn.get(key.encode() if isinstance(key, str) else key, db=self.db[db])

@@ -20,10 +20,12 @@ from typing import Any
 
 from ..errors import LabelsError
 from . import journal
-from .catalog import label_key, open_catalog, _j
+from .catalog import open_catalog, _j
 from .layout import Layout
 
 __all__ = ["import_labels", "read_labels_csv"]
+
+SCAN_MIN = 4096   # imports of this many keys look them up in one pass over the shards (reader.SCAN_MIN)
 
 
 def read_labels_csv(csv_path: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -79,7 +81,11 @@ def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str
     lay = Layout(Path(store_path))
     cat = open_catalog(lay.root)
     keys: list[str] = [r["key"] for r in rows]
-    found = cat.read(lambda t: cat.lookup_ids(t, keys))
+    if len(keys) >= SCAN_MIN:   # many keys: one vectorised pass over the shards' key column
+        from .reader import Store
+        found: list[Any] = [None if i < 0 else i for i in Store(lay.root).find_ids(keys).tolist()]
+    else:
+        found = cat.read(lambda t: cat.lookup_ids(t, keys))
     unknown = [r["key"] for r, i in zip(rows, found) if i is None]
     if unknown and on_unknown == "error":
         raise LabelsError(f"{csv_path or 'labels'}: {len(unknown)} of {len(rows)} keys are not in "
@@ -92,14 +98,21 @@ def import_labels(store_path: Path | str, csv_path: Path | str | None, task: str
               "source": str(csv_path) if csv_path else None, "time": time.time(),
               "skipped_unknown": len(unknown)}
 
+    prefix = task.encode() + b"\x00"
+    enc: dict[tuple[Any, ...], bytes] = {}   # few distinct [label, split, group]: encode each once
+    for r in rows:
+        v = (r["label"], r["split"], r["group"])
+        if v not in enc:
+            enc[v] = _j(list(v))
+    items = sorted((prefix + r["key"].encode(), enc[(r["label"], r["split"], r["group"])]) for r in rows)
+
     def txn(t: Any) -> None:
         db = cat.db["labels"]
-        prefix = task.encode() + b"\x00"
-        old = [k for k, _ in cat.items(t, "labels", prefix)]
-        for k in old:
-            t.delete(k, db=db)
-        for r in rows:
-            t.put(label_key(task, r["key"]), _j([r["label"], r["split"], r["group"]]), db=db)
+        cur = t.cursor(db=db)
+        if cur.set_range(prefix):   # the task's old labels go (delete moves to the next record)
+            while cur.key().startswith(prefix) and cur.delete():
+                pass
+        cur.putmulti(items, append=False)
         cat.put_json(t, "tasks", task, record)
         journal.append(lay.root, {"op": "labels", "task": task, "record": record, "time": record["time"],
                                   "rows": [[r["key"], r["label"], r["split"], r["group"]] for r in rows]})

@@ -125,6 +125,7 @@ class _Plan:
         by_seq: dict[int, dict[str, Any]] = {}
         mentioned: set[str] = set()
         self.deleted: dict[int, str] = {}
+        self.labels: dict[str, dict[str, Any]] = {}   # task -> its last journaled import
         self.next_id = 0
         for n, e in enumerate(entries):  # the last line of a seq is the commit that holds (journal.py)
             if e["op"] == "rows":
@@ -140,6 +141,8 @@ class _Plan:
                 mentioned.add(e["name"])
             elif e["op"] == "delete":
                 self.deleted.update((int(i), e.get("reason", "deleted")) for i in e["ids"])
+            elif e["op"] == "labels":   # an import replaces its task: the last record wins
+                self.labels[e["task"]] = e
         on_disk = {f.name for f in lay.shards.glob("*.arrow")}
         self.base = {s: e for s, e in sorted(by_seq.items()) if e["base"] in on_disk}
         self.missing = sorted(e["base"] for e in by_seq.values() if e["base"] not in on_disk)
@@ -267,23 +270,29 @@ class _Plan:
                        "and finds their tiles already present)")
         if self.missing:
             out.append(f"{len(self.missing)} journaled shard file(s) missing: {', '.join(self.missing[:3])}")
-        if old is None:
+        if old is None and not self.labels:
             out.append(f"labels imported with `embedstore labels` ({why}; the tasks are not in the shards: "
                        "re-import each labels CSV)")
             out.append("recorded errors (a re-run of extract records them again)")
         return out
 
     def carry(self, cat: Catalog, old: dict[str, Any] | None) -> None:
-        """Labels, tasks and errors of the old catalog (when it could be read)."""
-        if old is None:
-            return
-
+        """Labels and tasks (the journal's imports, else the old catalog's when it could be
+        read) and errors (the old catalog's)."""
         def txn(t: Any) -> None:
-            for task, rec in old["tasks"].items():
-                cat.put_json(t, "tasks", task, rec)
-            for k, v in old["labels"]:
+            db = cat.db["labels"]
+            for task, rec in (old or {}).get("tasks", {}).items():
+                if task not in self.labels:
+                    cat.put_json(t, "tasks", task, rec)
+            for k, v in (old or {}).get("labels", []):
                 task, _, key = k.partition("\x00")
-                t.put(label_key(task, key), _j(v), db=cat.db["labels"])
-            for u, rec in old["errors"].items():
+                if task not in self.labels:
+                    t.put(label_key(task, key), _j(v), db=db)
+            for task, e in self.labels.items():
+                for key, label, split, group in e["rows"]:
+                    t.put(label_key(task, key), _j([label, split, group]), db=db)
+                cat.put_json(t, "tasks", task, e["record"])
+            for u, rec in (old or {}).get("errors", {}).items():
                 cat.put_json(t, "errors", u, rec)
-        cat.write(txn)
+        if old is not None or self.labels:
+            cat.write(txn)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .catalog import Catalog
 from .layout import Layout
@@ -19,7 +21,28 @@ from .matrix import MappedShard, Matrix, Piece, embedding_view
 from .meta import StoreMeta
 from .schema import check_shard_schema
 
-__all__ = ["Snapshot", "read_snapshot", "check_meta_against_shards"]
+__all__ = ["Snapshot", "read_snapshot", "check_meta_against_shards", "Keys", "key_list", "pick_keys"]
+
+# tile keys as a caller may hold them: a list, a numpy string array, an Arrow string array
+Keys = Union[Sequence[str], np.ndarray, pa.Array, pa.ChunkedArray]
+
+
+def key_list(keys: Keys) -> list[str]:
+    """``keys`` as a list of str (one str is one key)."""
+    if isinstance(keys, str):
+        return [keys]
+    if isinstance(keys, (pa.Array, pa.ChunkedArray, np.ndarray)):
+        return list(keys.tolist() if isinstance(keys, np.ndarray) else keys.to_pylist())
+    return list(keys)
+
+
+def pick_keys(keys: Keys, idx: np.ndarray) -> list[str]:
+    """The keys at positions ``idx`` of ``keys``, as str."""
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        return list(keys.take(pa.array(idx, pa.int64())).to_pylist())
+    if isinstance(keys, np.ndarray):
+        return list(keys[idx].tolist())
+    return [keys[i] for i in idx.tolist()]
 
 
 @dataclass
@@ -50,6 +73,30 @@ class Snapshot:
         pos = np.minimum(pos, max(n - 1, 0))
         ok = (self.row_ids[pos] == ids) if n else np.zeros(ids.shape, bool)
         return pos, ok
+
+    def key_column(self) -> pa.ChunkedArray:
+        """The ``key`` of every row in position order: zero-copy over the mapped shards."""
+        return pa.chunked_array([p.batch.column("key") for p in self.embeddings.pieces], pa.string())
+
+    def find(self, keys: Keys, live: np.ndarray | None) -> np.ndarray:
+        """(len(keys),) int64: the position of each key among the rows (``live``: those not
+        tombstoned), -1 where absent. One pass of Arrow's hash lookup over the key column,
+        with a hash table of ``keys`` only: for many keys at once (a repeated key is found
+        once, its repeats are -1)."""
+        q: Any = keys
+        if isinstance(q, pa.ChunkedArray):
+            q = q.combine_chunks()
+        elif not isinstance(q, pa.Array):
+            q = pa.array(key_list(keys), pa.string())
+        if q.type != pa.string():
+            q = q.cast(pa.string())
+        which = np.array(pc.index_in(self.key_column(), value_set=q).fill_null(-1).to_numpy(), np.int64)
+        if live is not None:
+            which[~live] = -1
+        rows = np.flatnonzero(which >= 0)
+        pos = np.full(len(q), -1, np.int64)
+        pos[which[rows]] = rows
+        return pos
 
     def columns_at(self, pos: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
         """Metadata columns of the rows at ``pos`` (in the order given): strings as object
@@ -132,4 +179,4 @@ def _to_numpy(arr: pa.Array) -> np.ndarray:
         return arr.fill_null(-1).to_numpy()
     if pa.types.is_floating(t):
         return arr.to_numpy(zero_copy_only=False)
-    return np.array(arr.to_pylist(), dtype=object)
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)  # strings; None = null

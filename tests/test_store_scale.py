@@ -1,0 +1,186 @@
+"""The store at scale: gathers that map nothing they do not return, key lookups and label
+tables without one Python object (or one LMDB get) per row, and labels that survive a
+rebuilt catalog (issue 14, and issue 11's labels replay)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from embedstore.store import StoreWriter, delete, import_labels, open_store, rebuild_catalog
+from embedstore.store import matrix as matrix_mod
+from embedstore.store import reader as reader_mod
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import meta  # noqa: E402
+
+RSS_PROBE = r"""
+import json, sys
+import numpy as np
+def rss():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+from embedstore.store import open_store
+s = open_store(sys.argv[1])
+ids = np.random.default_rng(7).choice(s.n_rows_committed, int(sys.argv[2]), replace=False)
+before = rss()
+out = s.gather(ids)
+after = rss()
+print(json.dumps({"bytes": out.nbytes, "sum": float(out[:, :4].astype(np.float64).sum()),
+                  **{k: after[k] - before[k] for k in before}}))
+"""
+
+
+def _write(path: Path, n: int, dim: int, rows_per_shard: int, unit_rows: int = 5000) -> None:
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, meta(dim=dim), rows_per_shard=rows_per_shard, spill_rows=rows_per_shard) as w:
+        for u, s in enumerate(range(0, n, unit_rows)):
+            m = min(unit_rows, n - s)
+            w.add(rng.standard_normal((m, dim), dtype=np.float32).astype(np.float16),
+                  [f"s{u:05d}/{i}" for i in range(m)], unit=f"u{u}", slide=f"s{u:05d}",
+                  x=np.arange(m), y=np.zeros(m, np.int64))
+            w.end_unit(f"u{u}")
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400,000 x 256 float16 (200 MB of rows) in shards of 16,384 rows."""
+    path = tmp_path_factory.mktemp("scale") / "s"
+    _write(path, 400_000, 256, 16_384)
+    return path
+
+
+def test_a_sparse_gather_grows_the_process_by_about_what_it_returns(big: Path) -> None:
+    # Before: the gather's page faults mapped whole 2 MB page-cache folios (or 16-page
+    # fault-around) of the shards: 10,000 rows (5.1 MB) grew RssFile by ~203 MB, the whole file.
+    r = subprocess.run([sys.executable, "-c", RSS_PROBE, str(big), "10000"], capture_output=True,
+                       text=True, check=True)
+    got = json.loads(r.stdout)
+    assert got["bytes"] == 10_000 * 256 * 2
+    grew = got["RssAnon"] + got["RssFile"]
+    assert grew < 20 * got["bytes"] + (30 << 20), got
+    assert got["RssFile"] < 8 << 20, got             # nothing of the shards is mapped
+
+
+def test_gathers_by_pread_and_by_map_agree_with_the_matrix(big: Path) -> None:
+    s = open_store(big)
+    m = s.embeddings
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([rng.choice(len(m), 3000, replace=False),           # sparse: pread
+                           np.arange(100_000, 103_000),                        # dense: the map
+                           [5, 5, 6, 7, 16_383, 16_384, len(m) - 1]])          # repeats, edges
+    rng.shuffle(rows)
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m))])
+    for prefetch in (None, True, False):
+        np.testing.assert_array_equal(m.take(rows, prefetch=prefetch), whole[rows])
+    np.testing.assert_array_equal(m.take(np.sort(rows)), whole[np.sort(rows)])
+    assert m.take(np.array([], np.int64)).shape == (0, 256)
+    np.testing.assert_array_equal(m[12345], whole[12345])
+    assert m._mapped.all()                          # scanned whole: later gathers use the map
+    np.testing.assert_array_equal(m.take(rows), whole[rows])
+
+
+def test_a_gather_reads_sparse_rows_without_the_map(big: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = matrix_mod._read_runs
+    monkeypatch.setattr(matrix_mod, "_read_runs", lambda *a: calls.append(len(a[1])) or real(*a))
+    s = open_store(big)
+    ids = np.array([10, 11, 12, 40_000, 399_999])
+    np.testing.assert_array_equal(s.gather(ids), np.stack([s.embeddings[i:i + 1][0] for i in ids]))
+    assert calls and calls[0] == 3                  # runs: 10..12, 40000, 399999
+
+
+@pytest.fixture()
+def small(tmp_path: Path) -> Path:
+    path = tmp_path / "k"
+    _write(path, 30_000, 8, 4096, unit_rows=1000)
+    return path
+
+
+def test_keys_array_and_vectorised_ids_match_the_catalog(small: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    delete(small, keys=["s00003/7", "s00010/0"])
+    s = open_store(small)
+    keys = s.keys()
+    arr = s.keys_array()
+    assert isinstance(arr, pa.ChunkedArray) and arr.to_pylist() == keys and len(keys) == 30_000 - 2
+    assert "s00003/7" not in set(keys)
+    rng = np.random.default_rng(1)
+    pick = [keys[i] for i in rng.choice(len(keys), 5000)]          # with repeats
+    monkeypatch.setattr(reader_mod, "SCAN_MIN", 10**9)
+    by_lmdb = s.ids(pick)
+    monkeypatch.setattr(reader_mod, "SCAN_MIN", 1)
+    calls = []
+    real = s.snapshot.find
+    monkeypatch.setattr(s.snapshot, "find", lambda *a: calls.append(1) or real(*a))
+    np.testing.assert_array_equal(s.ids(pick), by_lmdb)
+    np.testing.assert_array_equal(s.ids(pa.array(pick)), by_lmdb)
+    np.testing.assert_array_equal(s.ids(np.array(pick)), by_lmdb)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(s.ids(keys), s.all_ids())
+    for bad in (["s00003/7"], ["nope"]):                            # deleted, unknown
+        with pytest.raises(KeyError, match="not in"):
+            s.ids(pick[:10] + bad)
+    assert (s.find_ids(["s00003/7", pick[0]]) == [-1, by_lmdb[0]]).all()
+    info = s.info()
+    assert info["units_done"] == 30 and info["errors"] == 0 and info["rows"] == 30_000 - 2
+
+
+def test_many_labels_import_and_read_back(small: Path) -> None:
+    s = open_store(small)
+    keys = s.keys()
+    rows = [{"key": k, "label": "ab"[i % 2], "split": "train" if i % 3 else "test", "group": None}
+            for i, k in enumerate(keys[::2])]
+    rows.reverse()
+    rec = import_labels(small, None, "t", rows=rows)
+    assert rec["n"] == len(rows) and rec["classes"] == {"a": (len(rows) + 1) // 2, "b": len(rows) // 2}
+    table = open_store(small).task_table("t")
+    assert table["keys"] == keys[::2] and list(table["label"]) == ["ab"[i % 2] for i in range(len(rows))]
+    assert (np.diff(table["ids"]) > 0).all() and table["group"] is None
+    assert list(open_store(small).labels(keys[:4], "t")) == ["a", None, "b", None]
+    import_labels(small, None, "t", rows=rows[:10])                 # an import replaces the task
+    assert len(open_store(small).task_table("t")["keys"]) == 10
+
+
+def _close_catalogs() -> None:
+    from embedstore.store import catalog
+    with catalog._ENVS_LOCK:
+        for k, c in list(catalog._ENVS.items()):
+            c.env.close()
+            del catalog._ENVS[k]
+
+
+def test_rebuild_replays_journaled_labels_over_a_lost_catalog(small: Path) -> None:
+    keys = open_store(small).keys()
+    import_labels(small, None, "old", rows=[{"key": k, "label": "x", "split": None, "group": None}
+                                           for k in keys[:50]])
+    import_labels(small, None, "old", rows=[{"key": k, "label": "y", "split": "val", "group": "p1"}
+                                           for k in keys[100:120]])         # replaces the first
+    import_labels(small, None, "t2", rows=[{"key": k, "label": str(i % 3), "split": None, "group": None}
+                                          for i, k in enumerate(keys[:5000])])
+    s = open_store(small)
+    before = {t: s.task_table(t) for t in ("old", "t2")}
+    tasks = s.tasks()
+    _close_catalogs()
+    shutil.rmtree(small / "catalog")
+    r = rebuild_catalog(small)
+    assert not any("label" in x for x in r["lost"]), r
+    s = open_store(small)
+    assert s.tasks() == tasks
+    for t, tab in before.items():
+        got = s.task_table(t)
+        assert got["keys"] == tab["keys"] and (got["ids"] == tab["ids"]).all()
+        for c in ("label", "split", "group"):
+            assert (got[c] is None and tab[c] is None) or list(got[c]) == list(tab[c])
+    assert list(s.labels(keys[:2], "old")) == [None, None]
+    r = rebuild_catalog(small)                      # over a readable catalog: the same
+    assert open_store(small).tasks() == tasks and not r["lost"]
