@@ -80,3 +80,10 @@ def test_search_draws_the_similarity_heatmap_over_a_slide(tmp_path: Path) -> Non
     assert f"similarity heatmap over {slide}: {png}" in r.stdout
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 200 and img.std() > 10                       # a real picture, not blank
+    # search --json carries each neighbour's level-0 tile side (what QuPath and wsinfer need)
+    r = _cli("search", str(st), "--key", key, "-k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    nb = json.loads(r.stdout)[0]["neighbours"]
+    xs = np.unique(open_store(st).slide(slide).coords[:, 0])
+    assert all(abs(n["tile_size_level0"] - np.diff(xs).min()) <= 1.0 for n in nb), nb

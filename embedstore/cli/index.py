@@ -61,7 +61,9 @@ def format_candidates(info: IndexInfo) -> list[str]:
 
 
 def _plain(value: object) -> object:
-    return value.item() if isinstance(value, np.generic) else value
+    """A JSON value: numpy scalars as Python ones, NaN (an unknown tile side) as null."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return None if isinstance(value, float) and value != value else value
 
 
 def format_results(hits: list[SearchResult], queries: list[str]) -> str:

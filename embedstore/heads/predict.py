@@ -11,11 +11,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ..plots import render_heatmap
+from ..store.geometry import level0_sides
 from ..store.atomic import atomic_open
 from ..errors import ConfigError, HeadError
 from .persist import check_fingerprint
@@ -63,25 +64,6 @@ def _column(values: Any, null_below_zero: bool = False) -> Any:
     return pa.array(arr)
 
 
-def _level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
-    """(b,) object slides -> (b,) float64 level-0 tile side per row (NaN where unknown), each
-    slide's side looked up once; None for a store that records no slide geometry (tile files,
-    or a fake without ``units``/``meta``)."""
-    if not (hasattr(store, "units") and hasattr(store, "meta")):
-        return lambda slides: None
-    from ..store.geometry import slide_geometry
-    known: dict[str, float] = {}
-
-    def sides(slides: np.ndarray) -> np.ndarray | None:
-        out = np.full(len(slides), np.nan)
-        for name in {str(v) for v in slides if v is not None}:
-            if name not in known:
-                known[name] = slide_geometry(store, name).tile_l0 or float("nan")
-            out[np.asarray(slides, dtype=object) == name] = known[name]
-        return out
-    return sides
-
-
 def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: dict[str, Any]) -> Any:
     """One Arrow record batch: key, pred ((b,) labels), prob_<class> per class ((b, c) prob), and
     slide, x, y and tile_size_level0 (the tile side in level-0 px, null where unknown) when
@@ -123,7 +105,7 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     heat: list[tuple[np.ndarray, np.ndarray]] = []
     writer = None
     rows = 0
-    level0 = _level0_sides(store)
+    level0 = level0_sides(store)
     with atomic_open(out, "wb") as sink:
         for ids, emb in store.scan(batch_size):
             prob = head.predict_proba(emb)

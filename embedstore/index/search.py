@@ -18,6 +18,7 @@ from embedstore.errors import VectorIndexError
 from embedstore.index._vectors import as_queries, deleted, log, prepare, require_rows
 from embedstore.index.recall import exact_scan
 from embedstore.index.stored import VectorIndex, check_fresh, load_index, read_index_info
+from embedstore.store.geometry import level0_sides
 from embedstore.store.protocol import StoreLike
 
 __all__ = ["SearchResult", "search"]
@@ -232,6 +233,9 @@ def _assemble(store: StoreLike, out: list, qids: np.ndarray | None, task: str | 
         meta = dict(store.metadata(every, columns=("key", "slide", "x", "y")))
         keys = [str(key) for key in meta.pop("key")]
         meta["label"] = np.asarray(store.labels(keys, task=task), dtype=object)
+        sides = level0_sides(store)(meta["slide"])
+        if sides is not None:
+            meta["tile_size_level0"] = sides      # level-0 px per tile side (NaN: unknown)
     results, start = [], 0
     for j, ((scores, ids), size) in enumerate(zip(out, sizes)):
         part = slice(start, start + size)

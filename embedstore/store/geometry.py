@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["SlideGeometry", "slide_geometry", "mask_stem"]
+__all__ = ["SlideGeometry", "slide_geometry", "mask_stem", "level0_sides"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,21 @@ def slide_geometry(store: Any, slide: str, x: np.ndarray | None = None, y: np.nd
         if step:
             return SlideGeometry(slide, step, dims, slide_mpp, "grid-step")
     return SlideGeometry(slide, None, dims, slide_mpp, "none")
+
+
+def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
+    """(b,) object slides -> (b,) float64 level-0 tile side per row (NaN where unknown), each
+    slide's side looked up once; None for a store that records no slide geometry (tile files,
+    or a fake without ``units``/``meta``)."""
+    if not (hasattr(store, "units") and hasattr(store, "meta")):
+        return lambda slides: None
+    known: dict[str, float] = {}
+
+    def sides(slides: np.ndarray) -> np.ndarray | None:
+        out = np.full(len(slides), np.nan)
+        for name in {str(v) for v in slides if v is not None}:
+            if name not in known:
+                known[name] = slide_geometry(store, name).tile_l0 or float("nan")
+            out[np.asarray(slides, dtype=object) == name] = known[name]
+        return out
+    return sides
