@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .models import HeadConfig
+from ._optim import AdamW, lr_factor
+from .models import HeadConfig, HeadModule, build_head_module
 
-__all__ = ["EarlyStopping", "step_threads", "torch_threads", "MIN_DELTA", "SMALL_STEP"]
+__all__ = ["EarlyStopping", "start_fit", "step_threads", "torch_threads", "MIN_DELTA", "SMALL_STEP"]
 
 MIN_DELTA = 1e-4          # validation loss must improve by this much to reset patience
 SMALL_STEP = 10_000_000   # multiply-adds per step below which one thread beats several
@@ -68,3 +69,13 @@ def step_threads(cfg: HeadConfig, n: int, dim: int, n_classes: int, threads: int
     if threads is None and cfg.batch_rows(n) * dim * width < SMALL_STEP:
         return 1
     return threads
+
+
+def start_fit(cfg: HeadConfig, n: int, dim: int, n_classes: int, mean: torch.Tensor | None,
+              std: torch.Tensor | None, seed: int) -> tuple[HeadModule, AdamW, Callable[[int], float]]:
+    """Seed torch, build the head and its optimiser and learning-rate schedule over all the
+    fit's steps; both fits start here (inside their forked RNG)."""
+    torch.manual_seed(seed)
+    module = build_head_module(cfg, dim, n_classes, mean, std)
+    opt = AdamW(module.body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return module, opt, lr_factor(cfg.schedule, cfg.epochs * math.ceil(n / cfg.batch_rows(n)))

@@ -10,7 +10,6 @@ O(n) index arrays (ids, labels, which view each row uses) — never an (n, dim) 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -22,10 +21,9 @@ import torch.nn.functional as F
 from .augment import ViewBank, add_noise, epoch_generator, feature_dropout, mixup_within_class, sample_views
 from ..errors import LabelsError
 from .splits import carve_validation
-from ._optim import AdamW, lr_factor
-from .models import HeadConfig, HeadModule, build_head_module
+from .models import HeadConfig, HeadModule
 from .stream import LazyRows, LazyViews, Prefetcher, locality_order, scan_rows
-from ._fitting import EarlyStopping, step_threads, torch_threads
+from ._fitting import EarlyStopping, start_fit, step_threads, torch_threads
 from .train import (TrainedHead, _class_weights,
                     _training_codes, _tune_on, check_features, encode_labels, resolve_positive)
 
@@ -168,11 +166,8 @@ def _fit_streamed(cfg: HeadConfig, data: _Streamed, n_classes: int, seed: int,
     n, dim = data.codes.size, data.fit.dim
     bs = cfg.batch_rows(n)
     with torch.random.fork_rng(devices=[]), torch_threads(step_threads(cfg, n, dim, n_classes, threads)):
-        torch.manual_seed(seed)
-        module = build_head_module(cfg, dim, n_classes, data.mean, data.std)
+        module, opt, factor = start_fit(cfg, n, dim, n_classes, data.mean, data.std, seed)
         body = module.body
-        opt = AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        factor = lr_factor(cfg.schedule, cfg.epochs * math.ceil(n / bs))
         stopping = EarlyStopping(body, cfg)
         for epoch in range(cfg.epochs):
             stopping.epoch = epoch

@@ -18,9 +18,9 @@ from .augment import ViewBank, augment_epoch
 from ..errors import DimensionMismatchError, HeadError, LabelsError
 from .splits import carve_validation
 from .metrics import best_f1_threshold, classification_metrics
-from ._optim import AdamW, lr_factor
-from ._fitting import EarlyStopping, step_threads, torch_threads
-from .models import HeadConfig, HeadModule, build_head_module
+from ._optim import AdamW
+from ._fitting import EarlyStopping, start_fit, step_threads, torch_threads
+from .models import HeadConfig, HeadModule
 from .stream import LazyRows, LazyViews, stream_budget
 
 __all__ = ["TrainedHead", "train_head", "evaluate", "encode_labels", "resolve_positive",
@@ -278,11 +278,8 @@ def _fit(cfg: HeadConfig, data: _Problem, n_classes: int, seed: int,
     n, dim = data.x.shape
     bs = cfg.batch_rows(n)
     with torch.random.fork_rng(devices=[]), torch_threads(step_threads(cfg, n, dim, n_classes, threads)):
-        torch.manual_seed(seed)
-        module = build_head_module(cfg, dim, n_classes, data.mean, data.std)
+        module, opt, factor = start_fit(cfg, n, dim, n_classes, data.mean, data.std, seed)
         body = module.body
-        opt = AdamW(body.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        factor = lr_factor(cfg.schedule, cfg.epochs * math.ceil(n / bs))
         order_gen = torch.Generator().manual_seed(seed)
         sample_p = None
         if cfg.balanced_sampling:

@@ -152,21 +152,21 @@ def index_file(store: StoreLike, info: IndexInfo) -> Path:
         raise VectorIndexError(f"{directory / INFO_NAME} names the faiss file {info.file!r}, "
                                "which is not a plain index-<token>.faiss name inside "
                                f"{directory}; refusing to read it; {rebuild}")
-    path = directory / info.file
+    return _plain_file(directory / info.file, info.memory_bytes, rebuild)
+
+
+def _plain_file(path: Path, recorded: int, rebuild: str) -> Path:
+    """``path`` if it is a plain file (not a link) of the ``recorded`` size (0: unrecorded)."""
     if path.is_symlink():
         raise VectorIndexError(f"{path} is a link; index files are plain files inside "
-                               f"{directory}; {rebuild}")
+                               f"{path.parent}; {rebuild}")
     if not path.is_file():
         raise VectorIndexError(f"{path} named by index.json is missing; {rebuild}")
-    _check_size(path, info.memory_bytes, rebuild)
-    return path
-
-
-def _check_size(path: Path, recorded: int, rebuild: str) -> None:
     size = path.stat().st_size
     if recorded and size != recorded:
         raise VectorIndexError(f"{path} is {size:,} bytes but index.json records "
                                f"{recorded:,} (truncated or replaced); {rebuild}")
+    return path
 
 
 def ivfdata_file(store: StoreLike, info: IndexInfo) -> Path:
@@ -179,14 +179,7 @@ def ivfdata_file(store: StoreLike, info: IndexInfo) -> Path:
     if info.ivfdata != want:
         raise VectorIndexError(f"{directory / INFO_NAME} names the on-disk lists {info.ivfdata!r},"
                                f" not {want!r} beside {info.file}; refusing to read it; {rebuild}")
-    path = directory / want
-    if path.is_symlink():
-        raise VectorIndexError(f"{path} is a link; index files are plain files inside "
-                               f"{directory}; {rebuild}")
-    if not path.is_file():
-        raise VectorIndexError(f"{path} named by index.json is missing; {rebuild}")
-    _check_size(path, info.ivfdata_bytes, rebuild)
-    return path
+    return _plain_file(directory / want, info.ivfdata_bytes, rebuild)
 
 
 def check_fresh(store: StoreLike, info: IndexInfo) -> None:

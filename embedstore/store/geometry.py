@@ -56,7 +56,8 @@ def read_grid(store_path: Path, slide: str) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-def _positive(v: Any) -> float | None:
+def positive(v: Any) -> float | None:
+    """``v`` as a positive finite float, or None."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -85,16 +86,16 @@ def slide_geometry(store: Any, slide: str, x: np.ndarray | None = None, y: np.nd
     dims: tuple[int, int] | None = None
     if grid is not None and isinstance(grid.get("dims"), list) and len(grid["dims"]) == 2:
         dims = (int(grid["dims"][0]), int(grid["dims"][1]))
-    slide_mpp = _positive(grid.get("slide_mpp")) if grid else None
-    if grid is not None and _positive(grid.get("tile_l0")):
+    slide_mpp = positive(grid.get("slide_mpp")) if grid else None
+    if grid is not None and positive(grid.get("tile_l0")):
         return SlideGeometry(slide, float(grid["tile_l0"]), dims, slide_mpp, "grid.json")
     unit = store.units().get(f"slide:{slide}") or {}
-    slide_mpp = slide_mpp or _positive(unit.get("slide_mpp"))
-    size = _positive(tile_size) or _positive(tile.get("tile_size")) or _positive(tile.get("patch_size"))
-    tmpp = _positive(mpp) or _positive(tile.get("mpp"))
+    slide_mpp = slide_mpp or positive(unit.get("slide_mpp"))
+    size = positive(tile_size) or positive(tile.get("tile_size")) or positive(tile.get("patch_size"))
+    tmpp = positive(mpp) or positive(tile.get("mpp"))
     if slide_mpp and size and tmpp:
         return SlideGeometry(slide, size * tmpp / slide_mpp, dims, slide_mpp, "unit")
-    if _positive(tile.get("patch_size_level0")):
+    if positive(tile.get("patch_size_level0")):
         return SlideGeometry(slide, float(tile["patch_size_level0"]), dims, slide_mpp, "store.json")
     if x is not None and y is not None:
         step = _grid_step(x, y)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import DimensionMismatchError, SourceError
 from .atomic import atomic_path, atomic_write_text
+from .geometry import positive
 from .meta import StoreMeta
 from .protocol import StoreLike
 from .writer import StoreWriter
@@ -59,18 +60,9 @@ def _encoder_of(f: Any) -> str | None:
     return None
 
 
-def _num(v: Any) -> float | None:
-    """``v`` as a positive finite float, or None."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) and f > 0 else None
-
-
 def _mag_mpp(mag: Any) -> float | None:
     """µm/px of a magnification (10 / mag), or None."""
-    m = _num(mag)
+    m = positive(mag)
     return 10.0 / m if m else None
 
 
@@ -327,12 +319,12 @@ def trident_coords_attrs(store: StoreLike, slide: str, units: dict[str, dict[str
     tile = store.meta.tile or {}
     grid = _grid(Path(store.path), slide)
     unit = units.get(f"slide:{slide}") or {}
-    size = _num(tile.get("tile_size")) or _num(tile.get("patch_size"))
-    mpp = _num(tile.get("mpp")) or _mag_mpp(tile.get("target_magnification"))
-    slide_mpp = _num(grid.get("slide_mpp")) or _num(unit.get("slide_mpp"))
-    tile_l0 = (_num(grid.get("tile_l0")) or _num(unit.get("tile_l0"))
+    size = positive(tile.get("tile_size")) or positive(tile.get("patch_size"))
+    mpp = positive(tile.get("mpp")) or _mag_mpp(tile.get("target_magnification"))
+    slide_mpp = positive(grid.get("slide_mpp")) or positive(unit.get("slide_mpp"))
+    tile_l0 = (positive(grid.get("tile_l0")) or positive(unit.get("tile_l0"))
                or (size * mpp / slide_mpp if size and mpp and slide_mpp else None)
-               or _num(tile.get("patch_size_level0")))
+               or positive(tile.get("patch_size_level0")))
     dims = grid.get("dims") or unit.get("dims")
     attrs: dict[str, Any] = {
         "patch_size": int(size) if size else None,

@@ -14,7 +14,6 @@ puts back) and gives the same result when run again.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from .layout import Layout
 from .matrix import MappedShard
 from .meta import StoreMeta, read_meta
 from .schema import check_shard_schema
+from .verify import file_sha256
 
 __all__ = ["rebuild_catalog"]
 
@@ -107,14 +107,6 @@ def _dump(store: str) -> None:
         out["deleted"] = {str(from_u64(k)): _uj(v) for k, v in cat.items(t, "deleted")}
         return out
     sys.stdout.write(json.dumps(cat.read(read)))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Plan:
@@ -216,7 +208,7 @@ class _Plan:
             ids = sh.row_ids(e["first_id"])
             keys = [k for b in sh.batches for k in b.column("key").to_pylist()]
             slides = [s for b in sh.batches for s in b.column("slide").to_pylist()]
-            rec = {"rows": sh.rows, "sha256": _sha256(lay.shard(name)), "size": lay.shard(name).stat().st_size,
+            rec = {"rows": sh.rows, "sha256": file_sha256(lay.shard(name)), "size": lay.shard(name).stat().st_size,
                    "kind": "base", "first_id": e["first_id"], "seq": e["seq"],
                    "units": [u for u, _ in e.get("units", [])], "writer": e.get("writer", "rebuild"),
                    "time": e.get("time")}
@@ -224,7 +216,7 @@ class _Plan:
             cat.write(lambda t: self._put_base(cat, t, name, rec, keys, ids, slides))
         for name, base in self.views.items():
             f = lay.shard(name)
-            vrec = {"rows": MappedShard(f).rows, "sha256": _sha256(f), "size": f.stat().st_size,
+            vrec = {"rows": MappedShard(f).rows, "sha256": file_sha256(f), "size": f.stat().st_size,
                     "kind": "view", "base": base}
             cat.write(lambda t: cat.put_json(t, "shards", name, vrec))
 

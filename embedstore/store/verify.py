@@ -34,7 +34,8 @@ class VerifyReport:
                          [f"  note: {n}" for n in self.notes])
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file, read in 8 MiB chunks (what a shard record holds)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
@@ -66,7 +67,7 @@ def verify_store(path: Path | str) -> VerifyReport:
         if f.stat().st_size != rec["size"]:
             rep.problems.append(f"{name}: {f.stat().st_size} bytes on disk, catalog says {rec['size']}")
             continue
-        if _sha256(f) != rec["sha256"]:
+        if file_sha256(f) != rec["sha256"]:
             rep.problems.append(f"{name}: sha256 differs from the catalog (corrupted)")
             continue
         try:
