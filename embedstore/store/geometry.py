@@ -14,6 +14,8 @@ pixels per side (``tile_l0``). The store records it in several places, read in t
 from __future__ import annotations
 
 import json
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["SlideGeometry", "slide_geometry", "mask_stem", "level0_sides"]
+
+_SIDES: "weakref.WeakKeyDictionary[Any, dict[str, float]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,12 @@ def _grid_step(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def slide_geometry(store: Any, slide: str, x: np.ndarray | None = None, y: np.ndarray | None = None,
-                   tile_size: float | None = None, mpp: float | None = None) -> SlideGeometry:
+                   tile_size: float | None = None, mpp: float | None = None,
+                   units: Mapping[str, Any] | None = None) -> SlideGeometry:
     """The level-0 tile side of ``slide`` in ``store`` (see the module docstring for the order).
     ``x, y``: the slide's level-0 corners (for the last resort); ``tile_size, mpp``: of its
-    tiles (default: STORE.json ``tile``). ``store``: a Store (reads path, meta, units)."""
+    tiles (default: STORE.json ``tile``). ``store``: a Store (reads path, meta, units);
+    ``units``: ``store.units()`` already read, for callers looking up many slides."""
     path = Path(store.path)
     tile = dict(getattr(store.meta, "tile", None) or {})
     grid = read_grid(path, slide)
@@ -89,7 +95,7 @@ def slide_geometry(store: Any, slide: str, x: np.ndarray | None = None, y: np.nd
     slide_mpp = positive(grid.get("slide_mpp")) if grid else None
     if grid is not None and positive(grid.get("tile_l0")):
         return SlideGeometry(slide, float(grid["tile_l0"]), dims, slide_mpp, "grid.json")
-    unit = store.units().get(f"slide:{slide}") or {}
+    unit = (units if units is not None else store.units()).get(f"slide:{slide}") or {}
     slide_mpp = slide_mpp or positive(unit.get("slide_mpp"))
     size = positive(tile_size) or positive(tile.get("tile_size")) or positive(tile.get("patch_size"))
     tmpp = positive(mpp) or positive(tile.get("mpp"))
@@ -110,13 +116,19 @@ def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
     or a fake without ``units``/``meta``)."""
     if not (hasattr(store, "units") and hasattr(store, "meta")):
         return lambda slides: None
-    known: dict[str, float] = {}
+    try:                       # a slide's side never changes: remembered per store object
+        known = _SIDES.setdefault(store, {})
+    except TypeError:          # not weak-referenceable
+        known = {}
+    units: list[Mapping[str, Any]] = []      # the catalog's units, read at most once per lookup
 
     def sides(slides: np.ndarray) -> np.ndarray | None:
         out = np.full(len(slides), np.nan)
         for name in {str(v) for v in slides if v is not None}:
             if name not in known:
-                known[name] = slide_geometry(store, name).tile_l0 or float("nan")
+                if not units:
+                    units.append(store.units())
+                known[name] = slide_geometry(store, name, units=units[0]).tile_l0 or float("nan")
             out[np.asarray(slides, dtype=object) == name] = known[name]
         return out
     return sides
