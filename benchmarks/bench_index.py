@@ -86,10 +86,10 @@ def _store(root: Path) -> Path:
     return root / "store"
 
 
-def phase_gen(root: Path, n: int, dim: int, n_queries: int, data: str = "clustered"
-              ) -> dict[str, Any]:
+def phase_gen(root: Path, n: int, dim: int, n_queries: int, data: str = "clustered",
+              tiles_per_slide: int = TILES_PER_SLIDE) -> dict[str, Any]:
     """Write ``n`` clustered float16 rows into a store under ``root`` (one unit per
-    TILES_PER_SLIDE rows, with slide and x metadata) and held-out queries beside it."""
+    ``tiles_per_slide`` rows, with slide and x metadata) and held-out queries beside it."""
     from embedstore.store import StoreMeta, StoreWriter
 
     if (root / "queries.npy").exists():           # written last: the store is complete
@@ -102,10 +102,10 @@ def phase_gen(root: Path, n: int, dim: int, n_queries: int, data: str = "cluster
     meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": f"synthetic-{data}"},
                      tile={"tile_size": 224})
     with StoreWriter(_store(root), meta) as w:
-        for s in range(0, n, TILES_PER_SLIDE):
-            count = min(TILES_PER_SLIDE, n - s)
-            slide = f"slide{s // TILES_PER_SLIDE:04d}"
-            w.add(draw(count, draw_seed=1000 + s // TILES_PER_SLIDE),
+        for s in range(0, n, tiles_per_slide):
+            count = min(tiles_per_slide, n - s)
+            slide = f"slide{s // tiles_per_slide:04d}"
+            w.add(draw(count, draw_seed=1000 + s // tiles_per_slide),
                   [f"{slide}/{i}" for i in range(s, s + count)], unit=slide, slide=slide,
                   x=224 * np.arange(count), y=0)
             w.end_unit(slide)

@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 import _harness as H  # noqa: E402
+import bench_index  # noqa: E402
 
 from embedstore.sizes import format_bytes, parse_size  # noqa: E402
 from embedstore.store.atomic import atomic_path  # noqa: E402
@@ -87,44 +88,9 @@ def _vm_hwm() -> int:
 
 # ---------------------------------------------------------------- data: a real store
 
-def _generator(dim: int, n_clusters: int, seed: int):
-    """Clustered embeddings: cluster centre + rank-32 spread + isotropic noise (float16)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
-    basis = (rng.normal(size=(32, dim)) / np.sqrt(32)).astype(np.float32)
-
-    def draw(count: int, draw_seed: int) -> np.ndarray:
-        r = np.random.default_rng(draw_seed)
-        z = r.integers(0, n_clusters, size=count)
-        x = centres[z] + 0.8 * (r.standard_normal((count, 32), dtype=np.float32) @ basis)
-        x += 0.3 * r.standard_normal((count, dim), dtype=np.float32)
-        return x.astype(np.float16)
-    return draw
-
-
 def phase_gen(root: Path, n: int, dim: int, n_queries: int) -> dict[str, Any]:
-    from embedstore.store import StoreMeta, StoreWriter
-
-    if (root / "queries.npy").exists():           # written last: the store is complete
-        return {"seconds": 0.0, "reused": True}
-    t0 = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    draw = _generator(dim, max(100, n // 1000), seed=0)
-    meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": "synthetic-clustered"},
-                     tile={"tile_size": 224})
-    with StoreWriter(root / "store", meta) as w:
-        for s in range(0, n, TILES_PER_SLIDE):
-            count = min(TILES_PER_SLIDE, n - s)
-            slide = f"slide{s // TILES_PER_SLIDE:04d}"
-            w.add(draw(count, draw_seed=1000 + s // TILES_PER_SLIDE),
-                  [f"{slide}/{i}" for i in range(s, s + count)], unit=slide, slide=slide,
-                  x=224 * np.arange(count), y=0)
-            w.end_unit(slide)
-    with atomic_path(root / "queries.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, draw(n_queries, draw_seed=7))   # held out: never stored
-    return {"seconds": round(time.perf_counter() - t0, 1), "reused": False}
+    """bench_index's clustered store (and held-out queries), with larger slides."""
+    return bench_index.phase_gen(root, n, dim, n_queries, tiles_per_slide=TILES_PER_SLIDE)
 
 
 def _open(root: Path) -> Any:

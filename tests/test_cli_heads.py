@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.cli import main
 from embedstore.extract.runner import ExtractConfig, extract
 
 from synthetic import write_units
+from clirun import run as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -75,11 +74,6 @@ def test_predict_refuses_a_store_of_another_backbone(stores: tuple[Path, Path], 
 
 
 # ---------------------------------------------------------------- crafted heads, in-process
-
-def _run(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    return r.exit_code, r.stdout, r.stderr
-
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-from click.testing import CliRunner
 
-from embedstore.cli import main
 from embedstore.extract.runner import ExtractConfig, extract
 from embedstore.store import delete, import_labels, open_store
 
 from synthetic import write_units
+from clirun import run as _run
 
 pl = pytest.importorskip("polars")
 duckdb = pytest.importorskip("duckdb")
@@ -23,11 +22,6 @@ pd = pytest.importorskip("pandas")
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDE = "CMU-1-Small-Region.svs"
-
-
-def _run(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

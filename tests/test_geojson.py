@@ -9,10 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from embedstore.cli import main
 from embedstore.extract.runner import ExtractConfig, extract
 from embedstore.heads import save_head, train_head
 from embedstore.interop import tissue_features
@@ -21,13 +19,10 @@ from embedstore.store import open_store
 shapely = pytest.importorskip("shapely")
 from shapely.geometry import mapping, shape  # noqa: E402
 
+from clirun import run as _run  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SLIDE = "CMU-1-Small-Region.svs"
-
-
-def _run(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from embedstore.backbones._registry import get_spec
 from embedstore.backbones.spec import BackboneSpec
-from embedstore.cli import main
 from embedstore.store import StoreMeta, StoreWriter, open_store
+from clirun import run as _run
 
 h5py = pytest.importorskip("h5py")
 
@@ -27,11 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SLIDE = "CMU-1-Small-Region.svs"
 ONNX = "mobilenetv2-onnx-int8"
 DIM = 1024                       # UNI's width: uni_v1 maps to the registry's "uni"
-
-
-def _run(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def _save_h5(path: Path, assets: dict[str, np.ndarray], attributes: dict[str, dict[str, Any]]) -> None:

@@ -14,20 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from embedstore.cli import main
 from embedstore.extract.runner import ExtractConfig, extract
 from embedstore.store import open_store
+
+from clirun import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
 ONNX = "mobilenetv2-onnx-int8"
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def fingerprint(store: Path) -> str:

@@ -151,15 +151,7 @@ def assert_same_ranking(ids: np.ndarray, scores: np.ndarray, ref_ids: np.ndarray
     assert differ.mean() < 0.01
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread() -> Iterator[None]:
-    """Tiny indexes: OpenMP start-up and spin-waits cost more than they save on a shared box."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ N = 60_000                     # rows of the clustered store (64-d, 200 clusters
 PREDICTION_TOLERANCE = 0.03    # |sample recall - full-size recall| of the chosen config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread() -> Iterator[None]:
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 # ---------------------------------------------------------------- planner, pick, prediction (pure)

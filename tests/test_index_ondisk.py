@@ -32,14 +32,7 @@ TARGET = 0.95
 search_mod = importlib.import_module("embedstore.index.search")   # the module, not the function
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread() -> Iterator[None]:
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 class SpyStore:

@@ -13,22 +13,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 
-from embedstore.cli import main
 from embedstore.errors import CatalogDamagedError, NotAStoreError
 from embedstore.store import (StoreWriter, delete, import_labels, open_store, rebuild_catalog,
                               verify_store)
 
 from synthetic import DIM, expected, meta, unit_data, write_units
+from clirun import run
 
 HERE = Path(__file__).resolve().parent
 UNITS = list(range(8))
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def one_line_failure(args: tuple[object, ...], *words: str) -> str:

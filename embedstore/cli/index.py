@@ -60,20 +60,15 @@ def format_candidates(info: IndexInfo) -> list[str]:
     return lines
 
 
-def _plain(value: object) -> object:
-    """A JSON value: numpy scalars as Python ones, NaN (an unknown tile side) as null."""
-    value = value.item() if isinstance(value, np.generic) else value
-    return None if isinstance(value, float) and value != value else value
-
-
 def format_results(hits: list[SearchResult], queries: list[str]) -> str:
     """A table per query: rank, score, key, slide, x, y, label."""
+    from ..index.search import json_value
     out = []
     for hit, name in zip(hits, queries):
         out.append(f"query {name}  ({hit.method})")
         out.append(f"  {'#':>3} {'score':>7}  {'key':<40} {'slide':<24} {'x':>7} {'y':>7}  label")
         for j, (key, score) in enumerate(zip(hit.keys, hit.scores)):
-            meta = {col: _plain(vals[j]) for col, vals in hit.meta.items()}
+            meta = {col: json_value(vals[j]) for col, vals in hit.meta.items()}
             out.append(f"  {j + 1:>3} {score:>7.4f}  {key:<40} {str(meta.get('slide')):<24} "
                        f"{str(meta.get('x')):>7} {str(meta.get('y')):>7}  "
                        f"{'' if meta.get('label') is None else meta.get('label')}")
@@ -84,12 +79,11 @@ def format_results(hits: list[SearchResult], queries: list[str]) -> str:
 
 def results_json(hits: list[SearchResult], queries: list[str]) -> list[dict[str, Any]]:
     """One dict per query: its name, method, keys, ids, scores and each neighbour's metadata."""
+    from ..index.search import neighbours_json
     return [{"query": name, "query_id": hit.query_id, "method": hit.method,
              "keys": list(hit.keys), "ids": [int(i) for i in hit.ids],
              "scores": [round(float(s), 6) for s in hit.scores],   # as the Python API returns them
-             "neighbours": [{"id": int(i), "key": key, "score": round(float(s), 6),
-                             **{col: _plain(vals[j]) for col, vals in hit.meta.items()}}
-                            for j, (i, key, s) in enumerate(zip(hit.ids, hit.keys, hit.scores))]}
+             "neighbours": neighbours_json(hit)}
             for hit, name in zip(hits, queries)]
 
 

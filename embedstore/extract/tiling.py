@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import SlideError, SourceError
 from ..store import lookup_ids, open_store
+from ..store.geometry import mask_stem
 from .dataset import TileSpec
 from .fingerprint import conflict_reason, file_fingerprint, fingerprints
 from .pending import WorkItem
@@ -135,7 +136,7 @@ class TilePlanner:
         with SlideReader(u.slide_path) as r:
             p = plan_slide(r, self.target_mpp, self.tile_size, slide_mpp=self.slide_mpp,
                            min_tissue=self.min_tissue)
-        paths = p.save(self.store / "masks", u.slide_id.replace("/", "__"))
+        paths = p.save(self.store / "masks", mask_stem(u.slide_id))
         g = p.grid
         info = {"identity": slide_identity(u.slide_path), "tiles": len(g),
                 "slide_mpp": g.slide_mpp, "level": g.level, "read_size": g.read_size}

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ..store.atomic import fsync_dir, fsync_file, publish_dir, recover_dir
+from ..store.atomic import crash_point, publish_dir, recover_dir
 from ..errors import BackboneMismatchError, HeadError
 from .headfile import check_weight_shapes, checked_config, checked_meta
 from .models import build_head_module
@@ -39,13 +38,6 @@ FORMAT = "embedstore-head"
 VERSION = 1
 _HEAD_FILES = {HEAD_JSON, HEAD_WEIGHTS}
 _PARTIAL = re.compile(r"^\.head\.(json|safetensors)\..*\.partial\.(json|safetensors)$")  # old writer's temps
-
-
-def _crash_point(name: str) -> None:
-    """Test hook (the store's, re-stated: heads may not import ``store._atomic``):
-    ``EMBEDSTORE_CRASH_AT=name`` kills this process right here with SIGKILL."""
-    if os.environ.get("EMBEDSTORE_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _plain(obj: Any) -> Any:
@@ -141,8 +133,7 @@ def save_head(head: TrainedHead, directory: str | os.PathLike[str]) -> Path:
     try:
         state = {k: v.detach().contiguous() for k, v in head.module.state_dict().items()}
         save_file(state, str(staged / HEAD_WEIGHTS), metadata={"format": FORMAT})
-        fsync_file(staged / HEAD_WEIGHTS)
-        _crash_point("head.staged_weights")
+        crash_point("head.staged_weights")
         meta = {
             "format": FORMAT, "version": VERSION, "dim": head.dim, "classes": head.classes,
             "positive": head.classes[head.positive] if head.positive is not None else None,
@@ -151,14 +142,12 @@ def save_head(head: TrainedHead, directory: str | os.PathLike[str]) -> Path:
             "weights_sha256": _sha256(staged / HEAD_WEIGHTS), "run": uuid.uuid4().hex,
         }
         (staged / HEAD_JSON).write_text(json.dumps(_plain(meta), indent=2, sort_keys=True))
-        fsync_file(staged / HEAD_JSON)
-        fsync_dir(staged)
-        _crash_point("head.staged")
-        publish_dir(staged, d)
+        crash_point("head.staged")
+        publish_dir(staged, d)             # fsyncs the staged files and folder, then swaps
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    _crash_point("head.published")
+    crash_point("head.published")
     return Path(directory)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -38,6 +38,19 @@ class SearchResult:
     meta: dict = field(default_factory=dict)   # slide, x, y, label arrays aligned with ids
     query_id: int | None = None       # the query's tile id when given by id or key
     method: str = ""                  # "index <factory params>" or "exact scan (...)"
+
+
+def json_value(value: object) -> object:
+    """A JSON value: numpy scalars as Python ones, NaN (an unknown tile side) as null."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return None if isinstance(value, float) and value != value else value
+
+
+def neighbours_json(hit: "SearchResult") -> list[dict[str, Any]]:
+    """One dict per neighbour: id, key, score and its metadata (slide, x, y, label, ...)."""
+    return [{"id": int(i), "key": key, "score": round(float(s), 6),
+             **{col: json_value(vals[j]) for col, vals in hit.meta.items()}}
+            for j, (i, key, s) in enumerate(zip(hit.ids, hit.keys, hit.scores))]
 
 
 class _Filter:

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import EmbedstoreError, ShapeError, StoreNotFoundError
+from ..errors import EmbedstoreError, StoreNotFoundError
 from .stores import ServedStore, png_bytes, served_stores
 
 __all__ = ["create_app", "MAX_UPLOAD", "STATIC"]
@@ -174,11 +174,9 @@ def create_app(stores: Sequence[str | os.PathLike[str]] | dict[str, ServedStore]
     @app.post("/api/{store}/slide/{slide:path}/heatmap", summary="As GET, for a query vector (JSON list)",
               response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def heatmap_vector(store: str, slide: str, vector: Annotated[list[float], Body()]) -> Response:
+        from ..index._vectors import as_queries      # the index's own check of query vectors
         st = get(store)
-        q = np.asarray(vector, np.float32)
-        if q.shape != (st.store.dim,) or not np.isfinite(q).all():
-            raise ShapeError(f"a query vector must be {st.store.dim} finite numbers (got {q.size})")
-        return _png(st.heatmap_png(st.require_slide(slide), q))
+        return _png(st.heatmap_png(st.require_slide(slide), as_queries(np.asarray(vector), st.store.dim)[0]))
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
     def unknown(rest: str) -> JSONResponse:

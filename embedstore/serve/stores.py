@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, ShapeError, SourceError, UnknownKeyError
+from ..errors import ConfigError, SourceError, UnknownKeyError
 
 if TYPE_CHECKING:
-    from ..index import SearchResult
     from ..store import Store
 
 __all__ = ["ServedStore", "served_stores", "short_names", "png_bytes", "MAX_IMAGE_PIXELS"]
@@ -52,17 +51,6 @@ def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _plain(value: object) -> object:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def hits_json(hit: SearchResult) -> list[dict[str, Any]]:
-    """One dict per neighbour: key, id, score, slide, x, y, label."""
-    return [{"key": key, "id": int(i), "score": round(float(s), 6),
-             **{col: _plain(vals[j]) for col, vals in hit.meta.items()}}
-            for j, (i, key, s) in enumerate(zip(hit.ids, hit.keys, hit.scores))]
 
 
 class ServedStore:
@@ -121,6 +109,7 @@ class ServedStore:
                label: str | None = None, task: str | None = None) -> dict[str, Any]:
         """Neighbours of a stored tile ``key`` or of a ``vector`` (dim,), as JSON."""
         from ..index import search
+        from ..index.search import neighbours_json
         if task is not None and label is None:
             raise ConfigError("task only applies with label; add label=L")
         if slides:
@@ -130,16 +119,11 @@ class ServedStore:
                                       slides=list(slides) if slides else None, label=label, task=task)
         with self.lock:
             if key is not None:
-                self.require_key(key)
-                hit = search(self.store, keys=[key], **common)[0]
-            else:
-                q = np.asarray(vector, dtype=np.float32)
-                if q.ndim != 1 or q.shape[0] != self.store.dim or not np.isfinite(q).all():
-                    raise ShapeError(f"a query vector must be {self.store.dim} finite numbers "
-                                     f"(got shape {list(q.shape)})")
-                hit = search(self.store, vectors=q, **common)[0]
+                hit = search(self.store, ids=[self.require_key(key)], **common)[0]
+            else:                          # search checks the vector (as_queries): one line
+                hit = search(self.store, vectors=np.asarray(vector), **common)[0]
         return {"store": self.name, "query": key, "method": hit.method, "k": k,
-                "results": hits_json(hit)}
+                "results": neighbours_json(hit)}
 
     def query_vector(self, key: str) -> np.ndarray:
         with self.lock:
@@ -191,13 +175,12 @@ class ServedStore:
             self._thumbs.move_to_end(slide)
             return self._thumbs[slide]
 
-    def tile_side(self, coords: np.ndarray) -> int:
-        """A slide tile's side in level-0 pixels (from the grid; the recorded size for one tile)."""
-        from ..plots import infer_tile_size
-        try:
-            return infer_tile_size(coords)
-        except ConfigError:
-            return int((self.store.meta.tile or {}).get("tile_size", 224))
+    def tile_side(self, slide: str, coords: np.ndarray) -> int:
+        """A slide tile's side in level-0 pixels, as the store records it (store.geometry: the
+        slide's grid.json, its unit, STORE.json, else the grid step of ``coords``)."""
+        from ..store.geometry import slide_geometry
+        side = slide_geometry(self.store, slide, coords[:, 0], coords[:, 1]).tile_l0
+        return int(round(side)) if side else int((self.store.meta.tile or {}).get("tile_size", 224))
 
     def slide_info(self, slide: str) -> dict[str, Any]:
         thumb, down = self.thumbnail(slide)
@@ -206,14 +189,14 @@ class ServedStore:
         return {"slide": slide, "tiles": len(bag.ids), "thumb_width": int(thumb.shape[1]),
                 "thumb_height": int(thumb.shape[0]), "downsample": float(down),
                 "width": int(round(thumb.shape[1] * down)), "height": int(round(thumb.shape[0] * down)),
-                "tile_side": self.tile_side(bag.coords)}
+                "tile_side": self.tile_side(slide, bag.coords)}
 
     def tile_at(self, slide: str, x: float, y: float) -> dict[str, Any]:
         """The slide's tile under level-0 point (x, y), else the one whose centre is nearest."""
         self.require_slide(slide)
         with self.lock:
             bag = self.store.slide(slide)
-        side = self.tile_side(bag.coords)
+        side = self.tile_side(slide, bag.coords)
         centres = bag.coords.astype(np.float64) + side / 2.0
         j = int(np.argmin(((centres - np.array([x, y])) ** 2).sum(axis=1)))
         cx, cy = (int(v) for v in bag.coords[j])
@@ -234,7 +217,7 @@ class ServedStore:
         values = (scores - lo) / (hi - lo) if hi > lo else np.ones_like(scores)
         h, w = thumb.shape[:2]
         grid = np.full((h, w), np.nan, dtype=np.float32)
-        side = self.tile_side(bag.coords)
+        side = self.tile_side(slide, bag.coords)
         for (x, y), v in zip(bag.coords, values):
             x0, y0 = int(x // down), int(y // down)
             x1, y1 = max(int(np.ceil((x + side) / down)), x0 + 1), max(int(np.ceil((y + side) / down)), y0 + 1)

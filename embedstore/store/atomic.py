@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ._process import crash_point
 
 __all__ = ["fsync_dir", "fsync_file", "atomic_path", "atomic_open", "atomic_write_bytes",
-           "atomic_write_text", "publish_dir", "recover_dir"]
+           "atomic_write_text", "publish_dir", "recover_dir", "crash_point"]
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

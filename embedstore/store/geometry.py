@@ -124,11 +124,12 @@ def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
 
     def sides(slides: np.ndarray) -> np.ndarray | None:
         out = np.full(len(slides), np.nan)
-        for name in {str(v) for v in slides if v is not None}:
+        arr = np.asarray(slides, dtype=object)
+        for name in {str(v) for v in arr if v is not None}:
             if name not in known:
                 if not units:
                     units.append(store.units())
                 known[name] = slide_geometry(store, name, units=units[0]).tile_l0 or float("nan")
-            out[np.asarray(slides, dtype=object) == name] = known[name]
+            out[arr == name] = known[name]
         return out
     return sides

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import DimensionMismatchError, SourceError
 from .atomic import atomic_path, atomic_write_text
-from .geometry import positive
+from .geometry import positive, read_grid
 from .meta import StoreMeta
 from .protocol import StoreLike
 from .writer import StoreWriter
@@ -301,23 +301,12 @@ def _mag(mpp: float | None) -> int | None:
     return max(1, int(round(10.0 / mpp))) if mpp else None
 
 
-def _grid(store_path: Path, slide: str) -> dict[str, Any]:
-    """``STORE/masks/<slide>.grid.json`` as extraction wrote it (``/`` -> ``__``), or {}."""
-    masks = (store_path / "masks").resolve()
-    f = (masks / (slide.replace("/", "__") + ".grid.json")).resolve()
-    try:
-        d = json.loads(f.read_text()) if f.parent == masks and f.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
 def trident_coords_attrs(store: StoreLike, slide: str, units: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """TRIDENT's ``coords`` attributes for ``slide`` from what the store recorded: the tile size
     and target µm/px (STORE.json ``tile``), the slide's level-0 µm/px, tile side and size
     (``masks/<slide>.grid.json``, else the slide's unit, else STORE.json). Unknown ones are left out."""
     tile = store.meta.tile or {}
-    grid = _grid(Path(store.path), slide)
+    grid = read_grid(Path(store.path), slide) or {}
     unit = units.get(f"slide:{slide}") or {}
     size = positive(tile.get("tile_size")) or positive(tile.get("patch_size"))
     mpp = positive(tile.get("mpp")) or _mag_mpp(tile.get("target_magnification"))

@@ -33,11 +33,7 @@ def units_with_views(path: str | os.PathLike[str], *, lock: bool = True) -> set[
     cat = open_catalog(Path(path), lock=lock)
 
     def read(t: Any) -> set[str]:
-        bases: set[str] = set()
-        for _, v in cat.items(t, "shards"):
-            rec = _uj(v)
-            if rec.get("kind") == "view" and rec.get("base"):
-                bases.add(rec["base"])
+        bases = {rec["base"] for _, rec in cat.view_shards(t) if rec.get("base")}
         return {k.decode() for k, v in cat.items(t, "units")
                 if _uj(v).get("shard") in bases}
     return cat.read(read)
