@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .store.atomic import atomic_path
+from .store.geometry import grid_step
 
 if TYPE_CHECKING:
     from .index.search import SearchResult
@@ -21,14 +22,11 @@ __all__ = ["render_heatmap", "save_gallery", "plot_selection", "infer_tile_size"
 
 def infer_tile_size(coords: np.ndarray) -> int:
     """The tile side in level-0 pixels as the smallest positive step between grid coordinates."""
-    steps = []
-    for axis in (0, 1):
-        d = np.diff(np.unique(np.asarray(coords)[:, axis]))
-        if d.size:
-            steps.append(int(d[d > 0].min()))
-    if not steps:
+    xy = np.asarray(coords)
+    step = grid_step(xy[:, 0], xy[:, 1])
+    if step is None:
         raise ConfigError("cannot infer the tile size from a single tile; give tile_size=...")
-    return min(steps)
+    return int(step)
 
 
 def _source_name(source: Path) -> str:

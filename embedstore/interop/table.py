@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, StoreExistsError
 from ..store.atomic import atomic_write_text, fsync_dir, fsync_file, publish_dir, recover_dir
-from ..store.geometry import slide_geometry
+from ..store.geometry import level0_sides
 
 __all__ = ["export_table", "MANIFEST", "FORMATS", "table_schema"]
 
@@ -127,31 +127,15 @@ class _Parts:
         self._writer = self._sink = None
 
 
-def _tile_l0(store: Any) -> Callable[[str | None], float | None]:
-    """slide -> level-0 tile side (cached; None for tiles without a slide geometry)."""
-    cache: dict[str, float | None] = {}
-
-    def get(slide: str | None) -> float | None:
-        if slide is None:
-            return None
-        if slide not in cache:
-            geo = slide_geometry(store, slide)
-            if geo.tile_l0 is None:               # last resort, the grid step: read the corners
-                xy = store.slide(slide).coords
-                geo = slide_geometry(store, slide, xy[:, 0], xy[:, 1])
-            cache[slide] = geo.tile_l0
-        return cache[slide]
-    return get
-
-
 def _batches(store: Any, schema: Any, value_dtype: np.dtype[Any], joined: dict[str, _Joined],
              batch_rows: int) -> Iterator[Any]:
     import pyarrow as pa
-    tile_l0 = _tile_l0(store)
+    tile_l0 = level0_sides(store)
     for ids, emb in store.scan(batch_rows):
         m = store.metadata(ids, META_COLS)
         xs = np.asarray(m["x"])
-        l0 = [tile_l0(s) if x >= 0 else None for s, x in zip(m["slide"], xs.tolist())]
+        sides = tile_l0(m["slide"])
+        l0 = np.full(len(xs), np.nan) if sides is None else np.where(xs >= 0, sides, np.nan)
         mpp = np.asarray(m["mpp"], np.float32)
         cols: dict[str, Any] = {
             "key": _str_col(m["key"]), "id": pa.array(np.asarray(ids, np.int64)),
@@ -159,7 +143,7 @@ def _batches(store: Any, schema: Any, value_dtype: np.dtype[Any], joined: dict[s
             "x": _int_col(xs, pa.int64()), "y": _int_col(m["y"], pa.int64()),
             "level": _int_col(m["level"], pa.int16()), "tile_size": _int_col(m["tile_size"], pa.int32()),
             "mpp": pa.array(mpp, mask=~np.isfinite(mpp)), "label": _str_col(m["label"]),
-            "tile_size_level0": pa.array(l0, type=pa.float64())}
+            "tile_size_level0": pa.array(l0, mask=np.isnan(l0), type=pa.float64())}
         for task, j in joined.items():
             for part in j.cols:
                 cols[f"{part}_{task}"] = pa.array(j.take(ids, part), type=pa.string())

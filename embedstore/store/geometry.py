@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["SlideGeometry", "slide_geometry", "mask_stem", "level0_sides"]
+__all__ = ["SlideGeometry", "slide_geometry", "mask_stem", "level0_sides", "grid_step"]
 
 _SIDES: "weakref.WeakKeyDictionary[Any, dict[str, float]]" = weakref.WeakKeyDictionary()
 
@@ -69,7 +69,8 @@ def positive(v: Any) -> float | None:
     return f if np.isfinite(f) and f > 0 else None
 
 
-def _grid_step(x: np.ndarray, y: np.ndarray) -> float | None:
+def grid_step(x: np.ndarray, y: np.ndarray) -> float | None:
+    """The smallest positive step between distinct level-0 x (or y) corners (None: one tile)."""
     steps = []
     for v in (x, y):
         u = np.unique(np.asarray(v, np.int64)[np.asarray(v) >= 0])
@@ -104,10 +105,22 @@ def slide_geometry(store: Any, slide: str, x: np.ndarray | None = None, y: np.nd
     if positive(tile.get("patch_size_level0")):
         return SlideGeometry(slide, float(tile["patch_size_level0"]), dims, slide_mpp, "store.json")
     if x is not None and y is not None:
-        step = _grid_step(x, y)
+        step = grid_step(x, y)
         if step:
             return SlideGeometry(slide, step, dims, slide_mpp, "grid-step")
     return SlideGeometry(slide, None, dims, slide_mpp, "none")
+
+
+def _side(store: Any, slide: str, units: Mapping[str, Any]) -> float:
+    """One slide's level-0 tile side (NaN: unknown); the last resort reads the slide's corners."""
+    side = slide_geometry(store, slide, units=units).tile_l0
+    if side is None and hasattr(store, "slide"):
+        try:
+            xy = np.asarray(store.slide(slide).coords)
+        except KeyError:                       # a slide the store does not hold
+            return float("nan")
+        side = slide_geometry(store, slide, xy[:, 0], xy[:, 1], units=units).tile_l0
+    return side or float("nan")
 
 
 def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
@@ -129,7 +142,7 @@ def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
             if name not in known:
                 if not units:
                     units.append(store.units())
-                known[name] = slide_geometry(store, name, units=units[0]).tile_l0 or float("nan")
+                known[name] = _side(store, name, units[0])
             out[arr == name] = known[name]
         return out
     return sides
