@@ -93,15 +93,8 @@ def phase_gen(root: Path, n: int, dim: int, n_queries: int) -> dict[str, Any]:
     return bench_index.phase_gen(root, n, dim, n_queries, tiles_per_slide=TILES_PER_SLIDE)
 
 
-def _open(root: Path) -> Any:
-    from embedstore.store import open_store
-    return open_store(root / "store")
-
-
-def _recall(ids: np.ndarray, root: Path) -> float:
-    truth = np.load(root / "truth.npy")
-    hits = (ids[:, :K, None] == truth[:, None, :K]).any(axis=1).sum(axis=1)
-    return round(float(np.mean(hits / K)), 4)
+_open = bench_index._open          # the same store layout and recall against truth.npy
+_recall = bench_index._recall
 
 
 # ---------------------------------------------------------------- phases (one per child)
