@@ -1,4 +1,4 @@
-"""Store commands: info, errors, verify, compact, delete, labels, import-h5, export-h5, rebuild-catalog."""
+"""Store commands: info, errors, verify, compact, upgrade, delete, labels, import-h5, export-h5, rebuild-catalog."""
 from __future__ import annotations
 
 import sys
@@ -86,6 +86,23 @@ def compact(store: Path, as_json: bool) -> None:
         echo_json({"store": str(store), **r})
     else:
         click.echo(f"rewrote {r['rewritten']} shard(s), removed {r['removed_rows']} deleted row(s)")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@json_option
+def upgrade(store: Path, as_json: bool) -> None:
+    """Bring a store made by an older embedstore to the current layout (view shards move from
+    shards/ to views/, so tools reading STORE/shards see one row per tile). Safe to interrupt and
+    rerun; needs no writer running. Older layouts are still read without it."""
+    from ..store import upgrade as do
+    r = do(store)
+    if as_json:
+        echo_json(r)
+    elif r["moved"]:
+        click.echo(f"moved {r['moved']} view shard(s) ({format_bytes(r['bytes'])}) to {store}/views")
+    else:
+        click.echo(f"{store} already has the current layout")
 
 
 @main.command()

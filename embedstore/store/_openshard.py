@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ..errors import ShapeError, WriterError
 from ._shardfile import ShardFile, fixed_list
-from .layout import Layout, shard_name
+from .layout import Layout, shard_name, view_name
 from .schema import META_COLUMNS, base_schema, view_schema
 
 __all__ = ["Pending", "OpenShard", "Sealed", "drop_units", "is_seq", "views_table"]
@@ -195,7 +195,7 @@ def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
         recs = {name: base.seal()}
         view = None
         if s.view:
-            view = name[:-len(".arrow")] + ".v.arrow"
+            view = view_name(name)
             with pa.memory_map(str(old[1])) as m:
                 vt = pa.ipc.open_file(m).read_all()
             rows = vt.column("base_row").to_numpy().astype(np.int64)

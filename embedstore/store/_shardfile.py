@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._process import crash_point
+from .atomic import fsync_dir
 from .layout import Layout
 
 __all__ = ["HashingFile", "ShardFile", "write_shard", "fixed_list"]
@@ -90,7 +91,11 @@ class ShardFile:
         self.sink.fsync_close()
         crash_point("after_fsync")
         rec = {"rows": self.rows, "sha256": self.sink.sha.hexdigest(), "size": self.sink.size}
-        os.replace(self.lay.partial(self.name), self.lay.shard(self.name))
+        home = self.lay.home(self.name)
+        if not home.is_dir():   # views/ in a store made before it existed
+            home.mkdir(exist_ok=True)
+            fsync_dir(self.lay.root)
+        os.replace(self.lay.partial(self.name), home / self.name)
         return rec
 
     def discard(self) -> None:

@@ -21,7 +21,7 @@ from .meta import StoreMeta, write_meta
 __all__ = ["create_store", "clean_leftovers"]
 
 # what a store directory holds before STORE.json appears (an interrupted creation)
-_OURS = {"catalog", "shards", "tmp", ".writers.lock", "staged", "writers", "journal.jsonl"}
+_OURS = {"catalog", "shards", "views", "tmp", ".writers.lock", "staged", "writers", "journal.jsonl"}
 
 
 def create_store(path: Path | str, meta: StoreMeta) -> None:
@@ -58,7 +58,7 @@ def clean_leftovers(lay: Layout, cat: Catalog) -> list[str]:
         return dead[token]
 
     removed = []
-    for d, is_tmp in ((lay.tmp, True), (lay.shards, False)):
+    for d, is_tmp in ((lay.tmp, True), (lay.shards, False), (lay.views, False)):
         if not d.exists():
             continue
         for f in d.iterdir():

@@ -1,4 +1,4 @@
-"""Deleting tiles (tombstones) and compacting shards without them.
+"""Deleting tiles (tombstones), compacting shards without them, and upgrading a store's layout.
 
 A deletion is one catalog transaction: the ids go to ``deleted`` with a reason, their keys
 leave the key map, and a counter tells every open reader to honour them at once. Compaction
@@ -9,26 +9,28 @@ exclusive access: no writer may be open on the store.
 from __future__ import annotations
 
 import fcntl
+import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..errors import StoreLockedError, UnknownKeyError
+from ..errors import StoreLockedError, StoreNotFoundError, UnknownKeyError
 from . import journal
 from ._process import process_identity
 from ._shardfile import write_shard
 from .atomic import fsync_dir
 from .catalog import _j, u64
-from .layout import Layout, shard_name
+from .layout import Layout, shard_name, view_name
 from .reader import Store
 from .schema import base_schema, shard_metadata, view_schema
 
-__all__ = ["delete", "compact"]
+__all__ = ["delete", "compact", "upgrade"]
 
 
 def delete(store_path: Path | str, keys: Sequence[str] | None = None,
@@ -62,20 +64,50 @@ def delete(store_path: Path | str, keys: Sequence[str] | None = None,
     return int(ids_arr.size)
 
 
-def compact(store_path: Path | str) -> dict[str, Any]:
-    """Rewrite shards without tombstoned rows. Returns counts of what was rewritten."""
-    lay = Layout(Path(store_path))
+@contextmanager
+def _exclusive(lay: Layout, what: str) -> Iterator[None]:
+    """Hold the writers' lock exclusively: no writer is open while the body runs."""
+    if not lay.meta.is_file():
+        raise StoreNotFoundError(f"{lay.root} is not a store (no STORE.json)")
     lockf = open(lay.lockfile, "a+")
     try:
         try:
             fcntl.flock(lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreLockedError(f"{store_path} is being written by another process; "
-                                   "compact when no extraction or writer is running") from None
-        return _compact(lay)
+            raise StoreLockedError(f"{lay.root} is being written by another process; "
+                                   f"{what} when no extraction or writer is running") from None
+        yield
     finally:
         fcntl.flock(lockf, fcntl.LOCK_UN)
         lockf.close()
+
+
+def compact(store_path: Path | str) -> dict[str, Any]:
+    """Rewrite shards without tombstoned rows. Returns counts of what was rewritten."""
+    lay = Layout(Path(store_path))
+    with _exclusive(lay, "compact"):
+        return _compact(lay)
+
+
+def upgrade(store_path: Path | str) -> dict[str, Any]:
+    """Bring a store to the current layout: view shards move from ``shards/`` to ``views/``.
+
+    Each move is one rename, and readers look in both places, so an interrupted upgrade leaves
+    a store that reads the same and finishes when run again. Returns what was moved."""
+    lay = Layout(Path(store_path))
+    with _exclusive(lay, "upgrade"):
+        legacy = lay.legacy_views()
+        if not lay.views.is_dir():
+            lay.views.mkdir()
+            fsync_dir(lay.root)
+        size = 0
+        for f in legacy:
+            size += f.stat().st_size
+            os.rename(f, lay.views / f.name)
+        if legacy:
+            fsync_dir(lay.views)
+            fsync_dir(lay.shards)
+        return {"store": str(lay.root), "moved": len(legacy), "bytes": size}
 
 
 def _compact(lay: Layout) -> dict[str, Any]:
@@ -101,7 +133,8 @@ def _compact(lay: Layout) -> dict[str, Any]:
         if name in views_of:
             view = _rewrite_views(store, lay, views_of[name][0], name, new_name, live)
         replaced.append((name, new_name, new_rec, view))
-    fsync_dir(lay.shards)
+    for d in lay.homes():
+        fsync_dir(d)
 
     def txn(t: Any) -> None:
         for old, new, rec, view in replaced:
@@ -158,7 +191,7 @@ def _rewrite_views(store: Store, lay: Layout, vname: str, base: str, new_base: s
     vout = pa.Table.from_arrays(vcols + [pa.array(ids[vbase[keep]])],
                                 schema=view_schema(store.dim, store.meta.dtype, with_id=True,
                                                  metadata=shard_metadata(store.meta)))
-    new_vname = new_base[:-len(".arrow")] + ".v.arrow"
+    new_vname = view_name(new_base)
     rec = write_shard(lay, new_vname, vout)
     rec.update(kind="view", base=new_base, time=time.time())
     return new_vname, rec

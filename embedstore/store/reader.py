@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..errors import UnknownKeyError
 from .catalog import Catalog, JsonCache, from_u64, label_key, open_catalog
-from .layout import Layout
+from .layout import Layout, is_view
 from .meta import StoreMeta, read_meta, read_store_meta
 from .protocol import Bag, StoredViews
 from .snapshot import Keys, Snapshot, key_list, pick_keys, read_snapshot
@@ -356,8 +356,8 @@ class Store:
             "backbone": bb.get("name") or bb.get("model_id") or "unknown",
             "weights_sha256": self.meta.weights_sha256,
             "tile": self.meta.tile, "views": len(self.snapshot.views), "view_recipe": self.meta.views,
-            "shards": sum(1 for p in self.snapshot.mapped if not p.endswith(".v.arrow")),
-            "view_shards": sum(1 for p in self.snapshot.mapped if p.endswith(".v.arrow")),
+            "shards": sum(1 for p in self.snapshot.mapped if not is_view(p)),
+            "view_shards": sum(1 for p in self.snapshot.mapped if is_view(p)),
             "bytes": size, "units_done": self.cat.count("units"), "slides": len(self._slide_ranges()),
             "tasks": {k: v.get("n", 0) for k, v in self.tasks().items()},
             "errors": self.cat.count("errors"),

@@ -28,7 +28,7 @@ from . import journal
 from ._process import crash_point
 from .atomic import publish_dir, recover_dir
 from .catalog import Catalog, _j, _uj, from_u64, label_key, slide_key, u64
-from .layout import Layout
+from .layout import Layout, base_of, is_view
 from .matrix import MappedShard
 from .meta import StoreMeta, read_meta
 from .schema import check_shard_schema
@@ -135,7 +135,7 @@ class _Plan:
                 self.deleted.update((int(i), e.get("reason", "deleted")) for i in e["ids"])
             elif e["op"] == "labels":   # an import replaces its task: the last record wins
                 self.labels[e["task"]] = e
-        on_disk = {f.name for f in lay.shards.glob("*.arrow")}
+        on_disk = {f.name for f in lay.committed_files()}
         self.base = {s: e for s, e in sorted(by_seq.items()) if e["base"] in on_disk}
         self.missing = sorted(e["base"] for e in by_seq.values() if e["base"] not in on_disk)
         for e in self.base.values():
@@ -158,7 +158,7 @@ class _Plan:
         old_shards = (old or {}).get("shards", {})
         seqs = set(self.base)
         for name in sorted(on_disk - mentioned):
-            if name.endswith(".v.arrow"):
+            if is_view(name):
                 continue
             rec = old_shards.get(name)
             if rec and rec.get("kind") == "base" and rec["seq"] not in seqs:
@@ -174,8 +174,8 @@ class _Plan:
             self.deleted.setdefault(int(i), rec.get("reason", "deleted"))
         bases = {e["base"] for e in self.base.values()} | set(self.fresh)
         for name in sorted(on_disk - mentioned):
-            if name.endswith(".v.arrow"):
-                base = name[:-len(".v.arrow")] + ".arrow"
+            if is_view(name):
+                base = base_of(name)
                 if base in bases:
                     self.views[name] = base
                 elif "id" in MappedShard(lay.shard(name)).schema.names:

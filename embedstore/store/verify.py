@@ -104,10 +104,13 @@ def verify_store(path: Path | str) -> VerifyReport:
         if i not in live_ids:
             rep.problems.append(f"catalog key {k!r} -> id {i} which no shard holds")
             break
-    for d in (lay.tmp, lay.shards):
+    for d in (lay.tmp, lay.shards, lay.views):
         if d.exists():
             for f in d.iterdir():
-                if f.name.endswith(PARTIAL) or (d == lay.shards and f.name not in by_name):
+                if f.name.endswith(PARTIAL) or (d != lay.tmp and f.name not in by_name):
                     rep.notes.append(f"uncommitted file {f.relative_to(lay.root)} (removed when "
                                      "its writer is dead and the store is next opened for writing)")
+    if lay.legacy_views():
+        rep.notes.append(f"{len(lay.legacy_views())} view shard(s) in shards/ (the layout before views/); "
+                         f"`embedstore upgrade {lay.root}` moves them")
     return rep

@@ -335,7 +335,8 @@ class StoreWriter(Background):
         t0 = time.perf_counter()
         crash_point("after_write")
         recs = {g.name: g.seal() for g in f.files()}
-        fsync_dir(self.lay.shards)
+        for d in self.lay.homes():
+            fsync_dir(d)
         crash_point("after_rename")
         self._file = None
         self._seq += 1
@@ -397,7 +398,7 @@ class StoreWriter(Background):
         table = views_table(keys, views, self.dim, self.meta.dtype, ids=ids,
                             schema_meta=schema.shard_metadata(self.meta))
         rec = write_shard(self.lay, name, table)
-        fsync_dir(self.lay.shards)
+        fsync_dir(self.lay.views)
         self._apply({"kind": "views", "name": name, "rec": rec, "writer": self.token, "time": time.time(),
                      "units": [(unit, {})] if unit is not None else []}, name)
 
