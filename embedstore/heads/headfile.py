@@ -19,7 +19,8 @@ from ..errors import HeadError
 from .augment import AugmentConfig
 from .models import HeadConfig, build_head_module
 
-__all__ = ["MAX_DIM", "MAX_HIDDEN", "MAX_CLASSES", "checked_meta", "checked_config", "check_weight_shapes"]
+__all__ = ["MAX_DIM", "MAX_HIDDEN", "MAX_CLASSES", "checked_meta", "checked_config", "check_weight_shapes",
+           "read_weights"]
 
 MAX_DIM = 65536        # widest embedding a head is built for (real backbones: 384 to 2560)
 MAX_HIDDEN = 65536     # widest MLP hidden layer a head is built with
@@ -119,15 +120,20 @@ def expected_shapes(cfg: HeadConfig, dim: int, n_classes: int) -> dict[str, tupl
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def check_weight_shapes(where: Path, weights: Path, cfg: HeadConfig, dim: int, n_classes: int) -> None:
-    """HeadError unless the weights file's header declares exactly the tensors ``cfg`` implies."""
-    from safetensors import safe_open
+def read_weights(where: Path, weights: Path, raw: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file read as ``raw``; HeadError for a damaged one."""
+    from safetensors.torch import load
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return load(raw)
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise HeadError(f"head {str(where)!r}: {weights.name} is not a readable safetensors file "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def check_weight_shapes(where: Path, weights: Path, tensors: dict[str, torch.Tensor], cfg: HeadConfig,
+                        dim: int, n_classes: int) -> None:
+    """HeadError unless ``tensors`` (read from ``weights``) are exactly those ``cfg`` implies."""
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
     want = expected_shapes(cfg, dim, n_classes)
     implied = (f"head.json (kind {cfg.kind!r}, dim {dim}, {n_classes} classes"
                f"{f', hidden {cfg.hidden}' if cfg.kind == 'mlp' else ''})")

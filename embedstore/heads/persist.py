@@ -22,11 +22,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..store.atomic import crash_point, publish_dir, recover_dir
 from ..errors import BackboneMismatchError, HeadError
-from .headfile import check_weight_shapes, checked_config, checked_meta
+from .headfile import check_weight_shapes, checked_config, checked_meta, read_weights
 from .models import build_head_module
 from .train import TrainedHead
 
@@ -210,16 +210,16 @@ def _load(d: Path) -> TrainedHead:
                         f"reads ({VERSION}); upgrade embedstore")
     dim, classes, positive, threshold = checked_meta(d, meta)
     cfg = checked_config(d, meta.get("config"))
+    raw = (src / HEAD_WEIGHTS).read_bytes()     # read once: hashed, checked and loaded from memory
     sha = meta.get("weights_sha256")
-    if sha is not None and sha != _sha256(src / HEAD_WEIGHTS):
+    if sha is not None and sha != hashlib.sha256(raw).hexdigest():
         raise HeadError(f"head {str(d)!r}: {HEAD_WEIGHTS} is not the file head.json was written with "
                         f"(sha256 differs); the head is damaged: retrain it with train-head --out DIR")
-    check_weight_shapes(d, src / HEAD_WEIGHTS, cfg, dim, len(classes))
+    tensors = read_weights(d, src / HEAD_WEIGHTS, raw)
+    check_weight_shapes(d, src / HEAD_WEIGHTS, tensors, cfg, dim, len(classes))
     module = build_head_module(cfg, dim, len(classes))
     try:
-        module.load_state_dict(load_file(str(src / HEAD_WEIGHTS)), strict=True)
-    except FileNotFoundError:
-        raise
+        module.load_state_dict(tensors, strict=True)
     except Exception as e:  # safetensors raises its own error types
         raise HeadError(f"weights in {str(d / HEAD_WEIGHTS)!r} do not match head.json "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 
 from .augment import ViewBank, add_noise, epoch_generator, feature_dropout, mixup_within_class, sample_views
 from ..errors import LabelsError
-from .splits import carve_validation
 from .models import HeadConfig, HeadModule
 from .stream import LazyRows, LazyViews, Prefetcher, locality_order, scan_rows
 from ._fitting import EarlyStopping, start_fit, step_threads, torch_threads
-from .train import (TrainedHead, _class_weights,
+from .train import (TrainedHead, _class_weights, carve_held_rows,
                     _training_codes, _tune_on, check_features, encode_labels, resolve_positive)
 
 __all__ = ["train_head_streamed", "predict_rows", "streaming_moments"]
@@ -82,15 +81,10 @@ def _split_rows(cfg: HeadConfig, X: LazyRows, codes: np.ndarray, X_val: LazyRows
                 val_codes: np.ndarray | None, groups: np.ndarray | None, positive: int | None,
                 seed: int) -> tuple[np.ndarray, LazyRows | None, np.ndarray | None]:
     """``(fit, held, held_codes)`` as the in-RAM ``_early_stopping_rows``, without reading rows."""
-    fit = np.arange(codes.size)
     if X_val is not None:
-        return fit, X_val, val_codes
-    if cfg.valid_fraction > 0 and (cfg.patience > 0 or (positive is not None and cfg.tune_threshold)):
-        fit, held = carve_validation(codes, groups, cfg.valid_fraction, seed)
-        if held.size == 0 or fit.size == 0 or np.unique(codes[fit]).size < 2:
-            return np.arange(codes.size), None, None
-        return fit, X[held], codes[held]
-    return fit, None, None
+        return np.arange(codes.size), X_val, val_codes
+    fit, held = carve_held_rows(cfg, codes, groups, positive, seed)
+    return (fit, None, None) if held is None else (fit, X[held], codes[held])
 
 
 def _held_chunks(data: _Streamed) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

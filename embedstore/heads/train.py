@@ -221,12 +221,22 @@ def _early_stopping_rows(cfg: HeadConfig, X_train: np.ndarray, codes: np.ndarray
         if y_val is None:
             raise LabelsError("X_val given without y_val")
         return fit, X_val, encode_labels(y_val, classes)[0]
+    fit, held = carve_held_rows(cfg, codes, groups, positive, seed)
+    return (fit, None, None) if held is None else (fit, X_train[held], codes[held])
+
+
+def carve_held_rows(cfg: HeadConfig, codes: np.ndarray, groups: np.ndarray | None,
+                    positive: int | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(fit, held)`` positions: the rows carved from the training rows by ``groups`` for early
+    stopping or threshold tuning (``held`` None, ``fit`` every row, when neither is asked for or
+    the carve leaves a side empty or one class to fit)."""
+    every = np.arange(codes.size)
     if cfg.valid_fraction > 0 and (cfg.patience > 0 or (positive is not None and cfg.tune_threshold)):
         fit, held = carve_validation(codes, groups, cfg.valid_fraction, seed)
         if held.size == 0 or fit.size == 0 or np.unique(codes[fit]).size < 2:
-            return np.arange(codes.size), None, None
-        return fit, X_train[held], codes[held]
-    return fit, None, None
+            return every, None
+        return fit, held
+    return every, None
 
 
 @dataclass
