@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .index.search import SearchResult
     from .select.ranking import SelectionResult
 
-__all__ = ["render_heatmap", "save_gallery", "plot_selection", "infer_tile_size"]
+__all__ = ["paint_tiles", "render_heatmap", "save_gallery", "plot_selection", "infer_tile_size"]
 
 
 def infer_tile_size(coords: np.ndarray) -> int:
@@ -33,6 +33,26 @@ def _source_name(source: Path) -> str:
     return source.parent.name if source.stem == "labels" else source.stem or source.name
 
 
+def paint_tiles(shape: tuple[int, int], downsample: float, coords: np.ndarray, side: float,
+                values: np.ndarray) -> np.ndarray:
+    """(h, w) float32 grid at ``downsample``: each tile (level-0 ``coords`` (n, 2) x, y, ``side``
+    level-0 px) set to its ``values`` (n,) entry, NaN where no tile lies; a square spans the floor
+    of its left/top edge to the ceiling of its right/bottom (at least one pixel), and later tiles
+    paint over earlier ones."""
+    h, w = shape
+    grid = np.full((h, w), np.nan, dtype=np.float32)
+    xy = np.asarray(coords, dtype=np.float64)
+    x0 = np.floor(xy[:, 0] / downsample).astype(np.int64)
+    y0 = np.floor(xy[:, 1] / downsample).astype(np.int64)
+    x1 = np.clip(np.maximum(np.ceil((xy[:, 0] + side) / downsample).astype(np.int64), x0 + 1), 0, w)
+    y1 = np.clip(np.maximum(np.ceil((xy[:, 1] + side) / downsample).astype(np.int64), y0 + 1), 0, h)
+    x0, y0 = np.clip(x0, 0, w), np.clip(y0, 0, h)
+    for a, b, c, d, v in zip(x0.tolist(), x1.tolist(), y0.tolist(), y1.tolist(),
+                             np.asarray(values, np.float32).tolist()):
+        grid[c:d, a:b] = v
+    return grid
+
+
 def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray, values: np.ndarray,
                    out: str | os.PathLike[str], *, tile_size: int | None = None, alpha: float = 0.5,
                    title: str = "", cmap: str = "inferno", label: str = "probability") -> Path:
@@ -43,13 +63,7 @@ def render_heatmap(thumbnail: np.ndarray, downsample: float, coords: np.ndarray,
     thumb = np.asarray(thumbnail)
     h, w = thumb.shape[:2]
     side = tile_size if tile_size is not None else infer_tile_size(coords)
-    grid = np.full((h, w), np.nan, dtype=np.float32)
-    x0 = np.floor(coords[:, 0] / downsample).astype(np.int64)
-    y0 = np.floor(coords[:, 1] / downsample).astype(np.int64)
-    x1 = np.maximum(np.ceil((coords[:, 0] + side) / downsample).astype(np.int64), x0 + 1)
-    y1 = np.maximum(np.ceil((coords[:, 1] + side) / downsample).astype(np.int64), y0 + 1)
-    for a, b, c, d, v in zip(x0, x1, y0, y1, values):
-        grid[max(c, 0):min(d, h), max(a, 0):min(b, w)] = v
+    grid = paint_tiles((h, w), downsample, coords, side, values)
     fig = Figure(figsize=(8, 8 * h / max(w, 1) + 0.5), dpi=100)
     ax = fig.subplots()
     ax.imshow(thumb)

@@ -212,6 +212,15 @@ def test_cli_serve_help_and_bad_store(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "--host" in r.output and "127.0.0.1" in r.output
     r = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--head" in CliRunner().invoke(main, ["serve", "--help"]).output
+
+
+def test_cli_serve_bad_head_is_one_line(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedstore.cli import main
+    r = CliRunner().invoke(main, ["serve", str(stores[1]), "--head", str(tmp_path / "nohead"), "--port", "0"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "nohead" in r.stderr, r.stderr
 
 
 def test_cli_serve_binds_localhost_and_prints_the_url(stores: tuple[Path, Path]) -> None:
@@ -244,3 +253,194 @@ def test_cli_serve_binds_localhost_and_prints_the_url(stores: tuple[Path, Path])
             proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
+
+
+# -- DeepZoom tiles (the OpenSeadragon viewer) ------------------------------------------------
+DZ_NS = "{http://schemas.microsoft.com/deepzoom/2008}"
+
+
+def _jpeg(r) -> Image.Image:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG"
+    img.load()
+    return img
+
+
+def test_dzi_descriptor_is_the_slide_level0_size(client: TestClient) -> None:
+    import xml.etree.ElementTree as ET
+
+    from embedstore.extract.wsi import SlideReader
+    r = client.get(f"/api/wsi/slide/{SLIDE}/dzi")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml"), r.text
+    root = ET.fromstring(r.text)
+    assert root.tag == f"{DZ_NS}Image"
+    assert (root.get("Format"), root.get("TileSize"), root.get("Overlap")) == ("jpeg", "254", "1")
+    size = root.find(f"{DZ_NS}Size")
+    assert size is not None
+    with SlideReader(SAMPLE / "wsi" / SLIDE) as reader:
+        width, height = reader.dimensions
+        assert (int(size.get("Width", 0)), int(size.get("Height", 0))) == (width, height) == (2220, 2967)
+        info = client.get(f"/api/wsi/slide/{SLIDE}/info").json()
+        assert (info["width"], info["height"]) == (width, height)
+        # a full-resolution interior tile: 254 px and one px of overlap on each side, the slide's
+        # own pixels at (253, 253) (within JPEG rounding)
+        top = 12                                            # ceil(log2(2967))
+        mid = _jpeg(client.get(f"/api/wsi/slide/{SLIDE}/dzi_files/{top}/1_1.jpeg"))
+        assert mid.size == (256, 256) and mid.mode == "RGB"
+        truth = reader.read_region(253, 253, 0, 256, 256).astype(np.float32)
+    assert np.abs(np.asarray(mid, np.float32) - truth).mean() < 4.0
+
+
+def test_dz_tiles_at_the_corners_and_the_coarsest_levels(client: TestClient) -> None:
+    base = f"/api/wsi/slide/{SLIDE}/dzi_files"
+    first = _jpeg(client.get(f"{base}/12/0_0.jpeg"))
+    assert first.size == (255, 255)                        # overlap only towards neighbours
+    last = _jpeg(client.get(f"{base}/12/8_11.jpeg"))        # 9 x 12 tiles; the last is the remainder
+    assert last.size == (2220 - 8 * 254 + 1, 2967 - 11 * 254 + 1)
+    assert _jpeg(client.get(f"{base}/0/0_0.jpeg")).size == (1, 1)
+    whole = _jpeg(client.get(f"{base}/8/0_0.jpeg"))         # level 8: the slide / 16 in one tile
+    assert whole.size == (139, 186) and max(whole.size) <= 256
+    # the downsampled level looks like the thumbnail (the same tissue, not noise)
+    thumb = _png(client.get(f"/api/wsi/slide/{SLIDE}/thumbnail")).convert("RGB").resize(whole.size)
+    a, b = np.asarray(whole, np.float32).mean(axis=2), np.asarray(thumb, np.float32).mean(axis=2)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("url", [
+    f"/api/wsi/slide/{SLIDE}/dzi_files/13/0_0.jpeg", f"/api/wsi/slide/{SLIDE}/dzi_files/12/9_0.jpeg",
+    f"/api/wsi/slide/{SLIDE}/dzi_files/12/0_12.jpeg", f"/api/wsi/slide/{SLIDE}/dzi_files/0/1_0.jpeg",
+    f"/api/wsi/slide/{SLIDE}/dzi_files/-1/0_0.jpeg", f"/api/wsi/slide/{SLIDE}/dzi_files/12/a_b.jpeg",
+    f"/api/wsi/slide/{SLIDE}/dzi_files/12/0_0.png", f"/api/wsi/slide/{SLIDE}/dzi_files/99999999999999999999/0_0.jpeg",
+    "/api/wsi/slide/other.svs/dzi", "/api/wsi/slide/other.svs/dzi_files/0/0_0.jpeg",
+    "/api/wsi/slide/..%2F..%2Fetc%2Fpasswd/dzi", "/api/wsi/slide/%2Fetc%2Fpasswd/dzi_files/0/0_0.jpeg",
+    f"/api/wsi/slide/..%2F{SLIDE}/dzi", f"/api/wsi/slide/x/..%2F..%2F{SLIDE}/dzi_files/0/0_0.jpeg",
+    f"/api/lung/slide/{SLIDE}/dzi", f"/api/nosuch/slide/{SLIDE}/dzi",
+    f"/api/wsi/slide/{SLIDE}/prediction?head=nosuch",
+])
+def test_dz_and_prediction_refusals_are_404_one_line(client: TestClient, url: str) -> None:
+    _one_line_error(client.get(url), 404)
+
+
+def test_dz_tiles_raw_traversal_through_the_real_server(stores: tuple[Path, Path]) -> None:
+    """A literal ``../`` in a DeepZoom URL, sent unnormalised, is refused by the running app."""
+    import http.client
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(create_app(list(stores)), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=60)
+        for raw in (f"/api/wsi/slide/../../../etc/passwd/dzi", f"/api/wsi/slide/../{SLIDE}/dzi",
+                    f"/api/wsi/slide/x/../../{SLIDE}/dzi_files/0/0_0.jpeg", "/api/wsi/slide/../../STORE.json/dzi"):
+            conn.request("GET", raw)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 404 and b"\n" not in body and set(json.loads(body)) == {"error"}, (raw, body)
+        conn.request("GET", f"/api/wsi/slide/{SLIDE}/dzi_files/12/0_0.jpeg")
+        assert conn.getresponse().read()[:2] == b"\xff\xd8"          # the real tile still serves
+        conn.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+# -- prediction heatmaps from a head served with the store ----------------------------------
+def train_halves_head(store: Path, out: Path) -> Path:
+    """A head trained on the slide store ``store``: the left half of the slide against the right
+    half (a second or so), saved to ``out``."""
+    from embedstore.heads import HeadConfig, save_head, train_head
+    st = open_store(store)
+    bag = st.slide(SLIDE)
+    y = np.where(bag.coords[:, 0] < np.median(bag.coords[:, 0]), "left", "right")
+    head = train_head(np.asarray(bag.emb, np.float32), y,
+                      config=HeadConfig(kind="linear", epochs=60, positive="right"), seed=0)
+    head.fingerprint = st.fingerprint()
+    return save_head(head, out)
+
+
+@pytest.fixture(scope="module")
+def head_dir(stores: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_halves_head(stores[1], tmp_path_factory.mktemp("heads") / "halves")
+
+
+@pytest.fixture(scope="module")
+def head_client(stores: tuple[Path, Path], head_dir: Path) -> TestClient:
+    return TestClient(create_app(list(stores), heads=[head_dir]), raise_server_exceptions=False)
+
+
+def _coloured_brightness(img: Image.Image, side: str) -> float:
+    rgba = np.asarray(img, np.float32)
+    half = rgba[:, : rgba.shape[1] // 2] if side == "left" else rgba[:, rgba.shape[1] // 2:]
+    on = half[..., 3] > 0
+    return float(half[..., :3].mean(axis=2)[on].mean())
+
+
+def test_prediction_heatmap_of_a_served_head(head_client: TestClient, stores: tuple[Path, Path]) -> None:
+    heads = head_client.get("/api/wsi/heads").json()
+    assert heads == [{"name": "halves", "classes": ["left", "right"], "default": "right", "source": "head"}]
+    assert {s["name"]: s["heads"] for s in head_client.get("/api/stores").json()}["wsi"] == heads
+    assert "/api/{store}/slide/{slide}/prediction" in head_client.get("/openapi.json").json()["paths"]
+    thumb = _png(head_client.get(f"/api/wsi/slide/{SLIDE}/thumbnail"))
+    url = f"/api/wsi/slide/{SLIDE}/prediction"
+    right = _png(head_client.get(url, params={"head": "halves", "cls": "right"}))
+    left = _png(head_client.get(url, params={"head": "halves", "cls": "left"}))
+    default = _png(head_client.get(url, params={"head": "halves"}))
+    assert right.size == left.size == thumb.size and right.mode == "RGBA"
+    assert np.array_equal(np.asarray(default), np.asarray(right))
+    alpha = np.asarray(right)[..., 3]
+    assert alpha.max() > 0 and (alpha == 0).any()        # tiles coloured, background clear
+    assert np.array_equal(alpha, np.asarray(left)[..., 3])
+    # viridis is bright where P is high: P(right) bright on the right half, P(left) on the left
+    assert _coloured_brightness(right, "right") > _coloured_brightness(right, "left") + 40
+    assert _coloured_brightness(left, "left") > _coloured_brightness(left, "right") + 40
+    assert "classes" in _one_line_error(head_client.get(url, params={"head": "halves", "cls": "middle"}), 404)
+    _one_line_error(head_client.get(url), 422)
+    _one_line_error(head_client.get(f"/api/wsi/slide/other.svs/prediction", params={"head": "halves"}), 404)
+
+
+def test_a_head_of_another_space_is_refused_at_start(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    from embedstore.errors import ConfigError
+    from embedstore.heads import save_head, train_head
+    rng = np.random.default_rng(0)
+    head = train_head(rng.normal(size=(40, 1280)).astype(np.float32), np.repeat(["a", "b"], 20))
+    save_head(head, tmp_path / "loose")                     # trained from arrays: no store's space
+    with pytest.raises(ConfigError, match="'loose' fits none of the served stores"):
+        create_app(list(stores), heads=[tmp_path / "loose"])
+
+
+def test_a_predictions_file_draws_the_same_heatmap_as_its_head(stores: tuple[Path, Path], head_dir: Path,
+                                                               head_client: TestClient, tmp_path: Path) -> None:
+    """``embedstore predict``'s Arrow file, served with --predictions, gives the overlay the head
+    itself gives (the same probabilities where its rows say the tiles are)."""
+    from embedstore.errors import ConfigError, SourceError
+    from embedstore.heads import load_head, predict_store
+    out = tmp_path / "halves.arrow"
+    predict_store(open_store(stores[1]), load_head(head_dir), out)
+    client = TestClient(create_app(list(stores), predictions=[out]), raise_server_exceptions=False)
+    listed = client.get("/api/wsi/heads").json()
+    assert listed == [{"name": "halves.arrow", "classes": ["left", "right"], "default": "right", "source": "file"}]
+    assert client.get("/api/lung/heads").json() == []          # the file names no slide of the lung store
+    url = f"/api/wsi/slide/{SLIDE}/prediction"
+    for cls in ("left", "right"):
+        from_file = np.asarray(_png(client.get(url, params={"head": "halves.arrow", "cls": cls})))
+        from_head = np.asarray(_png(head_client.get(url, params={"head": "halves", "cls": cls})))
+        assert from_file.shape == from_head.shape and np.array_equal(from_file, from_head), cls
+    _one_line_error(client.get(url, params={"head": "halves.arrow", "cls": "up"}), 404)
+    bad = tmp_path / "bad.arrow"
+    bad.write_bytes(b"not arrow")
+    with pytest.raises(SourceError, match="not readable as Arrow"):
+        create_app(list(stores), predictions=[bad])
+    with pytest.raises(ConfigError, match="names none of the served stores' slides"):
+        create_app([stores[0]], predictions=[out])

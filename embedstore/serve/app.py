@@ -22,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EmbedstoreError, StoreNotFoundError
-from .stores import ServedStore, png_bytes, served_stores
+from .slide_routes import add_slide_routes, png_response
+from .stores import ServedStore, served_stores
 
 __all__ = ["create_app", "MAX_UPLOAD", "STATIC"]
 
@@ -50,10 +51,6 @@ def _status(exc: EmbedstoreError) -> int:
     return 404 if isinstance(exc, (KeyError, FileNotFoundError)) else 400
 
 
-def _png(data: bytes) -> Response:
-    return Response(content=data, media_type="image/png", headers={"Cache-Control": "max-age=300"})
-
-
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(EmbedstoreError)
     async def embedstore_error(request: Request, exc: EmbedstoreError) -> JSONResponse:
@@ -76,9 +73,11 @@ def _install_errors(app: FastAPI) -> None:
 
 # long: one short route per endpoint, each a closure over ``served`` (FastAPI's own idiom)
 def create_app(stores: Sequence[str | os.PathLike[str]] | dict[str, ServedStore],
-               max_upload: int = MAX_UPLOAD) -> FastAPI:
-    """The app serving ``stores`` (paths, opened here, or already-served stores by name)."""
-    served = stores if isinstance(stores, dict) else served_stores(stores)
+               max_upload: int = MAX_UPLOAD, heads: Sequence[str | os.PathLike[str]] = (),
+               predictions: Sequence[str | os.PathLike[str]] = ()) -> FastAPI:
+    """The app serving ``stores`` (paths, opened here with the head directories ``heads`` and the
+    ``predictions`` files of ``embedstore predict``, or already-served stores by name)."""
+    served = stores if isinstance(stores, dict) else served_stores(stores, heads, predictions)
     app = FastAPI(title="embedstore", version="1", summary="Similarity search over embedding stores",
                   description="Stores are addressed by short name (GET /api/stores); tiles and "
                               "slides only by what a store holds. Errors are {\"error\": ...}.")
@@ -146,37 +145,9 @@ def create_app(stores: Sequence[str | os.PathLike[str]] | dict[str, ServedStore]
     @app.get("/api/{store}/tile/{key:path}", summary="A tile's pixels (PNG), read back from its source",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def tile(store: str, key: str, size: Annotated[int, Query(ge=16, le=1024)] = 224) -> Response:
-        return _png(get(store).tile_png(key, size))
+        return png_response(get(store).tile_png(key, size))
 
-    @app.get("/api/{store}/slide/{slide:path}/thumbnail", summary="A slide's thumbnail (PNG)",
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def thumbnail(store: str, slide: str) -> Response:
-        return _png(png_bytes(get(store).thumbnail(slide)[0]))
-
-    @app.get("/api/{store}/slide/{slide:path}/info",
-             summary="A slide's size, tile count and thumbnail scale (level-0 px per thumbnail px)")
-    def slide_info(store: str, slide: str) -> dict[str, Any]:
-        return get(store).slide_info(slide)
-
-    @app.get("/api/{store}/slide/{slide:path}/tile_at", summary="The tile under a level-0 point")
-    def tile_at(store: str, slide: str, x: Annotated[float, Query(ge=0)],
-                y: Annotated[float, Query(ge=0)]) -> dict[str, Any]:
-        return get(store).tile_at(slide, x, y)
-
-    @app.get("/api/{store}/slide/{slide:path}/heatmap",
-             summary="Similarity of a stored tile to every tile of a slide: an RGBA PNG overlay "
-                     "the size of the thumbnail", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}})
-    def heatmap(store: str, slide: str, key: Annotated[str, Query(description="the query tile")]) -> Response:
-        st = get(store)
-        return _png(st.heatmap_png(st.require_slide(slide), st.query_vector(key)))
-
-    @app.post("/api/{store}/slide/{slide:path}/heatmap", summary="As GET, for a query vector (JSON list)",
-              response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def heatmap_vector(store: str, slide: str, vector: Annotated[list[float], Body()]) -> Response:
-        from ..index._vectors import as_queries      # the index's own check of query vectors
-        st = get(store)
-        return _png(st.heatmap_png(st.require_slide(slide), as_queries(np.asarray(vector), st.store.dim)[0]))
+    add_slide_routes(app, get)
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
     def unknown(rest: str) -> JSONResponse:

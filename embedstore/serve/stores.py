@@ -10,25 +10,32 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError, SourceError, UnknownKeyError
+from ..index.similarity import rescale
+from ..plots import paint_tiles
+from .overlay import overlay_rgba
+from .predictions import PredictionFile, StoreHeads
+from .slides import SlideReaders
 
 if TYPE_CHECKING:
-    from ..store import Store
+    from ..backbones.backbone import Backbone
+    from ..heads import TrainedHead
+    from ..store import Bag, Store
 
 __all__ = ["ServedStore", "served_stores", "short_names", "png_bytes", "MAX_IMAGE_PIXELS"]
 
 MAX_IMAGE_PIXELS = 64_000_000      # an uploaded query image larger than this is refused
 THUMBNAIL_SIZE = 1024               # longest side of a slide thumbnail, in pixels
 _THUMB_CACHE = 32                   # thumbnails kept per store
+_BAG_CACHE = 32                     # slides' tiles (keys, ids, coords, embeddings) kept per store
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -54,15 +61,24 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 class ServedStore:
-    """One store opened for serving. Reads go through one lock (LMDB read transactions and
-    slide readers are not shared across threads); the image embedder is built on first use."""
+    """One store opened for serving. Store reads go through one lock (LMDB read transactions
+    are not shared across threads); DeepZoom tiles through one lock per open slide
+    (``SlideReaders``); the image embedder is built on first use. ``heads``: the heads served
+    with this store (name -> head trained in its space); ``predictions``: predictions files
+    naming its slides (name -> file)."""
 
-    def __init__(self, name: str, store: Store) -> None:
+    def __init__(self, name: str, store: Store, heads: Mapping[str, TrainedHead] | None = None,
+                 predictions: Mapping[str, PredictionFile] | None = None) -> None:
         self.name, self.store = name, store
         self.lock = threading.RLock()
-        self._embed: Callable[[Path], np.ndarray] | None = None
+        self._backbone: Backbone | None = None
         self._slides: list[str] | None = None
+        self._slide_set: frozenset[str] = frozenset()
         self._thumbs: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+        self._thumb_png: OrderedDict[str, bytes] = OrderedDict()
+        self._bags: OrderedDict[str, tuple[Bag, int]] = OrderedDict()
+        self.readers = SlideReaders(self._slide_file)
+        self.heads = StoreHeads(heads or {}, predictions)
 
     # -- what the store holds ------------------------------------------------------------
     @property
@@ -73,19 +89,40 @@ class ServedStore:
         backbone = self.store.meta.backbone or {}
         return {"name": self.name, "rows": len(self.store), "dim": self.store.dim,
                 "backbone": backbone.get("name"), "kind": (self.store.meta.tile or {}).get("kind"),
-                "slides": len(self.slides())}
+                "slides": len(self.slides()), "heads": self.heads.listing()}
 
     def slides(self) -> list[str]:
         with self.lock:
             if self._slides is None:
                 self._slides = self.store.slides()
+                self._slide_set = frozenset(self._slides)
             return self._slides
 
     def require_slide(self, slide: str) -> str:
-        if slide not in set(self.slides()):
+        self.slides()
+        if slide not in self._slide_set:
             raise UnknownKeyError(f"slide {slide!r} is not in store {self.name!r}; "
                                   f"GET /api/{self.name}/slides lists its slides")
         return slide
+
+    def bag(self, slide: str) -> tuple[Bag, int]:
+        """(the slide's live tiles: keys, ids, coords, emb; their level-0 side), cached."""
+        self.require_slide(slide)
+        with self.lock:
+            hit = self._bags.get(slide)
+            if hit is None:
+                bag = self.store.slide(slide)
+                hit = self._bags[slide] = (bag, self.tile_side(slide, bag.coords))
+                while len(self._bags) > _BAG_CACHE:
+                    self._bags.popitem(last=False)
+            self._bags.move_to_end(slide)
+            return hit
+
+    def _slide_file(self, slide: str) -> Path:
+        from ..extract.readback import slide_path
+        self.require_slide(slide)
+        with self.lock:
+            return slide_path(self.store, slide)
 
     def require_key(self, key: str) -> int:
         """The id of tile ``key``; UnknownKeyError when the store does not hold it."""
@@ -130,27 +167,30 @@ class ServedStore:
             return np.asarray(self.store.gather(np.array([self.require_key(key)])), np.float32)[0]
 
     def embed_image(self, data: bytes) -> np.ndarray:
-        """An uploaded image file's bytes -> (dim,) float32 with the store's own backbone."""
+        """An uploaded image file's bytes -> (dim,) float32 with the store's own backbone; the
+        image is decoded once, resized to the store's tile size as ``backbones.images.read_rgb``."""
         from PIL import Image
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise SourceError(f"the uploaded image is {w}x{h} pixels, more than "
+                                      f"{MAX_IMAGE_PIXELS:,}; send a tile-sized image")
+                img = im.convert("RGB")
+        except SourceError:
+            raise
         except Exception as exc:        # PIL raises several kinds for garbage
             raise SourceError(f"the upload is not a readable image ({' '.join(str(exc).split())[:120]})"
                               "; send a PNG, JPEG or TIFF file") from None
-        if w * h > MAX_IMAGE_PIXELS:
-            raise SourceError(f"the uploaded image is {w}x{h} pixels, more than {MAX_IMAGE_PIXELS:,}; "
-                              "send a tile-sized image")
+        meta = self.store.meta
+        size = (meta.tile or {}).get("tile_size")
+        if size and img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
         with self.lock:
-            if self._embed is None:
-                from ..backbones.images import image_embedder
-                meta = self.store.meta
-                self._embed = image_embedder(meta.backbone, meta.weights_sha256,
-                                             (meta.tile or {}).get("tile_size"), self.name)
-            with tempfile.TemporaryDirectory(prefix="embedstore-serve-") as tmp:
-                path = Path(tmp) / "query"
-                path.write_bytes(data)
-                return np.asarray(self._embed(path), dtype=np.float32)
+            if self._backbone is None:
+                from ..backbones.images import recorded_backbone
+                self._backbone = recorded_backbone(meta.backbone, meta.weights_sha256, self.name)
+            return np.asarray(self._backbone.embed(np.asarray(img)[None]).numpy()[0], dtype=np.float32)
 
     # -- pixels --------------------------------------------------------------------------
     def tile_png(self, key: str, size: int = 224) -> bytes:
@@ -164,16 +204,33 @@ class ServedStore:
         return png_bytes(img)
 
     def thumbnail(self, slide: str) -> tuple[np.ndarray, float]:
-        """(thumbnail (h, w, 3) uint8, level-0 pixels per thumbnail pixel), cached."""
-        from ..extract.readback import slide_thumbnail
+        """(thumbnail (h, w, 3) uint8, level-0 pixels per thumbnail pixel), cached; read through
+        the slide's open reader, not under the store's lock."""
         self.require_slide(slide)
         with self.lock:
-            if slide not in self._thumbs:
-                self._thumbs[slide] = slide_thumbnail(self.store, slide, THUMBNAIL_SIZE)
-                while len(self._thumbs) > _THUMB_CACHE:
-                    self._thumbs.popitem(last=False)
-            self._thumbs.move_to_end(slide)
-            return self._thumbs[slide]
+            hit = self._thumbs.get(slide)
+            if hit is not None:
+                self._thumbs.move_to_end(slide)
+                return hit
+        hit = self.readers.thumbnail(slide, THUMBNAIL_SIZE)
+        with self.lock:
+            self._thumbs[slide] = hit
+            while len(self._thumbs) > _THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return hit
+
+    def thumbnail_png(self, slide: str) -> bytes:
+        """The thumbnail as PNG bytes, encoded once (cached like the thumbnail)."""
+        thumb = self.thumbnail(slide)[0]
+        with self.lock:
+            data = self._thumb_png.get(slide)
+        if data is None:
+            data = png_bytes(thumb)
+            with self.lock:
+                self._thumb_png[slide] = data
+                while len(self._thumb_png) > _THUMB_CACHE:
+                    self._thumb_png.popitem(last=False)
+        return data
 
     def tile_side(self, slide: str, coords: np.ndarray) -> int:
         """A slide tile's side in level-0 pixels, as the store records it (store.geometry: the
@@ -184,57 +241,76 @@ class ServedStore:
 
     def slide_info(self, slide: str) -> dict[str, Any]:
         thumb, down = self.thumbnail(slide)
-        with self.lock:
-            bag = self.store.slide(slide)
+        bag, side = self.bag(slide)
+        dz = self.readers.get(slide).dz
         return {"slide": slide, "tiles": len(bag.ids), "thumb_width": int(thumb.shape[1]),
                 "thumb_height": int(thumb.shape[0]), "downsample": float(down),
-                "width": int(round(thumb.shape[1] * down)), "height": int(round(thumb.shape[0] * down)),
-                "tile_side": self.tile_side(slide, bag.coords)}
+                "width": dz.width, "height": dz.height, "tile_side": side}
 
     def tile_at(self, slide: str, x: float, y: float) -> dict[str, Any]:
         """The slide's tile under level-0 point (x, y), else the one whose centre is nearest."""
-        self.require_slide(slide)
-        with self.lock:
-            bag = self.store.slide(slide)
-        side = self.tile_side(slide, bag.coords)
+        bag, side = self.bag(slide)
         centres = bag.coords.astype(np.float64) + side / 2.0
         j = int(np.argmin(((centres - np.array([x, y])) ** 2).sum(axis=1)))
         cx, cy = (int(v) for v in bag.coords[j])
         return {"key": bag.keys[j], "id": int(bag.ids[j]), "slide": slide, "x": cx, "y": cy,
                 "side": side, "inside": bool(cx <= x < cx + side and cy <= y < cy + side)}
 
+    def _overlay_png(self, slide: str, values: np.ndarray, cmap: str, alpha: float) -> bytes:
+        thumb, down = self.thumbnail(slide)
+        bag, side = self.bag(slide)
+        grid = paint_tiles(thumb.shape[:2], down, bag.coords, side, values)
+        return png_bytes(overlay_rgba(grid, cmap, alpha))
+
     def heatmap_png(self, slide: str, query: np.ndarray, alpha: float = 0.6) -> bytes:
         """The query's cosine similarity to every tile of ``slide``, rescaled to [0, 1] over the
         slide: an RGBA overlay the size of the slide's thumbnail (transparent off the tiles)."""
-        from matplotlib import colormaps
-
         from ..index.similarity import slide_similarity
-        thumb, down = self.thumbnail(slide)
+        bag, _ = self.bag(slide)
         with self.lock:
-            bag = self.store.slide(slide)
-        scores = slide_similarity(np.asarray(bag.emb, np.float32), np.asarray(query, np.float32))
-        lo, hi = float(scores.min()), float(scores.max())
-        values = (scores - lo) / (hi - lo) if hi > lo else np.ones_like(scores)
-        h, w = thumb.shape[:2]
-        grid = np.full((h, w), np.nan, dtype=np.float32)
-        side = self.tile_side(slide, bag.coords)
-        for (x, y), v in zip(bag.coords, values):
-            x0, y0 = int(x // down), int(y // down)
-            x1, y1 = max(int(np.ceil((x + side) / down)), x0 + 1), max(int(np.ceil((y + side) / down)), y0 + 1)
-            grid[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = v
-        rgba = colormaps["inferno"](np.nan_to_num(grid, nan=0.0), bytes=True)
-        rgba[..., 3] = np.where(np.isnan(grid), 0, int(alpha * 255)).astype(np.uint8)
-        return png_bytes(rgba)
+            emb = np.asarray(bag.emb, np.float32)
+        values, _, _ = rescale(slide_similarity(emb, np.asarray(query, np.float32)))
+        return self._overlay_png(slide, values, "inferno", alpha)
+
+    def prediction_png(self, slide: str, head: str, cls: str | None = None, alpha: float = 0.6) -> bytes:
+        """The probability of class ``cls`` (default: the head's positive or last class) under
+        head or predictions file ``head`` on every tile of ``slide``, on [0, 1]: an overlay like
+        ``heatmap_png``."""
+        self.heads.class_index(head, cls, self.name)          # 404 before any reading
+        bag, side = self.bag(slide)
+        with self.lock:
+            emb = np.asarray(bag.emb, np.float32) if head in self.heads.heads else bag.emb[:0]
+        coords, values = self.heads.values(head, cls, slide, bag.coords, emb, self.name)
+        thumb, down = self.thumbnail(slide)
+        grid = paint_tiles(thumb.shape[:2], down, coords, side, values)
+        return png_bytes(overlay_rgba(grid, "viridis", alpha))
+
+    def dz_tile_jpeg(self, slide: str, level: int, col: int, row: int) -> bytes:
+        """DeepZoom tile (``col``, ``row``) of ``level`` (JPEG); UnknownKeyError out of range."""
+        self.require_slide(slide)
+        return self.readers.dz_jpeg(slide, level, col, row)
+
+    def dzi_xml(self, slide: str) -> str:
+        self.require_slide(slide)
+        return self.readers.get(slide).dz.dzi_xml()
 
 
-def served_stores(paths: Sequence[str | os.PathLike[str]]) -> dict[str, ServedStore]:
-    """Open every store (StoreNotFoundError / NotAStoreError for a bad path) under its short name;
-    the same directory given twice is served once."""
+def served_stores(paths: Sequence[str | os.PathLike[str]], heads: Sequence[str | os.PathLike[str]] = (),
+                  predictions: Sequence[str | os.PathLike[str]] = ()) -> dict[str, ServedStore]:
+    """Open every store (StoreNotFoundError / NotAStoreError for a bad path) under its short name,
+    with the ``heads`` (directories) trained in its space and the ``predictions`` files naming its
+    slides; the same directory given twice is served once; a head or file that fits no store is
+    refused (ConfigError)."""
     from ..store import open_store
+    from .predictions import fitting_files, fitting_heads, load_heads
     unique: list[Path] = []
     for p in paths:
         if Path(p).resolve() not in [u.resolve() for u in unique]:
             unique.append(Path(p))
     if not unique:
         raise ConfigError("serve needs at least one store")
-    return {name: ServedStore(name, open_store(path)) for name, path in zip(short_names(unique), unique)}
+    opened = {name: open_store(path) for name, path in zip(short_names(unique), unique)}
+    loaded, files = load_heads(heads, predictions)
+    fit_heads = fitting_heads(loaded, {n: st.fingerprint() for n, st in opened.items()}) if loaded else {}
+    fit_files = fitting_files(files, {n: st.slides() for n, st in opened.items()}) if files else {}
+    return {name: ServedStore(name, st, fit_heads.get(name), fit_files.get(name)) for name, st in opened.items()}
