@@ -84,8 +84,9 @@ def main() -> None:
     step_heads(tiles, slides)
     step_select()
     print(f"\ndemo finished in {time.time() - t0:.0f} s; everything is under {OUT}")
-    print("\nbrowse and search both stores in a web page (Ctrl-C stops it):\n"
-          f"  {Path(sys.executable).parent / 'embedstore'} serve {tiles} {slides}\n"
+    print("\nbrowse and search both stores in a web page, the lung head's predictions laid over the "
+          "slide (Ctrl-C stops it):\n"
+          f"  {Path(sys.executable).parent / 'embedstore'} serve {tiles} {slides} --head {OUT / 'lung-head'}\n"
           "then open the address it prints (http://127.0.0.1:8765 by default)")
 
 
