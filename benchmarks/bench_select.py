@@ -25,11 +25,22 @@ noise. The PCam stores
 (5000 tiles x 3 backbones, the slowest part) are kept between runs unless ``--fresh-downstream``.
 
     python benchmarks/bench_select.py [--k 20] [--folds 5] [--head-seeds 30] [--reuse] [--fresh-downstream]
+
+``--memory`` runs only the kNN past memory (issue 14): a synthetic proxy store of ``--rows`` x
+``--dim`` float16 rows (8 class blobs, proxy order shuffled against id order) is scored by the
+cross-validated kNN in RAM (``fold_scores`` over the gathered rows) and streamed from the store
+(``select.stream``: the exact index filled block by block at ``--index-budget``, the blocked
+search at ``--blocked-budget``), each in a fresh process: time, peak RSS growth (``VmHWM`` over
+the RSS after opening the store) and the fold scores, which must agree. Writes
+``benchmarks/results/select-memory-<machine>-<date>.json``.
+
+    python benchmarks/bench_select.py --memory [--rows 40000] [--dim 768] [--index-budget 256M] [--blocked-budget 64M]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import shutil
 import sys
@@ -99,6 +110,97 @@ def variants(proxy: Path, stores: dict[str, str], k: int, folds: int) -> dict[st
     return out
 
 
+MEMORY_WORKER = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import _harness as H
+from embedstore.heads.stream import LazyRows
+from embedstore.select.knn import KnnConfig, fold_scores
+from embedstore.select.stream import streamed_fold_scores
+from embedstore.store import open_store
+store, mode, budget, k, folds = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+lab = np.load(store + ".labels.npz")
+s = open_store(store)
+ids, y = lab["ids"], lab["y"]
+fold = np.arange(y.size) % folds
+cfg = KnnConfig(k, centre=True)
+import faiss  # noqa: F401  (imported before the baseline)
+base = H.rss()["VmRSS"]
+t0 = time.perf_counter()
+if mode == "ram":
+    emb = np.asarray(s.gather(ids), dtype=np.float32)
+    scores, _ = fold_scores(emb, y, fold, cfg, n_classes=8)
+else:
+    rows = LazyRows.of_store(s, ids)
+    scores, _ = streamed_fold_scores(rows, y, fold, cfg, n_classes=8, budget=budget)
+sec = time.perf_counter() - t0
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"s": sec, "peak_growth": hwm - base, "scores": scores.tolist()}))
+"""
+
+
+def write_proxy_store(path: Path, rows: int, dim: int) -> None:
+    """``rows`` x ``dim`` float16: 8 class blobs around a shared offset; the labels and the
+    proxy order (a permutation of the ids) beside it in ``<path>.labels.npz``."""
+    from embedstore.store import StoreMeta, StoreWriter
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 8, rows)
+    centres = rng.standard_normal((8, dim)).astype(np.float32)
+    meta = StoreMeta(dim=dim, dtype="float16", backbone={"name": "synthetic", "kind": "bench"},
+                     weights_sha256="0" * 64, transform={"size": 224}, tile={"tile_size": 224, "mpp": 0.5})
+    unit = 5000
+    with StoreWriter(path, meta, rows_per_shard=65536, spill_rows=65536) as w:
+        for u, a in enumerate(range(0, rows, unit)):
+            m = min(unit, rows - a)
+            emb = 0.12 * centres[y[a:a + m]] + rng.standard_normal((m, dim), dtype=np.float32) + 0.5
+            w.add(emb.astype(np.float16), [f"s{u:05d}/{i}" for i in range(m)], unit=f"u{u}",
+                  slide=f"s{u:05d}", x=np.arange(m), y=np.zeros(m, np.int64))
+            w.end_unit(f"u{u}")
+    ids = open_store(path).all_ids()
+    order = rng.permutation(rows)
+    np.savez(str(path) + ".labels.npz", ids=ids[order], y=y[order])
+
+
+def memory_main(args: argparse.Namespace) -> None:
+    """In-RAM vs streamed kNN fold scoring on a synthetic store, each in a fresh process."""
+    import subprocess
+    from embedstore.sizes import format_bytes, parse_size
+    from embedstore.select.stream import knn_ram_bytes
+    root = SCRATCH / "select-memory"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    path = root / "proxy"
+    t0 = time.perf_counter()
+    write_proxy_store(path, args.rows, args.dim)
+    print(f"wrote {args.rows:,} x {args.dim} float16 in {time.perf_counter() - t0:.1f} s", flush=True)
+    cases = [("in RAM", "ram", 0), (f"streamed, index ({args.index_budget})", "stream", parse_size(args.index_budget)),
+             (f"streamed, blocked ({args.blocked_budget})", "stream", parse_size(args.blocked_budget))]
+    rows: list[dict[str, Any]] = []
+    here = str(Path(__file__).resolve().parent)
+    for name, mode, budget in cases:
+        proc = subprocess.run([sys.executable, "-c", MEMORY_WORKER, here, str(path), mode, str(budget),
+                               str(args.k), str(args.folds)], capture_output=True, text=True, check=True)
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"path": name, "budget": budget or None, "s": got["s"], "peak_mb": got["peak_growth"] / 1e6,
+                     "score": float(np.mean(got["scores"])), "scores": got["scores"]})
+        print(f"{name}: {got['s']:.1f} s, peak RSS +{got['peak_growth'] / 1e6:.0f} MB", flush=True)
+    ram = rows[0]
+    for r in rows:
+        r["time_x"], r["peak_x"] = r["s"] / ram["s"], r["peak_mb"] / ram["peak_mb"]
+        r["same_scores"] = bool(np.allclose(r["scores"], ram["scores"], atol=1e-12))
+    print_table(rows, [("path", "path", None), ("s", "seconds", ".2f"), ("time_x", "÷ in RAM", "ratio"),
+                       ("peak_mb", "peak +RSS MB", "num"), ("peak_x", "÷ in RAM", "ratio"),
+                       ("score", "bal.acc", ".4f"), ("same_scores", "same scores", None)],
+                title=f"kNN proxy folds ({args.folds}-fold, k={args.k}, centred) over {args.rows:,} x {args.dim} "
+                      f"float16; in RAM holds ~{format_bytes(knn_ram_bytes(args.rows, args.dim, 2))}")
+    out = write_results("select-memory", rows, extra={"args": vars(args)})
+    print(f"wrote {out}")
+    if not all(r["same_scores"] for r in rows):
+        raise SystemExit("the streamed fold scores differ from the in-RAM ones")
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=20)
@@ -106,7 +208,14 @@ def main() -> None:
     ap.add_argument("--head-seeds", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="keep cached proxy stores from an earlier run")
     ap.add_argument("--fresh-downstream", action="store_true", help="re-embed the PCam stores too")
+    ap.add_argument("--memory", action="store_true", help="only in-RAM vs streamed kNN on a synthetic store")
+    ap.add_argument("--rows", type=int, default=40_000, help="--memory: proxy rows")
+    ap.add_argument("--dim", type=int, default=768, help="--memory: embedding width")
+    ap.add_argument("--index-budget", default="256M", help="--memory: budget of the index case")
+    ap.add_argument("--blocked-budget", default="64M", help="--memory: budget of the blocked case")
     args = ap.parse_args()
+    if args.memory:
+        return memory_main(args)
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} is missing: this benchmark needs ../shared/data")
     root = SCRATCH / "select"

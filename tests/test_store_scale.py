@@ -100,6 +100,45 @@ def test_a_gather_reads_sparse_rows_without_the_map(big: Path, monkeypatch: pyte
     assert calls and calls[0] == 3                  # runs: 10..12, 40000, 399999
 
 
+@pytest.mark.parametrize("preadv", [True, False])
+def test_preadv_runs_scatter_into_any_order(big: Path, monkeypatch: pytest.MonkeyPatch, preadv: bool) -> None:
+    """Every row read with preadv (DENSE=0): runs of adjacent rows whose destinations are
+    scattered, runs split at IOV_MAX buffers, repeats, piece edges; and the pread fallback."""
+    s = open_store(big)
+    m = s.embeddings
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m))])
+    m._mapped[:] = False                          # as if not scanned: the reads below use preadv
+    monkeypatch.setattr(matrix_mod, "DENSE", 0)
+    monkeypatch.setattr(matrix_mod, "IOV_MAX", 4)
+    if not preadv:
+        monkeypatch.delattr(matrix_mod.os, "preadv")
+    rng = np.random.default_rng(5)
+    rows = np.concatenate([np.arange(16_380, 16_390), np.arange(200_000, 200_050), [7, 7, 8],
+                           rng.choice(len(m), 500, replace=False)])
+    calls: list[int] = []
+    real = matrix_mod._read_runs
+    monkeypatch.setattr(matrix_mod, "_read_runs", lambda *a: calls.append(len(a[1])) or real(*a))
+    for r in (rows, rng.permutation(rows), np.sort(rows)):
+        np.testing.assert_array_equal(m.take(r, prefetch=False), whole[r])
+    assert len(calls) == 3 and min(calls) > 500   # read by preadv, not the map
+    calls.clear()
+    np.testing.assert_array_equal(m.take(np.arange(100, 110)[::-1]), whole[109:99:-1])
+    assert calls == [3]                           # one run, ten scattered rows: calls of <= 4
+
+
+def test_a_truncated_shard_is_a_corrupt_shard_error(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    _write(path, 20_000, 64, 8192)
+    s = open_store(path)
+    shard = max(s.embeddings.pieces, key=lambda p: p.start).shard
+    assert shard.fd is not None                   # read by pread, not the map
+    with open(shard.path, "r+b") as fh:           # the last rows vanish after the open
+        fh.truncate(shard.path.stat().st_size // 2)
+    from embedstore.errors import CorruptShardError
+    with pytest.raises(CorruptShardError, match="shorter than its rows"):
+        s.embeddings.take(np.array([len(s.embeddings) - 1, 3]), prefetch=False)
+
+
 @pytest.fixture()
 def small(tmp_path: Path) -> Path:
     path = tmp_path / "k"

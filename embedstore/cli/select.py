@@ -42,12 +42,16 @@ from ._app import COUNT, NON_NEGATIVE, echo_json, json_option, main
 @click.option("--threads", type=COUNT, metavar="N", help="Extraction: intra-op threads.")
 @click.option("--devices", default="cpu", show_default=True, help="Extraction devices, as for `extract`.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--memory-budget", metavar="SIZE",
+              help="RAM the kNN (and --validate's heads) may hold, e.g. 8G (default: a quarter of "
+                   "this machine's RAM); a candidate's proxy rows past it are scored from its store, "
+                   "read in blocks.")
 @json_option
 def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by: str, metric: str,
            random_init: bool, centre: bool, cache: Path | None, validate: Path | None, head_seeds: int,
            out: Path,
            seed: int, batch_size: int, workers: int | None, threads: int | None, devices: str,
-           quiet: bool, as_json: bool) -> None:
+           quiet: bool, memory_budget: str | None, as_json: bool) -> None:
     """Rank candidate backbones by a kNN proxy task on labelled tiles.
 
     \b
@@ -63,12 +67,15 @@ def select(proxy: Path, backbones: tuple[str, ...], k: int, folds: int, group_by
     """
     from ..backbones.devices import parse_devices
     from ..select.proxy import SelectConfig, select_backbones
+    from ..sizes import parse_size
     parse_devices(devices)                 # a bad --devices fails here, before anything is embedded
+    budget = parse_size(memory_budget, "--memory-budget") if memory_budget is not None else None
     cfg = SelectConfig(proxy=proxy, backbones=tuple(backbones), out=out, k=k, folds=folds,
                        group_by=group_by, metric=metric, random_init=random_init, centre=centre,
                        seed=seed, cache=cache, validate=validate, head_seeds=head_seeds,
                        batch_size=batch_size,
-                       num_workers=workers, num_threads=threads, devices=devices, progress=not quiet)
+                       num_workers=workers, num_threads=threads, devices=devices, progress=not quiet,
+                       memory_budget=budget)
     res = select_backbones(cfg)
     if as_json:
         echo_json(res.to_dict())

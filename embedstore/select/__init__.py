@@ -1,7 +1,8 @@
 """Backbone selection by a proxy task: kNN over each candidate's embeddings of a labelled set.
 
 ``proxy``: the configuration, the proxy set and the run; ``folds``: grouped, stratified folds;
-``knn``: the kNN classifier and its fold scores; ``ranking``: the ranked result and its statistics.
+``knn``: the kNN classifier and its fold scores; ``stream``: the same fold scores over rows read
+from the store past the memory budget; ``ranking``: the ranked result and its statistics.
 """
 from __future__ import annotations
 

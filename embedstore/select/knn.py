@@ -26,7 +26,7 @@ import numpy as np
 from ..arrays import l2_normalise
 from ..errors import NotFittedError, SelectionError
 
-__all__ = ["KnnConfig", "KnnClassifier", "fold_scores", "METRICS"]
+__all__ = ["KnnConfig", "KnnClassifier", "fold_scores", "vote", "metric_value", "METRICS"]
 
 METRICS = ("balanced_accuracy", "f1")   # f1 = macro F1 over the classes
 
@@ -93,18 +93,24 @@ class KnnClassifier:
     def votes(self, emb: np.ndarray) -> np.ndarray:
         """(n, n_classes) float64: summed ``exp(score / temperature)`` of the neighbours per class."""
         scores, ids = self.kneighbors(emb)
-        n = scores.shape[0]
-        w = np.exp(scores.astype(np.float64) / self.config.temperature)
-        out = np.zeros((n, self.n_classes), dtype=np.float64)
-        np.add.at(out, (np.repeat(np.arange(n), scores.shape[1]), self._y[ids].ravel()), w.ravel())
-        return out
+        return vote(scores, self._y[ids], self.n_classes, self.config.temperature)
 
     def predict(self, emb: np.ndarray) -> np.ndarray:
         """(n,) int64 class with the largest vote (ties: lowest index)."""
         return np.argmax(self.votes(emb), axis=1).astype(np.int64)
 
 
-def _metric(name: str, y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+def vote(scores: np.ndarray, labels: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    """(n, n_classes) float64 votes of neighbours with ``scores`` (n, k) and classes ``labels``
+    (n, k): each adds ``exp(score / temperature)`` to its class."""
+    n = scores.shape[0]
+    w = np.exp(scores.astype(np.float64) / temperature)
+    out = np.zeros((n, n_classes), dtype=np.float64)
+    np.add.at(out, (np.repeat(np.arange(n), scores.shape[1]), np.asarray(labels).ravel()), w.ravel())
+    return out
+
+
+def metric_value(name: str, y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     from ..heads.metrics import balanced_accuracy, f1
     if name == "balanced_accuracy":
         return balanced_accuracy(y_true, y_pred, n_classes)
@@ -130,5 +136,5 @@ def fold_scores(emb: np.ndarray, y: np.ndarray, fold: np.ndarray, config: KnnCon
     for f in np.unique(fold):
         train, test = fold != f, fold == f
         clf = KnnClassifier(config).fit(emb[train], y[train], c)
-        scores.append(_metric(metric, y[test], clf.predict(emb[test]), c))
+        scores.append(metric_value(metric, y[test], clf.predict(emb[test]), c))
     return np.asarray(scores, dtype=np.float64), time.perf_counter() - t0

@@ -27,10 +27,12 @@ import numpy as np
 
 from ..plots import plot_selection
 from ..errors import EmbedstoreError, SelectionError, UnknownBackboneError
+from ..sizes import parse_size
 from ..store.atomic import atomic_write_text
 from ..store.protocol import StoreLike
 from .folds import group_codes, plan_folds, small_class_note
 from .knn import METRICS, KnnConfig, fold_scores
+from .stream import knn_ram_bytes, streamed_fold_scores
 from .ranking import Candidate, SelectionResult, rank_candidates, seed_noise_notes, spearman
 
 if TYPE_CHECKING:
@@ -64,6 +66,8 @@ class SelectConfig:
     num_threads: int | None = None       # extraction: intra-op threads
     devices: str = "cpu"                 # extraction: devices, as `extract --devices`
     progress: bool = True                # extraction progress bars
+    memory_budget: int | str | None = None  # bytes or "8G" the kNN may hold (None: a quarter of RAM);
+                                         # a candidate's proxy rows past it are scored from the store
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -75,6 +79,8 @@ class SelectConfig:
         if self.head_seeds < 1:
             raise SelectionError(f"--head-seeds must be at least 1, got {self.head_seeds}")
         KnnConfig(self.k, self.temperature, self.centre)      # validates k and temperature
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "--memory-budget")  # a bad size fails before embedding
 
     @property
     def cache_root(self) -> Path:
@@ -242,22 +248,28 @@ def _downstream(cfg: SelectConfig, task: ProxySet, name: str, random_init: bool,
     from ..store import open_store
     store = root / store_dir_name(name)
     res = _embed(task, store, name, random_init, cfg)
+    from ..heads.stream import LazyRows, in_ram_bytes, resolve_budget
     s = open_store(store)
     rows, ids = _rows_in_store(s, task)
-    emb = np.asarray(s.gather(ids), dtype=np.float32)
+    budget: int | None = resolve_budget(cfg.memory_budget)
+    emb: np.ndarray | LazyRows
+    if in_ram_bytes(ids.size, 0, s.dim, s.dtype.itemsize) > (budget or 0):
+        emb = LazyRows.of_store(s, ids)                    # heads train from the store
+    else:
+        emb, budget = np.asarray(s.gather(ids), dtype=np.float32), None
     y, sp = task.labels[rows], task.split[rows]  # type: ignore[index]
     g = None if task.groups is None else task.groups[rows]
     tr, va = sp == "train", sp == "valid"
     t0 = time.perf_counter()
     rep = run_seeds(emb[tr], y[tr], emb[va], y[va], groups=None if g is None else g[tr],
-                    config=HeadConfig(kind="linear"), seeds=cfg.head_seeds)
+                    config=HeadConfig(kind="linear"), seeds=cfg.head_seeds, memory_budget=budget)
     f1 = [float(r["f1"]) for r in rep.runs]
     return {"f1": rep.summary["f1"], "balanced_accuracy": rep.summary["balanced_accuracy"],
             "auroc": rep.summary.get("auroc", (float("nan"), float("nan"))),
             "f1_runs": f1, "seeds": len(f1),
             "train_tiles": int(tr.sum()), "valid_tiles": int(va.sum()), "store": str(store),
             "extract_s": res.elapsed, "tiles_written": res.tiles_written,
-            "head_s": time.perf_counter() - t0}
+            "head_s": time.perf_counter() - t0, "streamed": budget is not None}
 
 
 def _read_task(path: Path) -> ProxySet:
@@ -322,16 +334,25 @@ def _embed_candidates(cfg: SelectConfig, cands: Sequence[tuple[str, bool]], prox
 def _score_candidates(cfg: SelectConfig, results: list[Candidate], stores: Sequence[StoreLike],
                       proxy: ProxySet) -> tuple[ProxySet, np.ndarray]:
     """Cross-validated kNN scores of every candidate on the proxy tiles all stores hold, on one
-    set of folds. Returns those tiles and their fold (n,) int64."""
+    set of folds. Returns those tiles and their fold (n,) int64. A candidate whose proxy rows
+    would take more than the memory budget in RAM is scored from its store (``select.stream``)."""
+    from ..heads.stream import LazyRows, resolve_budget
     held = [_rows_in_store(s, proxy) for s in stores]
     common = np.flatnonzero(np.logical_and.reduce([np.isin(np.arange(len(proxy.keys)), r) for r, _ in held]))
     used = proxy.take(common)
     fold = plan_folds(used.y, used.groups, cfg.folds, cfg.k, cfg.seed, used.classes, used.group_by)
     knn = KnnConfig(cfg.k, cfg.temperature, cfg.centre)
+    budget = resolve_budget(cfg.memory_budget)
+    n_classes = len(used.classes)
     for c, s, (rows, ids) in zip(results, stores, held):
-        at = {int(r): i for i, r in enumerate(rows)}
-        emb = np.asarray(s.gather(ids[[at[int(r)] for r in common]]), dtype=np.float32)
-        scores, c.knn_s = fold_scores(emb, used.y, fold, knn, cfg.metric, n_classes=len(used.classes))
+        wanted = ids[np.searchsorted(rows, common)]          # rows is increasing: proxy order
+        c.streamed = knn_ram_bytes(wanted.size, s.dim, s.dtype.itemsize) > budget
+        if c.streamed:
+            lazy = LazyRows.of_store(s, wanted)
+            scores, c.knn_s = streamed_fold_scores(lazy, used.y, fold, knn, cfg.metric, n_classes, budget)
+        else:
+            emb = np.asarray(s.gather(wanted), dtype=np.float32)
+            scores, c.knn_s = fold_scores(emb, used.y, fold, knn, cfg.metric, n_classes=n_classes)
         c.fold_scores, c.mean, c.std = scores.tolist(), float(scores.mean()), float(scores.std())
     return used, fold
 

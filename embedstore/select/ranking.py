@@ -28,6 +28,7 @@ class Candidate:
     tiles_written: int = 0         # tiles embedded by this run (0 when the cache held them all)
     extract_errors: int = 0        # inputs extract() recorded as errors
     knn_s: float = 0.0             # kNN fit + predict over all folds
+    streamed: bool = False         # scored from the store (past the memory budget), not in RAM
     rank: int = 0                  # 1 = best proxy score
     downstream: dict[str, Any] | None = None   # validate: f1/balanced accuracy mean, std, times
 
@@ -54,7 +55,8 @@ class SelectionResult:
         rows = []
         for c in self.candidates:
             ex = f"{c.extract_s:.1f}" + (" (cached)" if c.tiles_written == 0 else "")
-            row = [str(c.rank), c.backbone, c.weights, f"{c.mean:.4f} ± {c.std:.4f}", ex, f"{c.knn_s:.3f}"]
+            knn = f"{c.knn_s:.3f}" + (" (streamed)" if c.streamed else "")
+            row = [str(c.rank), c.backbone, c.weights, f"{c.mean:.4f} ± {c.std:.4f}", ex, knn]
             if len(head) == 7:
                 d = c.downstream
                 row.append(f"{d['f1'][0]:.4f} ± {d['f1'][1]:.4f}" if d else "-")
