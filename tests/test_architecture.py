@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
 }
 # private modules of the store that no other part may reach into
-STORE_PRIVATE = {"catalog", "commit", "_process", "_shardfile", "_openshard", "snapshot", "creation"}
+STORE_PRIVATE = {"catalog", "commit", "_process", "_shardfile", "_openshard", "_checksum", "_pending",
+                 "snapshot", "creation"}
 
 
 def _part(module: str) -> str:

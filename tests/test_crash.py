@@ -91,6 +91,10 @@ def test_forced_crash_inside_each_commit_step(tmp_path: Path, point: str, refere
     assert not list((store / "tmp").iterdir())
 
 
+def _shard_files(store: Path) -> set[str]:
+    return {f.name for d in ("shards", "views") if (store / d).is_dir() for f in (store / d).iterdir()}
+
+
 def test_sigkill_at_random_moments(tmp_path: Path, reference: dict) -> None:
     rng = random.Random(1234)
     trials = 20
@@ -99,8 +103,14 @@ def test_sigkill_at_random_moments(tmp_path: Path, reference: dict) -> None:
         store = tmp_path / f"st{t}"
         # each trial kills the writer once or twice before letting it finish
         for _ in range(rng.choice([1, 2])):
-            p = _spawn(store, N_UNITS, sleep=0.05)   # ~0.2 s start-up, ~1 s of writing
-            time.sleep(rng.uniform(0.1, 1.4))
+            before = _shard_files(store)
+            p = _spawn(store, N_UNITS, sleep=0.05)   # ~1 s of writing once started
+            # the clock starts at the run's first new shard, not at the spawn: the start-up
+            # (imports) takes from 0.2 s to several seconds on a loaded machine
+            deadline = time.time() + 60
+            while _shard_files(store) <= before and p.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.9))
             p.send_signal(signal.SIGKILL)
             p.wait(30)
             keys = _check_consistent(store, list(range(N_UNITS)))

@@ -63,7 +63,8 @@ def errors(store: Path, as_json: bool) -> None:
 @click.argument("store", type=click.Path(path_type=Path))
 @json_option
 def verify(store: Path, as_json: bool) -> None:
-    """Check every shard's sha256 and that catalog and shards agree (exit 2 on a mismatch)."""
+    """Check every shard's checksum (xxh3-128, or sha256 for shards of older stores) and that
+    catalog and shards agree (exit 2 on a mismatch)."""
     from ..store import verify_store
     rep = verify_store(store)
     if as_json:

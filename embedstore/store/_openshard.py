@@ -8,53 +8,20 @@ shard) and key: ids are only known at commit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..errors import ShapeError, WriterError
+from ..errors import ShapeError
+from ._pending import Pending, slide_runs
 from ._shardfile import ShardFile, fixed_list
 from .layout import Layout, shard_name, view_name
 from .schema import META_COLUMNS, base_schema, view_schema
 
-__all__ = ["Pending", "OpenShard", "Sealed", "drop_units", "is_seq", "views_table"]
-
-
-def is_seq(v: Any) -> TypeGuard[Iterable[Any]]:
-    """Whether a metadata value is one value per row (else one value for all rows)."""
-    return isinstance(v, (list, tuple, np.ndarray, pa.Array))
-
-
-@dataclass
-class Pending:
-    """Rows of one unit not yet written to a file."""
-    cols: dict[str, list[Any]] = field(default_factory=dict)
-    emb: list[np.ndarray] = field(default_factory=list)
-    views: list[np.ndarray] = field(default_factory=list)   # (n, K, dim) per add
-    rows: int = 0
-
-    def extend(self, keys: list[str], emb: np.ndarray, views: np.ndarray | None,
-               meta: dict[str, Any], unit: str | None) -> None:
-        """Add rows: ``emb`` (n, dim) and ``views`` (n, K, dim) in the store dtype; ``meta``
-        maps columns of META_COLUMNS to one value for all rows or a sequence of n."""
-        n = len(keys)
-        if views is None and self.views:
-            raise ShapeError(f"unit {unit!r}: views given for some rows and not others")
-        cols: dict[str, list[Any]] = {}
-        for c in META_COLUMNS:
-            v = keys if c == "key" else meta.get(c)
-            cols[c] = list(v) if is_seq(v) else [v] * n
-            if len(cols[c]) != n:
-                raise ShapeError(f"metadata column {c!r} has {len(cols[c])} values for {n} rows")
-        for c, vals in cols.items():  # checked first: a bad column adds nothing
-            self.cols.setdefault(c, []).extend(vals)
-        self.emb.append(emb)
-        if views is not None:
-            self.views.append(views)
-        self.rows += n
+__all__ = ["OpenShard", "Sealed", "drop_units", "views_table"]
 
 
 class OpenShard:
@@ -68,6 +35,7 @@ class OpenShard:
         self.view: ShardFile | None = None
         self.units: list[tuple[str, dict[str, Any]]] = []
         self.keys: list[str] = []
+        self.kbytes: list[bytes] = []           # the keys encoded
         self.slide_runs: list[list[Any]] = []   # [slide, start_row, count]
         self.row_units: list[list[Any]] = []    # [unit, start_row, count]: whose rows these are
         self.opened = time.monotonic()
@@ -80,9 +48,8 @@ class OpenShard:
     def name(self) -> str:
         return self.base.name
 
-    def append(self, p: Pending, batch_rows: int, unit: str | None = None) -> None:
-        """Write the rows of ``p`` (of ``unit``) in batches of ``batch_rows``."""
-        emb = np.concatenate(p.emb) if len(p.emb) > 1 else p.emb[0]
+    def append(self, p: Pending, unit: str | None = None) -> None:
+        """Write the rows of ``p`` (of ``unit``), one record batch per block of ``p``."""
         views = (np.concatenate(p.views) if len(p.views) > 1 else p.views[0]) if p.views else None
         if views is not None and self.view is None:
             if self.rows:
@@ -93,46 +60,31 @@ class OpenShard:
         elif views is None and self.view is not None:
             raise ShapeError("views given for some units and not others in one shard")
         first = self.rows
-        for a in range(0, p.rows, batch_rows):
-            b = min(a + batch_rows, p.rows)
-            self._write_base(p, emb, a, b)
-            if views is not None:
-                self._write_views(p.cols["key"][a:b], views[a:b], first + a)
-        self._note_slides(p.cols["slide"], first)
-        self.keys.extend(p.cols["key"])
-        self.row_units.append([unit, first, p.rows])
-
-    def _write_base(self, p: Pending, emb: np.ndarray, a: int, b: int) -> None:
-        arrays = [pa.array(p.cols["key"][a:b], pa.string())]
-        for c, t in list(META_COLUMNS.items())[1:]:
-            arrays.append(pa.array(p.cols[c][a:b], t))
-        arrays.append(fixed_list(emb[a:b]))
-        at = self.rows
-        try:
+        cols = {c: p.column(c) for c in META_COLUMNS}
+        for a, b, emb in p.batches():
+            arrays = [cols[c].slice(a, b - a) for c in META_COLUMNS] + [fixed_list(emb)]
             self.base.write(pa.RecordBatch.from_arrays(arrays, schema=self.base.schema))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise WriterError(f"{self.name} rows {at}..{at + b - a}: bad metadata ({e})") from e
+            if views is not None:
+                self._write_views(p.keys[a:b], views[a:b], first + a)
+        runs = slide_runs(cols["slide"], first)
+        last = self.slide_runs[-1] if self.slide_runs else None
+        if runs and last is not None and last[0] == runs[0][0] and last[1] + last[2] == runs[0][1]:
+            last[2] += runs.pop(0)[2]   # the slide's run goes on across units
+        self.slide_runs.extend(runs)
+        self.keys.extend(p.keys)
+        self.kbytes.extend(p.kbytes)
+        p.written()
+        self.row_units.append([unit, first, p.rows])
 
     def _write_views(self, keys: list[str], vb: np.ndarray, first_row: int) -> None:
         assert self.view is not None
         self.view.write(views_table(keys, vb, self.dim, self.dtype, base_row=first_row,
                                     schema_meta=self.schema_meta))
 
-    def _note_slides(self, slides: list[Any], first: int) -> None:
-        """Extend the runs of consecutive rows of one slide (the catalog's slide -> ids map)."""
-        runs = self.slide_runs
-        for i, s in enumerate(slides):
-            if s is None:
-                continue
-            if runs and runs[-1][0] == s and runs[-1][1] + runs[-1][2] == first + i:
-                runs[-1][2] += 1
-            else:
-                runs.append([s, first + i, 1])
-
     def sealed(self, recs: dict[str, dict[str, Any]]) -> "Sealed":
         """What the commit needs of this file once sealed (``recs``: the seal's records)."""
         return Sealed(self.name, self.view.name if self.view is not None else None, self.rows, self.keys,
-                      self.slide_runs, self.units, self.row_units, recs)
+                      self.slide_runs, self.units, self.row_units, recs, self.kbytes)
 
     def files(self) -> list[ShardFile]:
         return [self.base] + ([self.view] if self.view is not None else [])
@@ -170,7 +122,8 @@ class Sealed:
     slide_runs: list[list[Any]]
     units: list[tuple[str, dict[str, Any]]]    # units the commit marks done
     row_units: list[list[Any]]                 # [unit, start_row, count]
-    recs: dict[str, dict[str, Any]]            # file name -> {rows, sha256, size}
+    recs: dict[str, dict[str, Any]]            # file name -> {rows, size, hash, digest}
+    kbytes: list[bytes]                        # keys encoded
 
 
 def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
@@ -206,20 +159,8 @@ def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
             vf.write_table(vt)
             recs[view] = vf.seal()
         keys = table.column("key").to_pylist()
-        out = Sealed(name, view, table.num_rows, keys, _slide_runs(table.column("slide").to_pylist()),
-                     [(u, i) for u, i in s.units if u not in drop], runs, recs)
+        out = Sealed(name, view, table.num_rows, keys, slide_runs(table.column("slide"), 0),
+                     [(u, i) for u, i in s.units if u not in drop], runs, recs, [k.encode() for k in keys])
     for f in old:
         f.unlink(missing_ok=True)
     return out
-
-
-def _slide_runs(slides: list[Any]) -> list[list[Any]]:
-    runs: list[list[Any]] = []
-    for i, sl in enumerate(slides):
-        if sl is None:
-            continue
-        if runs and runs[-1][0] == sl and runs[-1][1] + runs[-1][2] == i:
-            runs[-1][2] += 1
-        else:
-            runs.append([sl, i, 1])
-    return runs

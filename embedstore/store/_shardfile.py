@@ -2,14 +2,15 @@
 
 A shard is written under ``tmp/`` as ``NAME.partial`` through a sink that hashes what passes
 through it. Sealing closes the Arrow writer, fsyncs the file and renames it into ``shards/``;
-it returns the catalog record (rows, sha256, size). Every shard the store writes — a writer's
-base and view shards, views added to committed tiles, shards rewritten by compaction — is
-sealed by :meth:`ShardFile.seal`. The caller fsyncs ``shards/`` once after sealing the files of
-one commit, then records them in the catalog (write, fsync, rename, then record).
+it returns the catalog record: rows, size and the checksum of the bytes as they were written
+(of the kind :mod:`embedstore.store._checksum` picks; the file is never read back to hash it).
+Every shard the store writes — a writer's base and view shards, views added to committed
+tiles, shards rewritten by compaction — is sealed by :meth:`ShardFile.seal`. The caller fsyncs
+``shards/`` once after sealing the files of one commit, then records them in the catalog
+(write, fsync, rename, then record).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ._checksum import default_kind, digest_record, new_hasher
 from ._process import crash_point
 from .atomic import fsync_dir
 from .layout import Layout
@@ -25,17 +27,19 @@ __all__ = ["HashingFile", "ShardFile", "write_shard", "fixed_list"]
 
 
 class HashingFile:
-    """A write-only raw file that hashes (sha256) what passes through it, for ``pa.PythonFile``."""
+    """A write-only raw file that hashes what passes through it, for ``pa.PythonFile``.
+    ``kind``: the checksum kind (default: :func:`~embedstore.store._checksum.default_kind`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kind: str | None = None) -> None:
+        self.kind = kind or default_kind()
+        self.hash = new_hasher(self.kind)
         self._f = open(path, "xb", buffering=0)
-        self.sha = hashlib.sha256()
         self.size = 0
         self.closed = False
 
     def write(self, data: Any) -> int:
         mv = memoryview(data)
-        self.sha.update(mv)
+        self.hash.update(mv)
         n = 0
         while n < mv.nbytes:
             n += self._f.write(mv[n:])
@@ -86,11 +90,12 @@ class ShardFile:
 
     def seal(self) -> dict[str, Any]:
         """Close, fsync, rename into ``shards/``: the one shard seal. Returns the shard's catalog
-        record ``{rows, sha256, size}``; the caller fsyncs ``shards/`` before committing it."""
+        record ``{rows, size, hash, digest}``; the caller fsyncs ``shards/`` before committing it."""
         self.writer.close()
         self.sink.fsync_close()
         crash_point("after_fsync")
-        rec = {"rows": self.rows, "sha256": self.sink.sha.hexdigest(), "size": self.sink.size}
+        rec = {"rows": self.rows, "size": self.sink.size,
+               **digest_record(self.sink.kind, self.sink.hash.hexdigest())}
         home = self.lay.home(self.name)
         if not home.is_dir():   # views/ in a store made before it existed
             home.mkdir(exist_ok=True)

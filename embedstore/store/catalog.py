@@ -12,7 +12,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -308,6 +308,30 @@ class Catalog:
         if len(b) > MAX_KEY_BYTES:
             raise ConfigError(f"tile key longer than {MAX_KEY_BYTES} bytes: {key[:60]!r}...")
         return b
+
+    @staticmethod
+    def encode_keys(keys: Sequence[str]) -> list[bytes]:
+        """``keys`` encoded for the keys database (a key too long for LMDB is refused)."""
+        out = [k.encode() for k in keys]
+        if out and max(map(len, out)) > MAX_KEY_BYTES:
+            Catalog.key_bytes(next(k for k in keys if len(k.encode()) > MAX_KEY_BYTES))
+        return out
+
+    def present(self, txn: lmdb.Transaction[bytes], keys: Sequence[bytes]) -> list[bytes]:
+        """Those of ``keys`` (encoded) that have an id, in one ``getmulti``."""
+        return [bytes(k) for k, _ in txn.cursor(db=self.db["keys"]).getmulti(keys)]
+
+    def put_new_ids(self, txn: lmdb.Transaction[bytes], keys: Sequence[bytes], first: int) -> list[int]:
+        """Give ``keys[i]`` (encoded) the id ``first + i``, all in one ``putmulti``; a key that
+        already has an id (or comes earlier in ``keys``) keeps it. Returns the positions i of
+        those keys."""
+        n = len(keys)
+        packed = struct.pack(f">{n}Q", *range(first, first + n))
+        ids = [packed[j:j + 8] for j in range(0, 8 * n, 8)]
+        cur = txn.cursor(db=self.db["keys"])
+        if cur.putmulti(list(zip(keys, ids)), overwrite=False)[1] == n:
+            return []
+        return [i for i, ((_, got), mine) in enumerate(zip(cur.getmulti(keys), ids)) if bytes(got) != mine]
 
     def lookup_ids(self, txn: lmdb.Transaction[bytes], keys: Iterable[str]) -> list[int | None]:
         db = self.db["keys"]

@@ -45,6 +45,9 @@ def apply_commit(cat: Catalog, p: dict[str, Any], guard: Collection[str] = ()) -
     tombstoned because their key was already present."""
     kind = p["kind"]
     out: dict[str, Any] = {"dups": []}
+    keys: list[bytes] = []   # encoded outside the write lock (the writer hands them over encoded)
+    if kind == "rows":
+        keys = p["key_bytes"] if "key_bytes" in p else Catalog.encode_keys(p["keys"])
 
     def txn(t: Any) -> None:
         crash_point("in_txn")
@@ -60,12 +63,9 @@ def apply_commit(cat: Catalog, p: dict[str, Any], guard: Collection[str] = ()) -
                 return  # applied before
             first = cat.bump(t, "next_id", p["rows"])
             seq = cat.bump(t, "next_seq")
-            kdb, ddb = cat.db["keys"], cat.db["deleted"]
-            dups = out["dups"] = []
-            for i, k in enumerate(p["keys"]):
-                if not t.put(k.encode(), u64(first + i), db=kdb, overwrite=False):
-                    t.put(u64(first + i), b'{"reason":"duplicate"}', db=ddb)  # kept once
-                    dups.append(i)
+            dups = out["dups"] = cat.put_new_ids(t, keys, first)
+            for i in dups:   # a key already present is kept once: this row is tombstoned
+                t.put(u64(first + i), b'{"reason":"duplicate"}', db=cat.db["deleted"])
             if dups:
                 cat.bump(t, "tomb_gen")
             rec.update(base=p["base"], view=p.get("view"), first_id=first, seq=seq, rows=p["rows"],

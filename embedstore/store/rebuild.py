@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import StoreLockedError
 from . import journal
+from ._checksum import default_kind, digest_record, file_digest
 from ._process import crash_point
 from .atomic import publish_dir, recover_dir
 from .catalog import Catalog, _j, _uj, from_u64, label_key, slide_key, u64
@@ -32,7 +33,6 @@ from .layout import Layout, base_of, is_view
 from .matrix import MappedShard
 from .meta import StoreMeta, read_meta
 from .schema import check_shard_schema
-from .verify import file_sha256
 
 __all__ = ["rebuild_catalog"]
 
@@ -76,6 +76,12 @@ def _rebuild(lay: Layout, meta: StoreMeta) -> dict[str, Any]:
     report["lost"] = plan.lost(old, why)
     report["store"] = str(lay.root)
     return report
+
+
+def _checksum(path: Path) -> dict[str, str]:
+    """A shard's checksum record, recomputed from the file, of the kind new shards get."""
+    kind = default_kind()
+    return digest_record(kind, file_digest(path, kind))
 
 
 def _salvage(lay: Layout) -> tuple[dict[str, Any] | None, str]:
@@ -208,7 +214,7 @@ class _Plan:
             ids = sh.row_ids(e["first_id"])
             keys = [k for b in sh.batches for k in b.column("key").to_pylist()]
             slides = [s for b in sh.batches for s in b.column("slide").to_pylist()]
-            rec = {"rows": sh.rows, "sha256": file_sha256(lay.shard(name)), "size": lay.shard(name).stat().st_size,
+            rec = {"rows": sh.rows, **_checksum(lay.shard(name)), "size": lay.shard(name).stat().st_size,
                    "kind": "base", "first_id": e["first_id"], "seq": e["seq"],
                    "units": [u for u, _ in e.get("units", [])], "writer": e.get("writer", "rebuild"),
                    "time": e.get("time")}
@@ -216,7 +222,7 @@ class _Plan:
             cat.write(lambda t: self._put_base(cat, t, name, rec, keys, ids, slides))
         for name, base in self.views.items():
             f = lay.shard(name)
-            vrec = {"rows": MappedShard(f).rows, "sha256": file_sha256(f), "size": f.stat().st_size,
+            vrec = {"rows": MappedShard(f).rows, **_checksum(f), "size": f.stat().st_size,
                     "kind": "view", "base": base}
             cat.write(lambda t: cat.put_json(t, "shards", name, vrec))
 

@@ -1,19 +1,20 @@
-"""``verify``: every shard's checksum, and agreement between the catalog and the shards."""
+"""``verify``: every shard's checksum (of the kind its record names), and agreement between the
+catalog and the shards."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptShardError
+from ._checksum import file_digest, record_digest, unavailable
 from .catalog import _uj, from_u64, open_catalog
 from .layout import PARTIAL, Layout
 from .matrix import MappedShard
 from .meta import read_store_meta
 from .schema import check_shard_schema
 
-__all__ = ["VerifyReport", "verify_store"]
+__all__ = ["VerifyReport", "verify_store", "checksum_problem"]
 
 
 @dataclass
@@ -34,13 +35,16 @@ class VerifyReport:
                          [f"  note: {n}" for n in self.notes])
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a whole file, read in 8 MiB chunks (what a shard record holds)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def checksum_problem(path: Path, rec: dict[str, Any]) -> str | None:
+    """What is wrong with the shard file ``path`` against its catalog record's checksum (of
+    the kind the record names: sha256 for records older than the kind), or None."""
+    kind, digest = record_digest(rec)
+    why = unavailable(kind)
+    if why is not None:
+        return f"{path.name}: cannot check its checksum: {why}"
+    if file_digest(path, kind) != digest:
+        return f"{path.name}: {kind} checksum differs from the catalog (corrupted)"
+    return None
 
 
 def verify_store(path: Path | str) -> VerifyReport:
@@ -67,9 +71,11 @@ def verify_store(path: Path | str) -> VerifyReport:
         if f.stat().st_size != rec["size"]:
             rep.problems.append(f"{name}: {f.stat().st_size} bytes on disk, catalog says {rec['size']}")
             continue
-        if file_sha256(f) != rec["sha256"]:
-            rep.problems.append(f"{name}: sha256 differs from the catalog (corrupted)")
-            continue
+        bad = checksum_problem(f, rec)
+        if bad is not None:
+            rep.problems.append(bad)
+            if unavailable(record_digest(rec)[0]) is None:   # corrupted (not just uncheckable here)
+                continue
         try:
             sh = MappedShard(f, rec["size"])
         except CorruptShardError as e:

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import (ConfigError, DimensionMismatchError, DuplicateKeyError, StoreExistsError,
-                      StoreNotFoundError)
+from ..errors import ConfigError, DimensionMismatchError, StoreExistsError, StoreNotFoundError
 from ._background import Background
-from ._openshard import OpenShard, Pending, Sealed, drop_units, is_seq, views_table
+from ._openshard import OpenShard, Sealed, drop_units, views_table
+from ._pending import BlockPool, Pending, check_rows, screen_keys, take_rows
 from ._process import crash_point, process_identity
 from ._shardfile import write_shard
 from . import schema
@@ -38,7 +38,6 @@ from .commit import (UnitsTaken, apply_commit, apply_staged, register_file_write
 from .creation import clean_leftovers, create_store
 from .layout import Layout, shard_name
 from .meta import StoreMeta, check_compatible, read_store_meta
-from .schema import META_COLUMNS
 from .snapshot import check_meta_against_shards
 
 __all__ = ["StoreWriter", "create_store", "clean_leftovers"]
@@ -100,6 +99,7 @@ class StoreWriter(Background):
         self._seq = 0
         self._pending: dict[str | None, Pending] = {}
         self._pending_keys: set[str] = set()
+        self._blocks = BlockPool()              # embedding memory reused unit after unit
         self._spilled: set[str] = set()         # units with rows in the open file, not ended
         self._file: OpenShard | None = None
         self._exc: BaseException | None = None
@@ -140,40 +140,29 @@ class StoreWriter(Background):
         ``meta``: columns of META_COLUMNS (slide, source, x, y, level, tile_size, mpp, label),
         each a scalar for all rows or a sequence of n."""
         self._raise_pending()
-        emb = np.asarray(emb)
         n = len(keys)
-        if emb.ndim != 2 or emb.shape[1] != self.dim or emb.shape[0] != n:
-            raise DimensionMismatchError(
-                f"{self.lay.root}: embeddings must be (n={n}, {self.dim}), got {emb.shape}")
-        if not np.issubdtype(emb.dtype, np.floating):
-            raise DimensionMismatchError(f"embeddings must be floating point, got {emb.dtype}")
-        if views is not None:
-            views = np.asarray(views)
-            if views.ndim != 3 or views.shape[0] != n or views.shape[2] != self.dim:
-                raise DimensionMismatchError(
-                    f"views must be (n={n}, K, {self.dim}), got {views.shape}")
-        unknown = set(meta) - set(META_COLUMNS)
-        if unknown:
-            raise ConfigError(f"unknown metadata columns {sorted(unknown)}; "
-                              f"known: {sorted(META_COLUMNS)[1:]}")
-        if self._done_elsewhere(unit):   # committed meanwhile by another writer: kept once, theirs
+        emb, views = check_rows(emb, n, views, meta, self.dim, self.lay.root)
+        keys = list(map(str, keys))
+        kb = Catalog.encode_keys(keys)   # a key too long for the catalog is refused here
+        done, keep = screen_keys(self.cat, keys, kb, unit, self._pending_keys, self.on_duplicate, self.lay.root)
+        if done:   # committed meanwhile by another writer: kept once, theirs
             self._discard_unit(unit, n)
             return
-        keys = [str(k) for k in keys]
-        keep = self._check_duplicates(keys)
         if keep is not None:
             if not keep.any():
                 return
             emb = emb[keep]
             views = views[keep] if views is not None else None
-            meta = {c: (np.asarray(v, dtype=object)[keep].tolist() if is_seq(v) else v)
-                    for c, v in meta.items()}
-            keys = [k for k, m in zip(keys, keep) if m]
-            n = len(keys)
-        p = self._pending.setdefault(unit, Pending())
-        p.extend(keys, emb.astype(self.dtype, copy=True),
-                 views.astype(self.dtype, copy=True) if views is not None else None, meta, unit)
-        self._pending_keys.update(keys)
+            meta = {c: take_rows(v, keep) for c, v in meta.items()}
+            keys, kb = [k for k, m in zip(keys, keep) if m], [b for b, m in zip(kb, keep) if m]
+        p = self._pending.get(unit)
+        if p is None:
+            p = self._pending[unit] = Pending(self.dim, self.meta.dtype, self.batch_rows, self._blocks)
+        try:
+            p.extend(keys, kb, emb, views, meta, unit)   # copies emb and views
+        except BaseException:
+            self._pending_keys.difference_update(keys)   # a rejected add leaves nothing behind
+            raise
         if unit is None:
             self.end_unit(None)
         elif p.rows >= self.spill_rows:
@@ -266,26 +255,10 @@ class StoreWriter(Background):
         the open file are dropped when that file is committed."""
         p = self._pending.pop(unit, None)
         if p is not None:
-            self._pending_keys.difference_update(p.cols.get("key", []))
+            self._pending_keys.difference_update(p.keys)
             rows += p.rows
         if unit is not None:
             self.discarded[unit] = self.discarded.get(unit, 0) + rows
-
-    def _check_duplicates(self, keys: list[str]) -> np.ndarray | None:
-        seen: set[str] = set()
-        dup_in = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
-        if dup_in:
-            raise DuplicateKeyError(f"duplicate tile key {dup_in[0]!r} within one add() call")
-        ids = ([None] * len(keys) if self.staged
-               else self._catalog.read(lambda t: self._catalog.lookup_ids(t, keys)))
-        dup = np.array([(i is not None) or (k in self._pending_keys) for k, i in zip(keys, ids)])
-        if not dup.any():
-            return None
-        if self.on_duplicate == "error":
-            k = keys[int(np.argmax(dup))]
-            raise DuplicateKeyError(f"tile key {k!r} is already in {self.lay.root} "
-                                    "(keys are unique; delete it first or pass on_duplicate='skip')")
-        return ~dup
 
     def _do(self, op: tuple[str, Any, Any]) -> None:
         kind, unit, arg = op
@@ -326,7 +299,7 @@ class StoreWriter(Background):
         if self._file is None:
             self._file = OpenShard(self.lay, self.token, self._seq, self.dim, self.meta.dtype,
                                    schema.shard_metadata(self.meta))
-        self._file.append(p, self.batch_rows, unit)
+        self._file.append(p, unit)
         self.stats["write_s"] += time.perf_counter() - t0
 
     def _seal_and_commit(self) -> None:
@@ -354,6 +327,7 @@ class StoreWriter(Background):
             p: dict[str, Any] = {
                 "kind": "rows", "base": s.name, "base_rec": s.recs[s.name], "rows": s.rows, "view": s.view,
                 "view_rec": s.recs.get(s.view) if s.view else None, "keys": s.keys,
+                **({} if self.staged else {"key_bytes": s.kbytes}),   # staged payloads are JSON
                 "slide_runs": s.slide_runs, "units": s.units, "writer": self.token, "time": time.time()}
             try:
                 res = self._apply(p, s.name, guard)
