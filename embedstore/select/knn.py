@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..arrays import l2_normalise
 from ..errors import NotFittedError, SelectionError
 
-__all__ = ["KnnConfig", "KnnClassifier", "fold_scores", "vote", "metric_value", "METRICS"]
+__all__ = ["KnnConfig", "KnnClassifier", "fold_scores", "score_folds", "vote", "metric_value", "METRICS"]
 
 METRICS = ("balanced_accuracy", "f1")   # f1 = macro F1 over the classes
 
@@ -119,12 +119,12 @@ def metric_value(name: str, y_true: np.ndarray, y_pred: np.ndarray, n_classes: i
     raise SelectionError(f"unknown metric {name!r}; use one of {', '.join(METRICS)}")
 
 
-def fold_scores(emb: np.ndarray, y: np.ndarray, fold: np.ndarray, config: KnnConfig,
-                metric: str = "balanced_accuracy",
-                n_classes: int | None = None) -> tuple[np.ndarray, float]:
-    """Cross-validated kNN: for each fold ``f`` train on rows with ``fold != f`` and score rows
-    with ``fold == f``. ``emb``: (n, dim); ``y``, ``fold``: (n,) int. Returns ``(scores, seconds)``
-    with scores (n_folds,) float64 in fold order and the time spent fitting and predicting."""
+def score_folds(y: np.ndarray, fold: np.ndarray, metric: str, n_classes: int | None,
+                predict: Callable[[np.ndarray, np.ndarray, int], np.ndarray]) -> tuple[np.ndarray, float]:
+    """The cross-validation loop of every kNN path: for each fold ``f``, ``predict(train, test,
+    n_classes)`` (row positions with ``fold != f`` and ``== f``) gives the test rows' classes,
+    scored by ``metric``. Returns ``(scores, seconds)``: (n_folds,) float64 in fold order and the
+    time spent fitting and predicting."""
     if metric not in METRICS:
         raise SelectionError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     from ..heads import metrics as _  # noqa: F401  (imported outside the timed part)
@@ -134,7 +134,16 @@ def fold_scores(emb: np.ndarray, y: np.ndarray, fold: np.ndarray, config: KnnCon
     scores = []
     t0 = time.perf_counter()
     for f in np.unique(fold):
-        train, test = fold != f, fold == f
-        clf = KnnClassifier(config).fit(emb[train], y[train], c)
-        scores.append(metric_value(metric, y[test], clf.predict(emb[test]), c))
+        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        scores.append(metric_value(metric, y[test], predict(train, test, c), c))
     return np.asarray(scores, dtype=np.float64), time.perf_counter() - t0
+
+
+def fold_scores(emb: np.ndarray, y: np.ndarray, fold: np.ndarray, config: KnnConfig,
+                metric: str = "balanced_accuracy",
+                n_classes: int | None = None) -> tuple[np.ndarray, float]:
+    """Cross-validated kNN over ``emb`` (n, dim) in memory; ``y``, ``fold``: (n,) int
+    (see :func:`score_folds`)."""
+    y = np.asarray(y, dtype=np.int64)
+    return score_folds(y, fold, metric, n_classes, lambda train, test, c: KnnClassifier(config).fit(
+        emb[train], y[train], c).predict(emb[test]))

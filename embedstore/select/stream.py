@@ -18,14 +18,13 @@ row it met first); votes agree to float rounding.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from ..arrays import l2_normalise
 from ..errors import SelectionError
-from .knn import METRICS, KnnConfig, metric_value, vote
+from .knn import KnnConfig, score_folds, vote
 
 if TYPE_CHECKING:                      # heads (and torch) load only where a head is trained
     from ..heads.stream import LazyRows
@@ -128,16 +127,6 @@ def streamed_fold_scores(rows: LazyRows, y: np.ndarray, fold: np.ndarray, config
                          budget: int = 1 << 30) -> tuple[np.ndarray, float]:
     """:func:`.knn.fold_scores` over rows read from the store (``rows[i]`` has class ``y[i]``
     and fold ``fold[i]``), holding about ``budget`` bytes at a time. ``(scores, seconds)``."""
-    if metric not in METRICS:
-        raise SelectionError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    from ..heads import metrics as _  # noqa: F401  (imported outside the timed part)
     y = np.asarray(y, dtype=np.int64)
-    fold = np.asarray(fold, dtype=np.int64)
-    c = int(n_classes if n_classes is not None else y.max() + 1)
-    scores = []
-    t0 = time.perf_counter()
-    for f in np.unique(fold):
-        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        votes = streamed_votes(rows, y, train, test, config, c, budget)
-        scores.append(metric_value(metric, y[test], np.argmax(votes, axis=1), c))
-    return np.asarray(scores, dtype=np.float64), time.perf_counter() - t0
+    return score_folds(y, fold, metric, n_classes, lambda train, test, c: np.argmax(
+        streamed_votes(rows, y, train, test, config, c, budget), axis=1))
