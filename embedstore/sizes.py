@@ -1,13 +1,22 @@
 """Byte sizes as people write and read them: ``"8G"`` in, ``"1.5 GB"`` out."""
 from __future__ import annotations
 
+import os
 import re
 
 from .errors import ConfigError
 
-__all__ = ["parse_size", "format_bytes"]
+__all__ = ["parse_size", "format_bytes", "physical_memory"]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory (8 GiB assumed where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def parse_size(value: str | int | float, what: str = "memory budget") -> int:

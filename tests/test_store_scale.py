@@ -72,6 +72,38 @@ def test_a_sparse_gather_grows_the_process_by_about_what_it_returns(big: Path) -
     assert got["RssFile"] < 8 << 20, got             # nothing of the shards is mapped
 
 
+SCAN_PROBE = r"""
+import json, sys
+import numpy as np
+def rss_file():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+from embedstore.store import open_store
+s = open_store(sys.argv[1])
+release = sys.argv[2] == "release"
+before, peak, total, rows = rss_file(), 0, 0.0, 0
+for start, block in s.embeddings.batches(16384, release=release):
+    total += float(block[:, :8].astype(np.float64).sum())
+    rows += len(block)
+    peak = max(peak, rss_file() - before)
+print(json.dumps({"peak": peak, "sum": total, "rows": rows}))
+"""
+
+
+def test_a_released_scan_holds_one_block_mapped(big: Path) -> None:
+    # a 10M-row `predict` grew RssFile to the whole 15 GB store (and was OOM-killed beside other
+    # work): a scan kept every page it had touched mapped
+    def probe(how: str) -> dict:
+        r = subprocess.run([sys.executable, "-c", SCAN_PROBE, str(big), how], capture_output=True,
+                           text=True, check=True)
+        return json.loads(r.stdout)
+    kept, released = probe("keep"), probe("release")
+    assert kept["rows"] == released["rows"] == 400_000 and kept["sum"] == released["sum"]
+    assert kept["peak"] > 150 << 20, kept            # the 200 MB of rows stay mapped
+    assert released["peak"] < 40 << 20, released     # a block is 8 MB
+
+
 def test_gathers_by_pread_and_by_map_agree_with_the_matrix(big: Path) -> None:
     s = open_store(big)
     m = s.embeddings

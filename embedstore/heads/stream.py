@@ -10,7 +10,6 @@ thread and re-raises its errors in the caller.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 
 from .augment import ViewBank
 from ..errors import HeadError
-from ..sizes import parse_size
+from ..sizes import parse_size, physical_memory
 from ..store.protocol import StoreLike
 
 __all__ = ["LazyRows", "LazyViews", "default_memory_budget", "resolve_budget", "in_ram_bytes",
@@ -33,11 +32,7 @@ T = TypeVar("T")
 
 def default_memory_budget(fraction: float = DEFAULT_BUDGET_FRACTION) -> int:
     """``fraction`` of physical memory in bytes (8 GiB assumed where the OS does not say)."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return max(1, int(total * fraction))
+    return max(1, int(physical_memory() * fraction))
 
 
 def resolve_budget(value: int | str | None) -> int:

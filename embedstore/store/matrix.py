@@ -113,6 +113,16 @@ class MappedShard:
         if advice is not None and self.mm is not None and hasattr(self.mm, "madvise"):
             self.mm.madvise(advice)
 
+    def release(self, block: np.ndarray) -> None:
+        """Unmap the pages under ``block`` (a view into this shard) from the process: a shared
+        read-only file mapping refaults them from the page cache when touched again."""
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)
+        if dontneed is None or self.mm is None or not hasattr(self.mm, "madvise") or not block.nbytes:
+            return
+        offset = block.__array_interface__["data"][0] - self.base
+        first = offset - offset % mmap.PAGESIZE
+        self.mm.madvise(dontneed, first, offset + block.nbytes - first)
+
 
 def _reopen(fd: int) -> int:
     """A new descriptor (its own file description, so its own readahead state) of the file
@@ -365,16 +375,22 @@ class Matrix:
             for s, e in zip(lo[np.r_[0, new]].tolist(), hi[np.r_[new - 1, b - a - 1]].tolist()):
                 p.shard.mm.madvise(advice, s, e - s)
 
-    def batches(self, batch_size: int = 65536, start: int = 0,
-                stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, zero-copy block) in order; blocks never straddle pieces."""
+    def batches(self, batch_size: int = 65536, start: int = 0, stop: int | None = None,
+                release: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, zero-copy block) in order; blocks never straddle pieces. With
+        ``release`` each block's pages leave this process once the consumer asks for the next
+        (they stay in the page cache; a block still held reads back from it), so a scan of a
+        matrix larger than memory holds one block mapped, not the whole file."""
         stop = len(self) if stop is None else stop
         for k, p in enumerate(self.pieces):
             a, b = max(start, p.start), min(stop, p.stop)
             for s in range(a, b, batch_size):
                 e = min(s + batch_size, b)
-                yield s, p.emb[s - p.start: e - p.start]
-            if a == p.start and b == p.stop:  # all of it handed out: the reader has mapped it
+                block = p.emb[s - p.start: e - p.start]
+                yield s, block
+                if release:
+                    p.shard.release(block)
+            if a == p.start and b == p.stop and not release:  # all of it handed out and mapped
                 self._mapped[k] = True
 
     def advise(self, advice: int) -> None:
