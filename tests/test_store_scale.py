@@ -81,9 +81,14 @@ def rss_file():
             return int(line.split()[1]) * 1024
 from embedstore.store import open_store
 s = open_store(sys.argv[1])
-release = sys.argv[2] == "release"
+how, m = sys.argv[2], s.embeddings
 before, peak, total, rows = rss_file(), 0, 0.0, 0
-for start, block in s.embeddings.batches(16384, release=release):
+if how.startswith("gather"):       # dense blocks of consecutive ids, as the streamed heads read
+    m.release_behind = how == "gather-release"
+    blocks = ((a, m.take(np.arange(a, min(a + 16384, len(m))))) for a in range(0, len(m), 16384))
+else:
+    blocks = m.batches(16384, release=how == "release")
+for start, block in blocks:
     total += float(block[:, :8].astype(np.float64).sum())
     rows += len(block)
     peak = max(peak, rss_file() - before)
@@ -91,7 +96,7 @@ print(json.dumps({"peak": peak, "sum": total, "rows": rows}))
 """
 
 
-def test_a_released_scan_holds_one_block_mapped(big: Path) -> None:
+def test_released_scans_and_dense_gathers_hold_one_block_mapped(big: Path) -> None:
     # a 10M-row `predict` grew RssFile to the whole 15 GB store (and was OOM-killed beside other
     # work): a scan kept every page it had touched mapped
     def probe(how: str) -> dict:
@@ -102,6 +107,10 @@ def test_a_released_scan_holds_one_block_mapped(big: Path) -> None:
     assert kept["rows"] == released["rows"] == 400_000 and kept["sum"] == released["sum"]
     assert kept["peak"] > 150 << 20, kept            # the 200 MB of rows stay mapped
     assert released["peak"] < 40 << 20, released     # a block is 8 MB
+    kept, released = probe("gather-keep"), probe("gather-release")
+    assert kept["rows"] == released["rows"] == 400_000 and kept["sum"] == released["sum"]
+    assert kept["peak"] > 150 << 20, kept
+    assert released["peak"] < 40 << 20, released
 
 
 def test_gathers_by_pread_and_by_map_agree_with_the_matrix(big: Path) -> None:

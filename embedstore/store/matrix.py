@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CorruptShardError, RowRangeError
+from ..sizes import physical_memory
 
 __all__ = ["MappedShard", "Piece", "Matrix"]
 
@@ -222,6 +223,9 @@ class Matrix:
         self._off = np.array([p.emb.__array_interface__["data"][0] - p.shard.base for p in self.pieces],
                              np.int64)
         self._mapped = np.zeros(len(self.pieces), bool)
+        # past a quarter of RAM, scans and dense gathers unmap what they read once it is copied
+        # or consumed: the process holds what it uses, not every page it ever touched
+        self.release_behind = self.nbytes > physical_memory() // 4
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -313,6 +317,8 @@ class Matrix:
                 np.take(p.emb, srows[a:b] - p.start, axis=0, out=out[a:b], mode="clip")
             else:
                 out[order[a:b]] = p.emb[srows[a:b] - p.start]
+            if self.release_behind and not self._mapped[gp[g]]:
+                p.shard.release(p.emb[int(srows[a]) - p.start:int(srows[b - 1]) - p.start + 1])
         if not by_map.all():
             self._pread_into(out, srows, piece, order, ~by_map, bounds)
         return out
@@ -376,11 +382,13 @@ class Matrix:
                 p.shard.mm.madvise(advice, s, e - s)
 
     def batches(self, batch_size: int = 65536, start: int = 0, stop: int | None = None,
-                release: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+                release: bool | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first row, zero-copy block) in order; blocks never straddle pieces. With
         ``release`` each block's pages leave this process once the consumer asks for the next
         (they stay in the page cache; a block still held reads back from it), so a scan of a
-        matrix larger than memory holds one block mapped, not the whole file."""
+        matrix larger than memory holds one block mapped, not the whole file. None: when the
+        matrix is larger than a quarter of RAM (``release_behind``)."""
+        release = self.release_behind if release is None else release
         stop = len(self) if stop is None else stop
         for k, p in enumerate(self.pieces):
             a, b = max(start, p.start), min(stop, p.stop)

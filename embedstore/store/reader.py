@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UnknownKeyError
-from ..sizes import physical_memory
 from .catalog import Catalog, JsonCache, from_u64, label_key, open_catalog
 from .layout import Layout, is_view
 from .meta import StoreMeta, read_meta, read_store_meta
@@ -184,9 +183,7 @@ class Store:
         """Yield (ids (b,) int64, emb (b, dim)) over live rows in id order; blocks are
         zero-copy views unless a tombstone falls inside them."""
         live = self.live_mask if self._dead_pos.size else None
-        # past a quarter of RAM a scan lets go of the pages behind it: RSS stays one block
-        release = self.embeddings.nbytes > physical_memory() // 4
-        for s, block in self.embeddings.batches(batch_size, release=release):
+        for s, block in self.embeddings.batches(batch_size):   # past RAM/4 it releases behind
             ids = self._row_ids[s:s + len(block)]
             if live is not None:
                 m = live[s:s + len(block)]
