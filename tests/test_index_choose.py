@@ -13,7 +13,8 @@ import pytest
 
 from embedstore.errors import BudgetError
 from embedstore.index import build_index, parse_memory, plan_candidates, search
-from embedstore.index.choose import EXACT_MAX_ROWS, SAMPLE_MIN, pick, sample_size
+from embedstore.index.choose import (EXACT_MAX_ROWS, SAMPLE_MIN, graph_recall_at, pick,
+                                     plan_index, sample_size, sweep_grid)
 from embedstore.index.measure import predicted_seconds
 from test_index import FakeStore, make_store
 
@@ -74,12 +75,65 @@ def test_pick_fastest_meeting_target_ties_to_least_memory() -> None:
     assert pick(rows[1:], 0.999) == 0                            # none met: highest recall
 
 
+def test_graph_recall_decays_per_doubling_and_the_pick_uses_it() -> None:
+    # lost 0.033 from 25k to 50k rows: 2.58 more doublings to 300k
+    assert graph_recall_at(300_000, 50_000, 0.957, 0.990) == pytest.approx(0.872, abs=1e-3)
+    assert graph_recall_at(300_000, 50_000, 0.957, 0.950) == 0.957      # no loss measured
+    assert graph_recall_at(50_000, 50_000, 0.957, 0.990) == 0.957       # the sample is all
+    rows = [{"recall": 1.0, "qps": 1000.0, "memory_bytes": 50},
+            {"recall": 0.96, "qps": 3000.0, "memory_bytes": 60, "predicted_recall": 0.87}]
+    assert pick(rows, 0.95) == 0                    # the graph would miss the target at full size
+    rows[1]["predicted_recall"] = 0.951
+    assert pick(rows, 0.95) == 1
+
+
 def test_predicted_seconds_scales_only_the_scan() -> None:
     assert predicted_seconds("flat", 1.0, 0.0, 1_000_000, 100_000) == pytest.approx(10.0)
     assert predicted_seconds("ivf-flat", 1.0, 0.4, 1_000_000, 100_000) == pytest.approx(6.4)
     assert predicted_seconds("hnsw", 1.0, 0.0, 10**6, 10**3) == pytest.approx(2.0)
     assert predicted_seconds("ivf-pq", 1.0, 5.0, 10**6, 10**5) == pytest.approx(1.0)  # clamped
     assert predicted_seconds("flat", 1.0, 0.0, 1000, 1000) == 1.0
+
+
+def test_sweep_grid_steps_at_most_one_and_a_half() -> None:
+    assert sweep_grid(1, 1024)[:8] == (1, 2, 4, 6, 8, 12, 16, 24)
+    assert sweep_grid(16, 1024)[:4] == (16, 24, 32, 48) and sweep_grid(16, 1024)[-1] == 1024
+    assert sweep_grid(1, 100)[-2:] == (96, 100) and sweep_grid(1, 1) == (1,)
+    for lo, hi in ((1, 1024), (16, 1024), (1, 100), (1, 7)):
+        grid = sweep_grid(lo, hi)
+        assert grid[0] == lo and grid[-1] == hi and list(grid) == sorted(set(grid))
+        steps = [b / a for a, b in zip(grid, grid[1:]) if a >= 4]
+        assert all(step <= 1.5 for step in steps), grid
+    plans = {p.kind: p for p in plan_candidates(1_000_000, 768, parse_memory("8G"))}
+    assert plans["hnsw"].sweep == sweep_grid(16, 1024)            # the planned sweeps use it
+    assert plans["ivf-flat"].sweep == plans["ivf-pq"].sweep == sweep_grid(1, 1024)
+    assert plan_index(300_000, 768, parse_memory("8G"), kind="ivf-sq8").sweep == sweep_grid(1, 1024)
+
+
+def test_pq_code_dividing_dim_preferred_to_an_opq_rotation() -> None:
+    pcam = [p for p in plan_candidates(36_000, 1280, parse_memory("8G")) if p.kind == "ivf-pq"]
+    assert pcam[0].factory == "IVF512,PQ64np"              # not OPQ96_1248 (minutes to train)
+    assert plan_index(500_000, 100, parse_memory("8G"), kind="ivf-pq").factory.startswith("OPQ8_96")
+    assert plan_index(1_000_000, 768, parse_memory("8G"), kind="ivf-pq").factory == "IVF4096,PQ64np"
+    assert plan_index(1_000_000, 1536, parse_memory("8G"), kind="ivf-pq").m == 128
+
+
+def test_the_finer_sweep_lands_within_one_and_a_half_of_the_cheapest_setting() -> None:
+    """Hard data: recall grows slowly with nprobe and the target is first met at nprobe 40;
+    doublings would tune to 64 (1.6x the work of 40), this grid tunes to 48."""
+    from embedstore.index.recall import tune
+
+    plan = plan_index(300_000, 768, parse_memory("8G"), 0.95, kind="ivf-flat")
+    truth = np.arange(40 * 10).reshape(40, 10)
+
+    def run(q: np.ndarray, k: int, params: dict) -> np.ndarray:
+        found = truth.copy()
+        hits = min(10, round(10 * min(1.0, 0.95 * params["nprobe"] / 40)))
+        found[:, hits:] = -1
+        return found
+
+    tuned = tune(run, plan, np.zeros((40, 768), np.float32), truth, 0.95)
+    assert tuned.met and tuned.params["nprobe"] == 48, tuned.curve
 
 
 # ---------------------------------------------------------------- the measuring chooser
@@ -168,3 +222,42 @@ def test_kind_still_forces_one_and_cli_prints_the_table(auto_built: tuple, tmp_p
     forced = build_index(small, kind="ivf-sq8", n_queries=200)
     assert forced.kind == "ivf-sq8" and forced.factory.endswith(",SQ8") and forced.candidates == []
     assert "candidates" not in format_info(forced, small.path)
+
+
+def test_candidates_are_timed_in_interleaved_rounds(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of load as long as one candidate's three timings, if they ran back to back,
+    would make that candidate look 10x slower; timed in interleaved rounds, each candidate
+    meets the burst at most once and keeps a clean best (its own speed). Timings run on one
+    faiss thread, reported times the threads faiss had (restored after)."""
+    import faiss
+
+    import embedstore.index.measure as measure_mod
+    from embedstore.index._make import held_out_queries
+
+    store = make_store(tmp_path / "s", 25_000, dim=32, seed=5)
+    plans = plan_candidates(len(store), store.dim, parse_memory("1G"))
+    speed = {p.label: 0.01 * (i + 1) for i, p in enumerate(plans)}     # true seconds each
+    calls: list[str] = []
+    burst = range(3, 6)                                                  # calls 3, 4 and 5
+
+    threads: list[int] = []
+
+    def fake(vindex: object, st: object, q: np.ndarray, params: dict) -> tuple[float, np.ndarray]:
+        label = vindex.info.factory                                     # type: ignore[attr-defined]
+        calls.append(label)
+        threads.append(faiss.omp_get_max_threads())
+        seconds = speed[label] * (10 if len(calls) - 1 in burst else 1)
+        return seconds, np.zeros((len(q), 10), np.int64)
+
+    monkeypatch.setattr(measure_mod, "_time_once", fake)
+    monkeypatch.setattr(measure_mod, "predicted_seconds", lambda kind, total, *a: total)
+    qids, q = held_out_queries(store, 200, 0, "cosine")
+    faiss.omp_set_num_threads(2)                     # the fixture restores one thread after
+    rows, _ = measure_mod.measure_candidates(store, plans, qids, q, 0.95, "cosine", 0,
+                                             parse_memory("1G"), 4096)
+    labels = [p.label for p in plans]
+    assert calls == labels * measure_mod.TIMING_ROUNDS                   # round after round
+    assert set(threads) == {1} and faiss.omp_get_max_threads() == 2
+    for row in rows:
+        assert row["sample_qps"] == pytest.approx(2 * len(q) / speed[row["label"]], rel=1e-3)

@@ -19,11 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from embedstore.errors import BudgetError, ConfigError, VectorIndexError
+from embedstore.index._rules import graph_recall_at, sweep_grid
 from embedstore.sizes import format_bytes, parse_size
 
 __all__ = [
     "KINDS", "FLAT_MAX_ROWS", "EXACT_MAX_ROWS", "IndexPlan", "plan_index", "plan_candidates",
     "parse_memory", "sample_size", "pick", "plan_on_disk", "fits_in_memory", "ON_DISK_KINDS",
+    "sweep_grid", "graph_recall_at",
 ]
 
 KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq")
@@ -51,7 +53,7 @@ HNSW_QUANTIZER_MIN_LISTS = 1 << 16  # from here, assign to lists through an HNSW
                                     # over 4096 centroids needs efSearch ~256 to find the right
                                     # lists, which costs more than scanning the 4096 centroids
 QUANTIZER_EF_SEARCH = 256        # efSearch of an HNSW quantizer (at least 2 * nprobe at search)
-EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
+EF_SEARCH_RANGE = (16, 1024)      # HNSW efSearch swept over sweep_grid(16, 1024)
 ON_DISK_KINDS = ("auto", "ivf-flat", "ivf-sq8", "ivf-pq")   # an on-disk index is an IVF
 ON_DISK_DIMS_PER_SUB = 4         # on disk: dims per PQ sub-quantizer (256-d -> PQ64)
 SHARD_MAX_ROWS = 1 << 21         # on disk: rows per shard (also at most a quarter of the budget)
@@ -109,9 +111,15 @@ def _nlist(n: int) -> int:
 
 
 def _pq_m_options(dim: int) -> list[int]:
-    """PQ code sizes worth trying, largest (most accurate) first, none past dim / 12 or dim."""
+    """PQ code sizes worth trying, largest (most accurate) first, none past dim / 12 or dim.
+    A code that does not divide dim needs an OPQ rotation, whose training (tens of rounds of
+    PQ training plus an SVD) costs more than the rest of the index (1280-d: OPQ96 minutes,
+    PQ64 seconds), so it is dropped when a code dividing dim keeps at least half its bytes;
+    the exact re-ranking absorbs the coarser code."""
     cap = max(PQ_M_CHOICES[0], dim // PQ_DIMS_PER_SUB)
-    return [m for m in reversed(PQ_M_CHOICES) if m <= cap and m <= dim]
+    options = [m for m in reversed(PQ_M_CHOICES) if m <= cap and m <= dim]
+    even = next((m for m in options if dim % m == 0), 0)
+    return [m for m in options if m <= even or 2 * even < m]
 
 
 def _train_size(n: int, nlist: int, pq_bits: int) -> int:
@@ -128,11 +136,7 @@ def _pq_bits(n: int) -> int:
 
 
 def _nprobe_sweep(nlist: int) -> tuple[int, ...]:
-    top = min(nlist, NPROBE_MAX)
-    values = [1 << i for i in range(top.bit_length()) if (1 << i) <= top]
-    if values[-1] != top:
-        values.append(top)
-    return tuple(values)
+    return sweep_grid(1, min(nlist, NPROBE_MAX))
 
 
 def _coarse(nlist: int, dim: int) -> tuple[str, int]:
@@ -151,7 +155,7 @@ def _flat(n: int, dim: int, reason: str) -> IndexPlan:
 def _hnsw(n: int, dim: int, reason: str) -> IndexPlan:
     # level-0 links (2M int32) plus ~10% upper levels, the vectors, level table and ids
     per_row = 4 * dim + ID_BYTES + int(2 * HNSW_M * 4 * 1.1) + 12
-    sweep = tuple(ef for ef in EF_SEARCH if ef >= 16)
+    sweep = sweep_grid(*EF_SEARCH_RANGE)
     return IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", n, dim, 0, 0, HNSW_M, 0, 0, n * per_row, 0,
                      "efSearch", sweep, (1,), reason)
 
@@ -302,12 +306,15 @@ def sample_size(n: int, n_queries: int, plans: list[IndexPlan], dim: int,
 def pick(measured: list[dict], target_recall: float) -> int:
     """Index of the winner among measured candidates (dicts with ``recall``, ``qps`` and
     ``memory_bytes``): the fastest with recall >= target, a tie (QPS within TIE) going to the
-    least memory; when none meets it, the highest recall (then the fastest)."""
+    least memory; when none meets it, the highest recall (then the fastest). A candidate's
+    ``predicted_recall`` (its full-size recall, when the sample's is known not to carry over:
+    HNSW) stands in for ``recall`` where present."""
     if not measured:
         raise VectorIndexError("no candidate index was measured")
-    met = [i for i, c in enumerate(measured) if c["recall"] >= target_recall]
+    recall = [c.get("predicted_recall", c["recall"]) for c in measured]
+    met = [i for i, r in enumerate(recall) if r >= target_recall]
     if not met:
-        return max(range(len(measured)), key=lambda i: (measured[i]["recall"], measured[i]["qps"]))
+        return max(range(len(measured)), key=lambda i: (recall[i], measured[i]["qps"]))
     best = max(measured[i]["qps"] for i in met)
     close = [i for i in met if measured[i]["qps"] >= (1.0 - TIE) * best]
     return min(close, key=lambda i: (measured[i]["memory_bytes"], -measured[i]["qps"]))
