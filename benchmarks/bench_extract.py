@@ -15,7 +15,9 @@ Side by side, batch 64, on the same tiles and weights, in one process:
   tiles, the shipped int8 ONNX MobileNetV2 on ``--onnx-tiles``. Every thread-budget setting in
   ``--configs`` (DataLoader workers x intra-op threads; ``default`` leaves both to the runner:
   ``runner.default_workers``: 0 on 2 cores, else cores - 1; torch's default thread count for
-  both models) is measured; the best end-to-end setting per model is carried into the next sections.
+  both models; ``/ahead``, ``/plain``: ``decode_ahead`` True, False: with 0 workers the next
+  batch decoded in a helper thread, or each batch in the model's thread) is measured; the best
+  end-to-end setting per model is carried into the next sections.
 * **slide**: the same from whole slides: ``--slide-copies-*`` copies of the shipped CMU-1 small
   region (``sample_data/wsi``) under different names in the scratch folder, tissue tiles at
   0.5 µm/px, 224 px (the runner plans, masks, saves overlays, reads, embeds), against
@@ -81,27 +83,34 @@ WORK = H.SCRATCH / NAME
 # -- thread budget ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """DataLoader workers x intra-op threads; None leaves the choice to the runner."""
+    """DataLoader workers x intra-op threads; None leaves the choice to the runner. ``ahead``
+    (label suffix ``/ahead`` or ``/plain``): ``decode_ahead`` True or False, with 0 workers
+    the next batch decoded in a helper thread or each batch in the model's thread; None (no
+    suffix): the runner's ``decode_ahead_default``."""
     workers: int | None
     threads: int | None
+    ahead: bool | None = None
 
     @property
     def label(self) -> str:
+        tail = {None: "", True: "/ahead", False: "/plain"}[self.ahead]
         if self.workers is None and self.threads is None:
-            return "default"
+            return "default" + tail
         w = "def" if self.workers is None else str(self.workers)
         t = "def" if self.threads is None else str(self.threads)
-        return f"w{w}/t{t}"
+        return f"w{w}/t{t}{tail}"
 
     @classmethod
     def parse(cls, s: str) -> Budget:
+        ahead = True if s.endswith("/ahead") else False if s.endswith("/plain") else None
+        s = s.removesuffix("/ahead").removesuffix("/plain")
         if s == "default":
-            return cls(None, None)
+            return cls(None, None, ahead)
         m = re.fullmatch(r"w(\d+|def)/t(\d+|def)", s)
         if not m:
-            raise argparse.ArgumentTypeError(f"bad budget {s!r}: 'default' or wN/tM")
+            raise argparse.ArgumentTypeError(f"bad budget {s!r}: 'default' or wN/tM, then /ahead or /plain")
         conv = lambda v: None if v == "def" else int(v)  # noqa: E731
-        return cls(conv(m.group(1)), conv(m.group(2)))
+        return cls(conv(m.group(1)), conv(m.group(2)), ahead)
 
 
 _TORCH_DEFAULT_THREADS: int | None = None
@@ -144,7 +153,9 @@ def describe(model: str, b: Budget) -> dict[str, Any]:
         threads: Any = b.threads
     else:
         threads = torch_default_threads()
-    return {"workers": workers, "threads": threads}
+    from embedstore.extract.config import decode_ahead_default
+    ahead = b.ahead if b.ahead is not None else decode_ahead_default("cpu", int(threads))
+    return {"workers": workers, "threads": threads, "decode_ahead": ahead and workers == 0}
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -253,7 +264,8 @@ def run_extract(sources: Sequence[Path], model: str, b: Budget, expect: int,
     set_torch_threads(None)  # extract sets the threads itself when asked
     cfg = ExtractConfig(store=store, backbone=model, random_init=model != ONNX, batch_size=BATCH,
                         num_workers=b.workers, num_threads=b.threads, progress=False,
-                        target_mpp=MPP if slides else None, tile_size=TILE if slides else None)
+                        target_mpp=MPP if slides else None, tile_size=TILE if slides else None,
+                        decode_ahead=b.ahead)
     gc.collect()
     t0 = time.perf_counter()
     res = extract([str(s) for s in sources], cfg)
@@ -349,10 +361,10 @@ def distinct(model: str, budgets: list[Budget]) -> list[Budget]:
     """Budgets that resolve to different settings (for a torch model, ``default`` is
     w<default workers>/t<torch default> and is measured once, under the name ``default``)."""
     out: list[Budget] = []
-    seen: set[tuple[Any, Any]] = set()
+    seen: set[tuple[Any, Any, Any]] = set()
     for b in budgets:
         d = describe(model, b)
-        key = (d["workers"], d["threads"])
+        key = (d["workers"], d["threads"], d["decode_ahead"])
         if key not in seen:
             seen.add(key)
             out.append(b)
@@ -573,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:  # long: ~20 flags, then the sec
     ap.add_argument("--trident-slides", type=int, default=50)
     ap.add_argument("--bf16-tiles", type=int, default=256)
     ap.add_argument("--configs", type=Budget.parse, nargs="+",
-                    default=[Budget.parse(s) for s in ("default", "w1/t2", "w1/t1", "w0/t2", "w0/t1")])
+                    default=[Budget.parse(s) for s in ("default", "default/ahead", "default/plain", "w1/t2",
+                                                       "w1/t1", "w0/t2", "w0/t1")])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", nargs="+", default=["tiles", "slide", "trident", "bf16"],
                     choices=["tiles", "slide", "trident", "bf16"])
@@ -617,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:  # long: ~20 flags, then the sec
         if "slide" in args.sections:
             for model, copies in ((RESNET, args.slide_copies_resnet), (ONNX, args.slide_copies_onnx)):
                 slides = slide_copies(copies)
-                budgets = distinct(model, [Budget(None, None), best[model], Budget(1, 1)])
+                budgets = distinct(model, [Budget(None, None), Budget(None, None, True),
+                                           Budget(None, None, False), best[model], Budget(1, 1)])
                 rows += e2e_vs_model("slide", model, budgets, slides, slide_tiles,
                                      len(grid) * copies, True, args.repeats, models,
                                      store_check_slides(grid))

@@ -39,6 +39,10 @@ from ._app import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, echo_json, json_optio
               help="DataLoader workers per process (default: cores - 1, at most 8; 0 for a CPU model "
                    "on 2 cores or fewer).")
 @click.option("--threads", type=COUNT, metavar="N", help="Intra-op threads per process.")
+@click.option("--decode-ahead/--no-decode-ahead", "decode_ahead", default=None,
+              help="With 0 workers, read and decode the next batch in a thread while the model runs "
+                   "(default: on when the model leaves a core free, e.g. a GPU; off for a CPU model "
+                   "using every core, where it only takes turns with it).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Inference precision (autocast). Default: fp32 on CPU, the backbone's on GPU.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -56,7 +60,7 @@ from ._app import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, echo_json, json_optio
 def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str | None,
             random_init: bool, target_mpp: float | None, slide_mpp: float | None,
             tile_size: int | None, views: int | None, view_seed: int, devices: str, batch_size: int,
-            workers: int | None, threads: int | None, precision: str | None, dtype: str,
+            workers: int | None, threads: int | None, decode_ahead: bool | None, precision: str | None, dtype: str,
             task: str | None, min_tissue: float, compile_: bool, files_per_unit: int, rows_per_shard: int, quiet: bool,
             as_json: bool) -> None:
     """Embed tiles into STORE. SOURCE is a folder of tiles (class sub-folders become labels),
@@ -75,7 +79,7 @@ def extract(sources: tuple[Path, ...], store: Path, backbone: str, weights: str 
                         precision=precision, dtype=dtype, task=task, devices=devices,
                         compile=compile_, min_tissue=min_tissue, progress=not quiet,
                         num_threads=threads, files_per_unit=files_per_unit,
-                        rows_per_shard=rows_per_shard)
+                        rows_per_shard=rows_per_shard, decode_ahead=decode_ahead)
     res = run(list(sources), cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         sys.exit(res.exit_code)

@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from .sources import control_char
 
-__all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers", "STAGES"]
+__all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers", "decode_ahead_default",
+           "STAGES"]
 
 # the stages timed per run, in the order the summary prints them
 STAGES = ("plan", "read+decode", "wait", "transfer", "forward", "write")
@@ -40,6 +41,8 @@ class ExtractConfig:
     progress: bool = True             # tqdm bar
     num_threads: int | None = None    # intra-op threads per process (torch / onnxruntime)
     files_per_unit: int = 256         # files per work unit (the resume granularity)
+    decode_ahead: bool | None = None  # 0 workers: decode the next batch in a thread while the model
+                                      # runs (None: decode_ahead_default)
 
     def __post_init__(self) -> None:
         """Refuse a value out of range before anything is written: one line naming the flag."""
@@ -61,6 +64,8 @@ class ExtractConfig:
             raise ConfigError("--weights and --random-init exclude each other: give one")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        if self.decode_ahead is not None and not isinstance(self.decode_ahead, bool):
+            raise ConfigError(f"decode_ahead must be True, False or None, got {self.decode_ahead!r}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -91,6 +96,15 @@ def default_workers(device: str) -> int:
     if device.startswith("cpu") and cores <= 2:
         return 0
     return max(0, min(8, cores - 1))
+
+
+def decode_ahead_default(device: str, threads: int) -> bool:
+    """Whether a run without DataLoader workers decodes one batch ahead in a helper thread when
+    not told: only where the model leaves a core for it (a GPU, or fewer intra-op ``threads``
+    than cores). Measured on 2 busy cores with the model on both (benchmarks/bench_bigslide.py,
+    bench_extract.py): the model stopped waiting for batches, but its forward passes slowed by
+    about as much, sharing the cores with decoding; no gain there, within the machine's noise."""
+    return not device.startswith("cpu") or threads < usable_cores()
 
 
 @dataclass

@@ -7,14 +7,16 @@ A tile that cannot be read comes back flagged with the reason; the run goes on. 
 is resized to the store's tile side when each of its sides is within ``MAX_FILE_SCALE`` of
 it, and refused (from its header, before decoding) when farther off. With no worker
 processes (``workers=0``) a batch is decoded by a few threads of the main process instead
-(JPEG decoding and resizing release the GIL), so decoding does not leave cores idle.
+(JPEG decoding and resizing release the GIL), so decoding does not leave cores idle, and
+``DecodeAhead`` decodes the next batch in one helper thread while the model runs this one.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -26,7 +28,7 @@ from .transforms import ViewRecipe, make_views
 if TYPE_CHECKING:
     from .wsi import SlideReader
 
-__all__ = ["TileSpec", "TileDataset", "collate", "check_file_size", "MAX_FILE_SCALE"]
+__all__ = ["TileSpec", "TileDataset", "DecodeAhead", "collate", "check_file_size", "MAX_FILE_SCALE"]
 
 MAX_FILE_SCALE = 4.0   # a tile file may be at most this much larger or smaller than the store's tiles
 
@@ -155,3 +157,55 @@ def collate(items: list[tuple[np.ndarray | None, TileSpec, str | None, float]]) 
     return {"tiles": tiles, "specs": [spec for _, spec in ok],
             "failed": [(it[1], it[2]) for it in items if it[0] is None],
             "read_s": sum(it[3] for it in items)}
+
+
+class DecodeAhead:
+    """The batches of ``sampler`` (lists of tile specs), decoded one batch ahead in one helper
+    thread: the loader of a run without worker processes.
+
+    The sampler is advanced in the iterating thread only (it claims and finishes work items,
+    records errors: pipeline and writer state); the helper only does what the DataLoader's
+    fetcher does, ``dataset.__getitems__`` + ``collate`` (+ pinning), pure work on its specs.
+    At most one batch is in flight, so the dataset's slide readers serve one batch at a time.
+    Leaving the iteration (exhausted, an exception, Ctrl-C, ``close``) waits for the batch in
+    flight and stops the thread, so the dataset can be closed after it."""
+
+    def __init__(self, dataset: TileDataset, sampler: Iterable[list[TileSpec]],
+                 pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.pin_memory = pin_memory
+        self._pool: ThreadPoolExecutor | None = None
+        self._busy: Future[dict[str, Any]] | None = None
+
+    def _fetch(self, specs: list[TileSpec]) -> dict[str, Any]:
+        batch = collate(self.dataset.__getitems__(specs))
+        if self.pin_memory and len(batch["tiles"]):
+            batch["tiles"] = batch["tiles"].pin_memory()
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        specs = iter(self.sampler)
+        self._pool = pool = ThreadPoolExecutor(1, thread_name_prefix="embedstore-ahead")
+        try:
+            nxt = next(specs, None)
+            self._busy = None if nxt is None else pool.submit(self._fetch, nxt)
+            while self._busy is not None:
+                nxt = next(specs, None)        # here, while the helper decodes the batch before
+                batch = self._busy.result()
+                self._busy = None if nxt is None else pool.submit(self._fetch, nxt)
+                yield batch
+        finally:
+            self.close()
+            close = getattr(specs, "close", None)
+            if close is not None:              # the sampler's own look-ahead stops too
+                close()
+
+    def close(self) -> None:
+        """Wait for the batch in flight (its result is dropped) and stop the helper thread."""
+        busy, self._busy = self._busy, None
+        if busy is not None:
+            busy.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -174,9 +174,20 @@ def embed_all(pipe: Pipeline, bb: Backbone, loader: Iterable[dict[str, Any]], de
     """The model loop: take decoded batches (tiles and, with ``k`` views, their views), embed
     them on ``device`` and hand the embeddings to ``pipe``; time each stage."""
     import torch
-    stages = pipe.res.stages
-    dev = torch.device(device)
     it = iter(loader)
+    try:
+        _model_loop(pipe, bb, it, torch.device(device), k, bar)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:   # a generator loader (DecodeAhead): stop its thread now, not at GC
+            close()
+
+
+def _model_loop(pipe: Pipeline, bb: Backbone, it: Iterator[dict[str, Any]], dev: Any, k: int,
+                bar: Any) -> None:
+    """Batch by batch: "wait" is the time this loop waited for the next batch (the sampler's
+    step included), "read+decode" the decode time summed over tiles (wherever it ran)."""
+    stages = pipe.res.stages
     while True:
         t0 = time.perf_counter()
         try:

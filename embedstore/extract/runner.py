@@ -1,10 +1,12 @@
 """The extraction run: sources -> work items -> one persistent DataLoader -> backbone -> writer.
 
 The sampler (main process) claims work items one at a time, plans them (a slide's tissue grid)
-and yields batches of tile specs; workers decode; the batch moves to the device as uint8
-(pinned, non-blocking on CUDA) where the backbone resizes, normalises and embeds; a background
-writer commits shards. A unit is marked done only when all its tiles are committed, so a killed
-run restarted gives the same store. Failed inputs are recorded as errors and the run goes on.
+and yields batches of tile specs; workers decode (with none, ``DecodeAhead``: one helper thread
+decodes the next batch while the model runs this one, ``ExtractConfig.decode_ahead``); the
+batch moves to the device as uint8 (pinned, non-blocking on CUDA) where the backbone resizes,
+normalises and embeds; a background writer commits shards. A unit is marked done only when
+all its tiles are committed, so a killed run restarted gives the same store. Failed inputs are
+recorded as errors and the run goes on.
 
 Pieces: ``pending`` (what is left: pure), ``tiling`` (a work item's tile specs), ``pipeline``
 (sampler, model loop and commits of one process), ``parallel`` (one process per device).
@@ -33,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BackboneMismatchError, SourceError
 from ..store import StoreWriter, import_labels, lookup_ids
 from ..store.meta import StoreMeta, read_meta, write_meta
-from .config import STAGES, ExtractConfig, ExtractResult, default_workers, usable_cores
-from .dataset import TileDataset, collate
+from .config import (STAGES, ExtractConfig, ExtractResult, decode_ahead_default, default_workers,
+                     usable_cores)
+from .dataset import DecodeAhead, TileDataset, collate
 from .pending import WorkPlan, read_work
 from .pipeline import Pipeline, embed_all
 from .sources import Discovery, discover
@@ -236,10 +239,16 @@ def _embed(pipe: Pipeline, bb: Backbone, cfg: ExtractConfig, recipe: ViewRecipe 
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     file_size = pipe.planner.file_size
     dataset = TileDataset(recipe, file_size, decode_threads=usable_cores() if workers == 0 else 1)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=pipe, num_workers=workers,
-        collate_fn=collate, pin_memory=torch.device(device).type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+    pin = torch.device(device).type == "cuda"
+    loader: DecodeAhead | torch.utils.data.DataLoader[Any]
+    ahead = cfg.decode_ahead if cfg.decode_ahead is not None else decode_ahead_default(
+        device, cfg.num_threads or torch.get_num_threads())
+    if workers == 0 and ahead:   # the next batch decodes in a thread while the model runs
+        loader = DecodeAhead(dataset, pipe, pin_memory=pin)
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=pipe, num_workers=workers, collate_fn=collate, pin_memory=pin,
+            prefetch_factor=4 if workers else None, persistent_workers=False)
     bar = tqdm(total=work.n_files if file_size is not None else None, unit="tile",
                desc=f"extract[{device}]" if world > 1 else "extract",
                disable=not cfg.progress, position=rank, dynamic_ncols=True, leave=True)
@@ -247,4 +256,6 @@ def _embed(pipe: Pipeline, bb: Backbone, cfg: ExtractConfig, recipe: ViewRecipe 
         embed_all(pipe, bb, loader, device, recipe.k if recipe else 0, bar)
     finally:
         bar.close()
+        if isinstance(loader, DecodeAhead):
+            loader.close()    # its thread is done with the slides before they are closed
         dataset.close()   # slides opened here (workers=0); workers closed theirs on exit
