@@ -264,3 +264,13 @@ def test_rebuild_replays_journaled_labels_over_a_lost_catalog(small: Path) -> No
     assert list(s.labels(keys[:2], "old")) == [None, None]
     r = rebuild_catalog(small)                      # over a readable catalog: the same
     assert open_store(small).tasks() == tasks and not r["lost"]
+
+
+def test_opening_a_store_does_not_import_pandas(small: Path) -> None:
+    # pyarrow's Array.to_numpy imports pandas on first use: 0.25 s of every open (and every
+    # `embedstore info`), measured on the 10M-row archive store
+    code = ("import sys; from embedstore.store import open_store; s = open_store(sys.argv[1]); "
+            "n = len(s); v = s.views(); print(n, len(v.ids), 'pandas' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(small)], capture_output=True, text=True, check=True)
+    n, views, pandas = r.stdout.split()
+    assert int(n) > 0 and pandas == "False", r.stdout

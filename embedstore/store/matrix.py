@@ -188,8 +188,23 @@ def embedding_view(batch: pa.RecordBatch, dim: int) -> np.ndarray:
     """The ``embedding`` column of a batch as a zero-copy (rows, dim) array."""
     col = batch.column(batch.schema.get_field_index("embedding"))
     assert col.offset == 0 and col.null_count == 0
-    flat = col.values.to_numpy(zero_copy_only=True)
+    flat = primitive_view(col.values)   # not values.to_numpy(): that imports pandas
     return flat[: batch.num_rows * dim].reshape(batch.num_rows, dim)
+
+
+_FLOATS: dict[str, np.dtype[Any]] = {"halffloat": np.dtype(np.float16), "float": np.dtype(np.float32),
+                                     "double": np.dtype(np.float64)}
+
+
+def primitive_view(arr: pa.Array) -> np.ndarray:
+    """A numeric Arrow array without nulls as a zero-copy numpy array, read from its buffer:
+    ``Array.to_numpy`` imports pandas on first use (a quarter of a second at every open)."""
+    if arr.null_count == 0 and (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        dtype: np.dtype[Any] = (_FLOATS[str(arr.type)] if pa.types.is_floating(arr.type) else
+                 np.dtype(f"{'i' if pa.types.is_signed_integer(arr.type) else 'u'}{arr.type.bit_width // 8}"))
+        data: Any = arr.buffers()[1]
+        return np.frombuffer(data, dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from .catalog import Catalog
 from .layout import Layout
-from .matrix import MappedShard, Matrix, Piece, embedding_view
+from .matrix import MappedShard, Matrix, Piece, embedding_view, primitive_view
 from .meta import StoreMeta
 from .schema import check_shard_schema
 
@@ -162,11 +162,11 @@ def read_snapshot(lay: Layout, cat: Catalog, dim: int, dtype: np.dtype,
             vpieces.append(Piece(vpos, embedding_view(b, dim), b, sh))
             vpos += b.num_rows
             if "id" in b.schema.names:
-                vids.append(b.column("id").to_numpy())
+                vids.append(primitive_view(b.column("id")))
             else:
                 assert base_name is not None, f"view shard {name} names neither ids nor a base shard"
-                vids.append(row_ids[start[base_name] + b.column("base_row").to_numpy().astype(np.int64)])
-            vnum.append(b.column("view").to_numpy())
+                vids.append(row_ids[start[base_name] + primitive_view(b.column("base_row")).astype(np.int64)])
+            vnum.append(primitive_view(b.column("view")))
     return Snapshot(mapped=now, embeddings=Matrix(pieces, dim, dtype), row_ids=row_ids, shard_start=start,
                     views=Matrix(vpieces, dim, dtype),
                     view_ids=np.concatenate(vids) if vids else np.empty(0, np.int64),
