@@ -53,10 +53,8 @@ def phase_flat(root: Path) -> dict[str, Any]:
     return out
 
 
-def phase_numpy(root: Path) -> dict[str, Any]:
-    """Brute force: one float32 normalised matrix in RAM, matmul + argpartition per chunk."""
-    store = open_root(root)
-    t0 = time.perf_counter()
+def normalised_rows(store: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Every live row L2-normalised as float32 (n, dim), and each row's store id (n,)."""
     x = np.empty((len(store), store.dim), dtype=np.float32)
     row_ids = np.empty(len(store), dtype=np.int64)       # matrix row -> store id
     start = 0
@@ -64,6 +62,14 @@ def phase_numpy(root: Path) -> dict[str, Any]:
         x[start:start + len(ids)] = l2_normalise(emb)
         row_ids[start:start + len(ids)] = ids
         start += len(ids)
+    return x, row_ids
+
+
+def phase_numpy(root: Path) -> dict[str, Any]:
+    """Brute force: one float32 normalised matrix in RAM, matmul + argpartition per chunk."""
+    store = open_root(root)
+    t0 = time.perf_counter()
+    x, row_ids = normalised_rows(store)
     load = time.perf_counter() - t0
     q = _queries(root)
 

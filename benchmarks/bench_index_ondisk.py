@@ -147,17 +147,12 @@ def phase_search(root: Path) -> dict[str, Any]:
 
 def phase_numpy(root: Path) -> dict[str, Any]:
     """Brute force with the float32 matrix in RAM: what does not fit under the limit."""
+    from _index_baselines import normalised_rows
     from embedstore.arrays import l2_normalise
 
     store = _open(root)
     t0 = time.perf_counter()
-    x = np.empty((len(store), store.dim), dtype=np.float32)
-    row_ids = np.empty(len(store), dtype=np.int64)
-    start = 0
-    for ids, emb in store.scan():
-        x[start:start + len(ids)] = l2_normalise(emb)
-        row_ids[start:start + len(ids)] = ids
-        start += len(ids)
+    x, row_ids = normalised_rows(store)
     load = time.perf_counter() - t0
     q = l2_normalise(np.load(root / "queries.npy"))
     t1 = time.perf_counter()

@@ -82,7 +82,8 @@ def _loaded(driver: webdriver.Chrome, css: str) -> bool:
         "return ims.length > 0 && [...ims].every(i => i.complete && i.naturalWidth > 0);", css))
 
 
-def test_click_a_slide_region_shows_the_gallery(server: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
+def _open_page(server: str, browser: webdriver.Chrome) -> WebDriverWait:
+    """The page loaded with both stores listed, k set to K and the slide store picked."""
     wait = WebDriverWait(browser, 60)
     browser.get(server + "/")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#store option")) == 2)
@@ -90,6 +91,11 @@ def test_click_a_slide_region_shows_the_gallery(server: str, browser: webdriver.
     k_box.clear()
     k_box.send_keys(str(K))
     Select(browser.find_element(By.ID, "store")).select_by_value("wsi")
+    return wait
+
+
+def test_click_a_slide_region_shows_the_gallery(server: str, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    wait = _open_page(server, browser)
     thumb = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".slide-thumb"))[0]
     thumb.click()
     img = wait.until(lambda d: d.find_element(By.ID, "viewer-img") if _loaded(d, "#viewer-img") else None)
@@ -150,13 +156,7 @@ def _settled(driver: webdriver.Chrome) -> bool:
 
 def test_deepzoom_viewer_click_search_and_jump_to_a_result(server: str, browser: webdriver.Chrome,
                                                           tmp_path: Path) -> None:
-    wait = WebDriverWait(browser, 60)
-    browser.get(server + "/")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#store option")) == 2)
-    k_box = browser.find_element(By.ID, "k")
-    k_box.clear()
-    k_box.send_keys(str(K))
-    Select(browser.find_element(By.ID, "store")).select_by_value("wsi")
+    wait = _open_page(server, browser)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".slide-thumb"))[0].click()
     wait.until(_settled)
     level0 = _osd(browser, "return [v.world.getItemAt(0).source.width, v.world.getItemAt(0).source.height];")
