@@ -6,7 +6,7 @@ import re
 
 from .errors import ConfigError
 
-__all__ = ["parse_size", "format_bytes", "physical_memory"]
+__all__ = ["parse_size", "format_bytes", "physical_memory", "rows_per_pass"]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -17,6 +17,12 @@ def physical_memory() -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def rows_per_pass(budget: int, dim: int, itemsize: int = 4) -> int:
+    """Rows a pass over a set under ``budget`` bytes reads at once: the block read, its float32
+    copy and one more working copy fit a quarter of the budget."""
+    return max(1, budget // (4 * dim * (itemsize + 8)))
 
 
 def parse_size(value: str | int | float, what: str = "memory budget") -> int:

@@ -153,12 +153,18 @@ def test_damaged_catalog_is_one_line_and_rebuilt(store: Path, how: str, tmp_path
     assert len(open_store(store)) == len(before) + len(expected([20]))
 
 
-def test_rebuild_reports_what_it_cannot_recover(store: Path, tmp_path: Path) -> None:
+def _label_five(store: Path, tmp_path: Path) -> list[str]:
+    """Import task "t" labelling the first five tiles "a"; returns every key, in id order."""
     labels = tmp_path / "l.csv"
     keys = open_store(store).keys()
     with labels.open("w", newline="") as f:
         csv.writer(f).writerows([["key", "label"]] + [[k, "a"] for k in keys[:5]])
     import_labels(store, labels, "t")
+    return keys
+
+
+def test_rebuild_reports_what_it_cannot_recover(store: Path, tmp_path: Path) -> None:
+    keys = _label_five(store, tmp_path)
     journal = store / "journal.jsonl"   # an import older than the journal: the shards lack it
     journal.write_text("".join(x + "\n" for x in journal.read_text().splitlines() if '"op":"labels"' not in x))
     _damage(store, "deleted")
@@ -170,11 +176,7 @@ def test_rebuild_reports_what_it_cannot_recover(store: Path, tmp_path: Path) -> 
 
 
 def test_rebuild_of_a_healthy_catalog_keeps_labels(store: Path, tmp_path: Path) -> None:
-    labels = tmp_path / "l.csv"
-    keys = open_store(store).keys()
-    with labels.open("w", newline="") as f:
-        csv.writer(f).writerows([["key", "label"]] + [[k, "a"] for k in keys[:5]])
-    import_labels(store, labels, "t")
+    keys = _label_five(store, tmp_path)
     before = contents(store)
     r = rebuild_catalog(store)
     assert not r["lost"], r

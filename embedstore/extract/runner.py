@@ -26,7 +26,6 @@ Keys that this run found to name another file than the one embedded under them (
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackboneMismatchError, SourceError
 from ..store import StoreWriter, import_labels, lookup_ids
+from ..store.atomic import crash_point
 from ..store.meta import StoreMeta, read_meta, write_meta
 from .config import (STAGES, ExtractConfig, ExtractResult, decode_ahead_default, default_workers,
                      usable_cores)
@@ -115,17 +115,11 @@ def extract(sources: list[str | Path], cfg: ExtractConfig) -> ExtractResult:
     else:
         res = run_process(cfg, disc, recipe, devices[0], rank=0, world=1, claim=None)
     if disc.task and int(os.environ.get("RANK", "0")) == 0:
-        _crash_point("before_labels")
+        crash_point("before_labels")
         _import_task_labels(store, disc, skip=set(res.conflicting_keys))
     res.elapsed = time.perf_counter() - t_start
     res.store = str(store)
     return res
-
-
-def _crash_point(name: str) -> None:
-    """Test hook, as the store's: ``EMBEDSTORE_CRASH_AT=name`` kills this process here (SIGKILL)."""
-    if os.environ.get("EMBEDSTORE_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _import_task_labels(store: Path, disc: Discovery, skip: set[str]) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .augment import ViewBank
 from ..errors import HeadError
-from ..sizes import parse_size, physical_memory
+from ..sizes import parse_size, physical_memory, rows_per_pass
 from ..store.protocol import StoreLike
 
 __all__ = ["LazyRows", "LazyViews", "default_memory_budget", "resolve_budget", "in_ram_bytes",
@@ -47,8 +47,8 @@ def in_ram_bytes(n_rows: int, n_views: int, dim: int, itemsize: int) -> int:
 
 
 def scan_rows(budget: int, dim: int, itemsize: int = 4) -> int:
-    """Rows read at once by a pass over a set (statistics, scoring): a quarter of the budget."""
-    return max(1, budget // (4 * dim * (itemsize + 8)))
+    """Rows read at once by a pass over a set (statistics, scoring): :func:`sizes.rows_per_pass`."""
+    return rows_per_pass(budget, dim, itemsize)
 
 
 def _unique_read(read: Reader, ids: np.ndarray, dim: int, dtype: np.dtype[Any]) -> np.ndarray:
@@ -85,6 +85,12 @@ class LazyRows:
             raise HeadError(f"embeddings must be (n, dim), got shape {emb.shape}")
         return cls(np.arange(emb.shape[0]), lambda i: np.asarray(emb[i]), emb.shape[1], emb.dtype,
                    chunk_rows=chunk_rows)
+
+    def with_chunks(self, chunk_rows: int) -> "LazyRows":
+        """The same rows, read ``chunk_rows`` at a time by a pass."""
+        if chunk_rows == self.chunk_rows:
+            return self
+        return LazyRows(self.ids, self._read, self.dim, self.dtype, chunk_rows=chunk_rows, name=self.name)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -49,7 +49,9 @@ class _Streamed:
 
 
 def _as_rows(X: np.ndarray | LazyRows, chunk_rows: int) -> LazyRows:
-    return X if isinstance(X, LazyRows) else LazyRows.of_array(np.asarray(X), chunk_rows=chunk_rows)
+    if isinstance(X, LazyRows):          # rows handed in lazily read as this fit's budget allows
+        return X.with_chunks(chunk_rows)
+    return LazyRows.of_array(np.asarray(X), chunk_rows=chunk_rows)
 
 
 def streaming_moments(rows: LazyRows) -> tuple[torch.Tensor, torch.Tensor]:

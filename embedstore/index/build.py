@@ -22,7 +22,7 @@ from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS
 from embedstore.index._make import gather_rows, held_out_queries, new_index, random_ids, train
 from embedstore.index._vectors import (SCAN_BATCH, check_metric, log, prepare, require_rows,
                                        rows_after)
-from embedstore.index.choose import (EXACT_MAX_ROWS, SHARD_MAX_ROWS, IndexPlan, fits_in_memory, parse_memory,
+from embedstore.index.choose import (ON_DISK_KINDS, EXACT_MAX_ROWS, SHARD_MAX_ROWS, IndexPlan, fits_in_memory, parse_memory,
                                      pick, plan_candidates, plan_index, plan_on_disk)
 from embedstore.index.measure import RECALL_K, gpu_count, measure_candidates
 from embedstore.index.ondisk import OnDiskBuild, empty_copy, lists_of, train_empty
@@ -90,7 +90,7 @@ def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu:
     only candidate, or the winner of the measurement."""
     n, dim = len(store), store.dim
     if on_disk is None:
-        on_disk = kind in ("auto", "ivf-flat", "ivf-sq8", "ivf-pq") and \
+        on_disk = kind in ON_DISK_KINDS and \
             not fits_in_memory(n, dim, budget, target_recall, kind)
         if on_disk:
             log.info("no in-memory %s index of %d x %d fits %s: building it on disk", kind, n,

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..arrays import l2_normalise
 from ..errors import SelectionError
+from ..sizes import rows_per_pass
 from .knn import KnnConfig, score_folds, vote
 
 if TYPE_CHECKING:                      # heads (and torch) load only where a head is trained
@@ -40,8 +41,8 @@ def knn_ram_bytes(n: int, dim: int, itemsize: int) -> int:
 
 def block_rows(budget: int, dim: int, itemsize: int) -> int:
     """Rows read at once: a block read, its float32 normalised copy and (blocked search) a
-    chunk index of it fit a quarter of ``budget``."""
-    return max(1, budget // (4 * dim * (itemsize + 8)))
+    chunk index of it fit a quarter of ``budget`` (:func:`sizes.rows_per_pass`)."""
+    return rows_per_pass(budget, dim, itemsize)
 
 
 def _blocks(pos: np.ndarray, size: int) -> Iterator[np.ndarray]:

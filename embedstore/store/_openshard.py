@@ -18,6 +18,7 @@ import pyarrow as pa
 from ..errors import ShapeError
 from ._pending import Pending, slide_runs
 from ._shardfile import ShardFile, fixed_list
+from .atomic import fsync_dir
 from .layout import Layout, shard_name, view_name
 from .schema import META_COLUMNS, base_schema, view_schema
 
@@ -132,12 +133,11 @@ def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
     by another writer meanwhile), its view shard likewise; the old files go. None when no row is
     left (the files go too)."""
     keep = np.ones(s.rows, bool)
-    runs: list[list[Any]] = []
     for u, a, c in s.row_units:
         if u in drop:
             keep[a:a + c] = False
-        else:
-            runs.append([u, int(keep[:a].sum()), c])
+    newpos = np.cumsum(keep) - 1             # old row -> its row in the rewritten shard
+    runs: list[list[Any]] = [[u, int(newpos[a]), c] for u, a, c in s.row_units if u not in drop]
     old = [lay.shard(s.name)] + ([lay.shard(s.view)] if s.view else [])
     out = None
     if keep.any():
@@ -152,15 +152,16 @@ def drop_units(lay: Layout, s: Sealed, drop: set[str], name: str,
             with pa.memory_map(str(old[1])) as m:
                 vt = pa.ipc.open_file(m).read_all()
             rows = vt.column("base_row").to_numpy().astype(np.int64)
-            newpos = np.cumsum(keep) - 1
             vt = vt.filter(pa.array(keep[rows]))
             vt = vt.set_column(1, pa.field("base_row", pa.int32(), nullable=False), pa.array(newpos[rows[keep[rows]]].astype(np.int32)))
             vf = ShardFile(lay, view, vt.schema)
             vf.write_table(vt)
             recs[view] = vf.seal()
-        keys = table.column("key").to_pylist()
-        out = Sealed(name, view, table.num_rows, keys, slide_runs(table.column("slide"), 0),
-                     [(u, i) for u, i in s.units if u not in drop], runs, recs, [k.encode() for k in keys])
+        kept = np.flatnonzero(keep).tolist()
+        out = Sealed(name, view, table.num_rows, [s.keys[i] for i in kept], slide_runs(table.column("slide"), 0),
+                     [(u, i) for u, i in s.units if u not in drop], runs, recs, [s.kbytes[i] for i in kept])
+        for d in lay.homes():    # the new files' renames durable before the catalog names them
+            fsync_dir(d)
     for f in old:
         f.unlink(missing_ok=True)
     return out

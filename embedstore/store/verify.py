@@ -116,7 +116,8 @@ def verify_store(path: Path | str) -> VerifyReport:
                 if f.name.endswith(PARTIAL) or (d != lay.tmp and f.name not in by_name):
                     rep.notes.append(f"uncommitted file {f.relative_to(lay.root)} (removed when "
                                      "its writer is dead and the store is next opened for writing)")
-    if lay.legacy_views():
-        rep.notes.append(f"{len(lay.legacy_views())} view shard(s) in shards/ (the layout before views/); "
+    legacy = lay.legacy_views()
+    if legacy:
+        rep.notes.append(f"{len(legacy)} view shard(s) in shards/ (the layout before views/); "
                          f"`embedstore upgrade {lay.root}` moves them")
     return rep
