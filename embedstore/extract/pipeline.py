@@ -115,6 +115,7 @@ class Pipeline:
             for j, sp in enumerate(specs):
                 if self.items[sp.unit].views_only:
                     self.view_parts.setdefault(sp.unit, []).append(([sp.key], emb[j:j + 1, 1:]))
+        self.res.tiles_written += len(base)     # handed to the writer; the runner reports what it committed
         self.res.views_added += n - len(base)
 
     def landed(self, specs: Iterable[TileSpec]) -> None:
