@@ -444,6 +444,8 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--rewrite", action="store_true", help="write the store again (kept otherwise)")
     ap.add_argument("--skip", nargs="*", default=[], help="phases to leave out: index heads predict")
+    ap.add_argument("--only", choices=["index"], default=None,
+                    help="after the data phase, run just these rows (results: <name>-<rows>-index)")
     ap.add_argument("--child", default=None)
     ap.add_argument("--kind", default="store")
     a = ap.parse_args()
@@ -462,6 +464,10 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
                      "GB/s", b["bytes"] / b["seconds"] / 1e9, "npy write + fsync", w, True))
     rows.append(_row(f"label import ({out['labels']['labelled']:,} rows)", out["labels"]["seconds"],
                      "s", None, "", out["labels"], False))
+    if a.only == "index":
+        rows.extend(index_rows(a))
+        _report(a, rows, out, gb, f"{NAME}-{a.rows}-index")
+        return
     for phase, label, base_label in (("open", "open + len", "np.load mmap"),
                                      ("keys", "keys_array()", "Arrow IPC file, mmap")):
         s, n = run_phase(a, phase, "store"), run_phase(a, phase, "numpy")
@@ -503,13 +509,18 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
         rows.append(_row(f"predict all {a.rows:,} rows", a.rows / p["wall_s"], "rows/s",
                          a.rows / n["wall_s"], "numpy memmap scan @ W (process)", p, True))
         (root / "preds.arrow").unlink(missing_ok=True)
+    _report(a, rows, out, gb, f"{NAME}-{a.rows}")
+
+
+def _report(a: argparse.Namespace, rows: list[dict[str, Any]], out: dict[str, Any], gb: float,
+            name: str) -> None:
     H.print_table(rows, [("phase", "phase", None), ("value", "value", "num"), ("unit", "", None),
                          ("baseline", "baseline", "num"), ("vs", "baseline is", None),
                          ("ratio", "store ÷ base", "ratio"), ("peak_rss_mb", "peak RSS MB", "num"),
                          ("peak_anon_mb", "private MB", "num")],
                   title=f"\n{NAME}: {a.rows:,} x {DIM} float16 ({gb:.1f} GB rows), every 10th slide "
                         f"labelled with {a.views} views; ratio > 1: the store is faster")
-    print("results:", H.write_results(f"{NAME}-{a.rows}", rows, {"args": vars(a), "raw": out}))
+    print("results:", H.write_results(name, rows, {"args": vars(a), "raw": out}))
 
 
 def index_rows(a: argparse.Namespace) -> list[dict[str, Any]]:

@@ -164,6 +164,8 @@ def _detail(rows: dict[str, dict[str, Any]], base_qps: float, title: str) -> str
 def _print_candidates(auto: dict[str, Any]) -> None:
     for c in auto.get("candidates", []):
         full = f" full {c['full_recall']:.3f}" if "full_recall" in c else ""
+        if "full_qps" in c:
+            full += f" (tuned: {c['full_tuned_recall']:.3f} at {c['full_qps']:,.0f} QPS)"
         print(f"  {'*' if c['chosen'] else ' '} {c['label']:<26} {str(c['params']):<34} sample "
               f"recall {c['recall']:.3f}{full}  predicted {c['qps']:>9,.0f} QPS "
               f"{format_bytes(c['memory_bytes']):>9}  build {c['build_seconds']:.1f}s")

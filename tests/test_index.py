@@ -255,14 +255,6 @@ def test_tune_stops_at_first_setting_meeting_target() -> None:
     assert tuned.qps == max(c["qps"] for c in winners)
 
 
-def test_recall_leaves_the_query_row_out() -> None:
-    from embedstore.index.build import _without_self
-
-    found = np.array([[7, 1, 2, 3], [4, 5, 6, 9], [8, 9, 10, 11]])
-    got = _without_self(found, np.array([7, 6, 99]), 3)
-    assert got.tolist() == [[1, 2, 3], [4, 5, 9], [8, 9, 10]]
-
-
 # ---------------------------------------------------------------- exact search
 
 def test_exact_search_streams_and_matches_numpy(big: FakeStore) -> None:

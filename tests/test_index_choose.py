@@ -14,7 +14,7 @@ import pytest
 from embedstore.errors import BudgetError
 from embedstore.index import build_index, parse_memory, plan_candidates, search
 from embedstore.index.choose import (EXACT_MAX_ROWS, SAMPLE_MIN, graph_recall_at, pick,
-                                     plan_index, sample_size, sweep_grid)
+                                     plan_index, prediction_held, sample_size, sweep_grid)
 from embedstore.index.measure import predicted_seconds
 from test_index import FakeStore, make_store
 
@@ -261,3 +261,55 @@ def test_candidates_are_timed_in_interleaved_rounds(tmp_path: Path,
     assert set(threads) == {1} and faiss.omp_get_max_threads() == 2
     for row in rows:
         assert row["sample_qps"] == pytest.approx(2 * len(q) / speed[row["label"]], rel=1e-3)
+
+
+def test_a_winner_slower_at_full_size_than_predicted_is_checked_against_the_runner_up(
+        clustered_store: FakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample over-predicts exact search 50x, so it wins the pick; built at full size it
+    falls far short of that, so the runner-up predicted fastest is built and tuned too, and the
+    faster of the two at the target is what is saved, with both checks in the candidate rows."""
+    import embedstore.index.build as build_mod
+
+    real = build_mod.measure_candidates
+
+    def flat_looks_fast(*args: object, **kwargs: object) -> tuple[list[dict], int]:
+        rows, sample = real(*args, **kwargs)  # type: ignore[arg-type]
+        flat = next(r for r in rows if r["kind"] == "flat")
+        flat["qps"] = 50 * max(r["qps"] for r in rows)
+        return rows, sample
+
+    monkeypatch.setattr(build_mod, "measure_candidates", flat_looks_fast)
+    store = FakeStore(tmp_path / "s", clustered_store._emb, clustered_store._slides,
+                      clustered_store._labels)
+    info = build_index(store, n_queries=300)
+    rows = {c["kind"]: c for c in info.candidates}
+    flat = rows["flat"]
+    assert not flat["chosen"] and flat["full_recall"] == 1.0 and flat["full_qps"] > 0
+    built = [c for c in info.candidates if "full_qps" in c]
+    assert len(built) == 2                                   # the winner and one runner-up
+    other = next(c for c in built if c["kind"] != "flat")
+    assert other["qps"] == max(c["qps"] for c in info.candidates if c["kind"] != "flat"
+                               and c["recall"] >= 0.95)      # the fastest predicted other
+    assert other["chosen"] and info.kind == other["kind"] and info.factory == other["factory"]
+    assert other["full_qps"] > flat["full_qps"] and info.recall_met
+    assert info.params == other["full_params"] and "at full size" in info.reason
+    assert info.n_covered == N
+    hits = search(store, vectors=store._emb[:20].astype(np.float32), k=10)
+    assert [h.ids[0] for h in hits] == list(range(20))       # the saved index is the runner-up's
+
+
+def test_a_winner_that_holds_its_prediction_is_built_alone(auto_built: tuple) -> None:
+    _, info, _ = auto_built
+    built = [c for c in info.candidates if "full_qps" in c]
+    first = next(c for c in built if c["chosen"]) if len(built) == 1 else None
+    if first is None or not prediction_held(first, 0.95):
+        pytest.skip(f"the sample's winner did not hold its prediction on this run: {built}")
+    assert first["full_tuned_recall"] >= 0.95 and first["full_qps"] > 0
+
+
+def test_prediction_held_rule() -> None:
+    row = {"qps": 9000.0, "full_recall": 0.96, "full_qps": 4000.0}
+    assert prediction_held(row, 0.95)
+    assert not prediction_held({**row, "full_recall": 0.91}, 0.95)   # HNSW at 1M: 0.999 -> 0.915
+    assert not prediction_held({**row, "full_qps": 2000.0}, 0.95)    # under a third of predicted
+    assert prediction_held({**row, "full_qps": 3000.0}, 0.95)

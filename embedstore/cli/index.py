@@ -41,20 +41,24 @@ def format_info(info: IndexInfo, store_path: Path | str) -> str:
 
 def format_candidates(info: IndexInfo) -> list[str]:
     """The auto chooser's table: every candidate measured on the sample, the chosen one starred
-    (its recall on the full-size index beside the sample's); empty when none was measured."""
+    (its recall on the full-size index at the sample's parameters beside the sample's, and the
+    QPS it reached there once tuned; a runner-up built to check the pick has them too); empty
+    when none was measured."""
     if not info.candidates:
         return []
     lines = [f"  candidates     measured on a {info.sample_size:,}-row sample with the held-out "
              "queries (QPS predicted at full size)",
              f"    {'':1} {'index':<28} {'params':<14} {'recall':>7} {'full':>6} {'QPS':>10} "
-             f"{'sample QPS':>11} {'memory':>10} {'build s':>8}"]
+             f"{'sample QPS':>11} {'full QPS':>10} {'memory':>10} {'build s':>8}"]
     for row in info.candidates:
         knobs = " ".join(f"{key}={val}" for key, val in row.get("params", {}).items()
                          if key != "k_factor" or val != 1)
         full = f"{row['full_recall']:.3f}" if "full_recall" in row else ""
+        full_qps = f"{row['full_qps']:,.0f}" if "full_qps" in row else ""
         lines.append(f"    {'*' if row.get('chosen') else ' '} {row['label']:<28} {knobs:<14} "
                      f"{row['recall']:>7.3f} {full:>6} {row['qps']:>10,.0f} "
-                     f"{row.get('sample_qps', 0.0):>11,.0f} {format_bytes(row['memory_bytes']):>10} "
+                     f"{row.get('sample_qps', 0.0):>11,.0f} {full_qps:>10} "
+                     f"{format_bytes(row['memory_bytes']):>10} "
                      f"{row.get('build_seconds', 0.0):>8.1f}"
                      + (f"  ({row['error']})" if row.get("error") else ""))
     return lines

@@ -12,8 +12,9 @@ does not contain: they are added to the full-size index only after its recall wa
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,11 @@ from embedstore.index._make import gather_rows, held_out_queries, new_index, ran
 from embedstore.index._vectors import (SCAN_BATCH, check_metric, log, prepare, require_rows,
                                        rows_after)
 from embedstore.index.choose import (ON_DISK_KINDS, EXACT_MAX_ROWS, SHARD_MAX_ROWS, IndexPlan, fits_in_memory, parse_memory,
-                                     pick, plan_candidates, plan_index, plan_on_disk)
+                                     TIE, pick, plan_candidates, plan_index, plan_on_disk,
+                                     prediction_held)
 from embedstore.index.measure import RECALL_K, gpu_count, measure_candidates
 from embedstore.index.ondisk import OnDiskBuild, empty_copy, lists_of, train_empty
-from embedstore.index.recall import exact_scan, recall_at_k, tune
+from embedstore.index.recall import Tuned, exact_scan, recall_at_k, tune
 from embedstore.index.stored import (IndexInfo, VectorIndex, index_dir, index_file, load_index,
                                      now_iso, require_gpu, save_index, to_gpu)
 from embedstore.errors import VectorIndexError
@@ -35,13 +37,7 @@ from embedstore.store.protocol import StoreLike
 
 __all__ = ["build_index", "update_index"]
 
-
-def _without_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
-    """(nq, m) ids -> (nq, k): each query's own row removed (for measuring an index that
-    contains its queries; build_index now holds them out instead)."""
-    keep = ids != qids[:, None]
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, axis=1)
+CONFIRM_MAX = 1     # runner-up candidates built at full size when the winner falls short
 
 
 def _add_rows(index: Any, store: StoreLike, metric: str, batch_size: int,
@@ -84,10 +80,11 @@ def _train_and_fill(store: StoreLike, plan: IndexPlan, metric: str, seed: int,
 
 def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu: bool,
             metric: str, seed: int, qids: np.ndarray, q: np.ndarray, batch_size: int,
-            measure: bool, on_disk: bool | None) -> tuple[IndexPlan, list[dict], int]:
-    """(plan to build, every candidate measured, sample rows): the on-disk IVF (forced, or when
-    no in-memory index fits the budget), a forced kind, the static plan (``measure=False``), the
-    only candidate, or the winner of the measurement."""
+            measure: bool, on_disk: bool | None) -> tuple[IndexPlan, list[dict], int, list[IndexPlan]]:
+    """(plan to build, every candidate measured, sample rows, the measured plans in the order of
+    the candidates): the on-disk IVF (forced, or when no in-memory index fits the budget), a
+    forced kind, the static plan (``measure=False``), the only candidate, or the winner of the
+    measurement."""
     n, dim = len(store), store.dim
     if on_disk is None:
         on_disk = kind in ON_DISK_KINDS and \
@@ -98,16 +95,16 @@ def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu:
     if on_disk:
         if gpu:
             raise VectorIndexError("an on-disk index is built and searched on CPU; drop --gpu")
-        return plan_on_disk(n, dim, budget, target_recall, kind), [], 0
+        return plan_on_disk(n, dim, budget, target_recall, kind), [], 0, []
     if kind != "auto" or not measure:
         plan = plan_index(n, dim, budget, target_recall, kind)
-        return replace(plan, gpu=gpu), [], 0
+        return replace(plan, gpu=gpu), [], 0, []
     plans = plan_candidates(n, dim, budget, target_recall, gpus=gpu_count() if gpu else 0)
     if len(plans) == 1:      # below EXACT_MAX_ROWS, or the budget leaves one: nothing to compare
         only = plans[0]
         why = only.reason if only.kind == "flat" and n < EXACT_MAX_ROWS else \
             f"the only candidate that fits the memory budget of {format_bytes(budget)}"
-        return replace(only, reason=why), [], 0
+        return replace(only, reason=why), [], 0, []
     measured, sample = measure_candidates(store, plans, qids, q, target_recall, metric, seed,
                                           budget, batch_size)
     win = pick(measured, target_recall)
@@ -117,7 +114,7 @@ def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu:
     reason = (f"measured {len(plans)} candidates on a {sample:,}-row sample: {plans[win].label}"
               f" predicted {best['qps']:,.0f} QPS at recall@10 {best['recall']:.3f} (target "
               f"{target_recall}: {met}), {format_bytes(best['memory_bytes'])}")
-    return replace(plans[win], reason=reason), measured, sample
+    return replace(plans[win], reason=reason), measured, sample, plans
 
 
 def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int = "8G",
@@ -144,8 +141,8 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
         require_gpu()
     budget = parse_memory(memory_budget)
     qids, q = held_out_queries(store, n_queries, seed, metric)
-    plan, candidates, sample = _choose(store, kind, budget, target_recall, gpu, metric, seed,
-                                       qids, q, batch_size, measure, on_disk)
+    plan, candidates, sample, plans = _choose(store, kind, budget, target_recall, gpu, metric,
+                                              seed, qids, q, batch_size, measure, on_disk)
     if shard_rows is not None and plan.on_disk:
         plan = replace(plan, shard_rows=max(1, int(shard_rows)))
     log.info("index plan for %d x %d: %s (~%s): %s", n, store.dim, plan.label,
@@ -154,23 +151,119 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
     staging = OnDiskBuild(index_dir(store)) if plan.on_disk else None
     with staging or nullcontext():
         return _build(store, plan, candidates, sample, metric, seed, batch_size, target_recall,
-                      qids, q, committed, staging)
+                      qids, q, committed, staging, plans, budget)
+
+
+@dataclass
+class _Full:
+    """One candidate built over every row but the held-out queries, and tuned."""
+    plan: IndexPlan
+    index: Any
+    tuned: Tuned
+    added: int
+    max_id: int
+    build_seconds: float
+
+    def beats(self, other: "_Full") -> bool:
+        """Met the target when ``other`` did not, else faster (both met) or higher recall."""
+        if self.tuned.met != other.tuned.met:
+            return self.tuned.met
+        if self.tuned.met:
+            return self.tuned.qps > other.tuned.qps
+        return self.tuned.recall > other.tuned.recall
+
+
+def _vindex(index: Any, info: IndexInfo, plan: IndexPlan) -> VectorIndex:
+    return VectorIndex(index, replace(info, factory=plan.factory, kind=plan.kind, nlist=plan.nlist))
+
+
+def _tuned(store: StoreLike, index: Any, info: IndexInfo, plan: IndexPlan, q: np.ndarray,
+           truth: np.ndarray, target_recall: float) -> Tuned:
+    vindex = _vindex(index, info, plan)
+    return tune(lambda qq, k, params: vindex.query(store, qq, k, params)[1],
+                plan, q, truth, target_recall, RECALL_K)
+
+
+def _full_row(row: dict, full: _Full, store: StoreLike, info: IndexInfo, q: np.ndarray,
+              truth: np.ndarray) -> None:
+    """The candidate's sample prediction checked at full size: ``full_recall`` at the sample's
+    parameters, and what tuning at full size reached (``full_params``, ``full_tuned_recall``,
+    ``full_qps``)."""
+    found = _vindex(full.index, info, full.plan).query(store, q, RECALL_K, row["params"])[1]
+    row["full_recall"] = round(recall_at_k(found, truth, RECALL_K), 4)
+    row["full_params"] = dict(full.tuned.params)
+    row["full_tuned_recall"] = round(full.tuned.recall, 4)
+    row["full_qps"] = round(full.tuned.qps, 1)
+    row["full_build_seconds"] = round(full.build_seconds, 3)
+
+
+def _confirm(store: StoreLike, first: _Full, candidates: list[dict], plans: list[IndexPlan],
+             info: IndexInfo, q: np.ndarray, truth: np.ndarray, target_recall: float,
+             budget: int, fill: Callable[[IndexPlan], tuple[Any, int, int, float]]) -> _Full:
+    """The sample's winner, built and tuned at full size, against the other candidates'
+    predictions. A sample predicts some kinds badly (an HNSW graph's recall falls as it grows;
+    an IVF's lists hold few rows each on a sample): when the winner did not hold its prediction
+    (``prediction_held``), then while the best built one missed the target or a candidate not
+    built yet was predicted more than TIE faster than what the best reached, the next such
+    candidate (fastest predicted first; at most CONFIRM_MAX of them, each only when it fits the
+    budget beside the best) is built and tuned too, and the faster at the target is kept. Every
+    full-size figure goes into its candidate's row."""
+    win = next(i for i, c in enumerate(candidates) if c.get("chosen"))
+    _full_row(candidates[win], first, store, info, q, truth)
+    if prediction_held(candidates[win], target_recall):
+        return first
+    best, best_i, built = first, win, 0
+    others = sorted((i for i, c in enumerate(candidates)
+                     if i != win and c.get("predicted_recall", c["recall"]) >= target_recall),
+                    key=lambda i: -candidates[i]["qps"])
+    for i in others:
+        row = candidates[i]
+        if built >= CONFIRM_MAX or (best.tuned.met and row["qps"] <= (1 + TIE) * best.tuned.qps):
+            break
+        if best.plan.memory_bytes + plans[i].memory_bytes > budget:
+            log.info("not building %s beside %s: both exceed the memory budget", plans[i].label,
+                     best.plan.label)
+            continue
+        log.info("%s reached %.0f QPS at recall@10 %.3f at full size; %s was predicted %.0f QPS:"
+                 " building it too", best.plan.label, best.tuned.qps, best.tuned.recall,
+                 plans[i].label, row["qps"])
+        index, added, max_id, seconds = fill(plans[i])
+        alt = _Full(plans[i], index, _tuned(store, index, info, plans[i], q, truth, target_recall),
+                    added, max_id, seconds)
+        built += 1
+        _full_row(row, alt, store, info, q, truth)
+        if alt.beats(best):
+            best, best_i = alt, i
+        del index, alt
+    if best_i != win:
+        candidates[win]["chosen"] = False
+        candidates[best_i]["chosen"] = True
+        row = candidates[best_i]
+        best = replace(best, plan=replace(best.plan, reason=(
+            f"{info.reason}; at full size {first.plan.label} reached {first.tuned.qps:,.0f} QPS at "
+            f"recall@10 {first.tuned.recall:.3f}, {best.plan.label} (predicted {row['qps']:,.0f}) "
+            f"{best.tuned.qps:,.0f} QPS at {best.tuned.recall:.3f}: built {best.plan.label}")))
+    return best
 
 
 def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: int, metric: str,
            seed: int, batch_size: int, target_recall: float, qids: np.ndarray, q: np.ndarray,
-           committed: int, staging: OnDiskBuild | None) -> IndexInfo:
-    """Fill, measure, tune and save the index of ``plan`` (on disk when ``staging``)."""
-    t0 = time.perf_counter()
-    if staging is not None:
-        work = train_empty(store, plan, metric, seed, batch_size)
-        added, max_id = staging.encode(work, store, metric, batch_size, plan.shard_rows, qids)
-        del work
-        index = staging.merge([])
-    else:
-        index, added, max_id = _train_and_fill(store, plan, metric, seed, batch_size, qids)
-    build_seconds = time.perf_counter() - t0
+           committed: int, staging: OnDiskBuild | None, plans: list[IndexPlan] | None = None,
+           budget: int = 0) -> IndexInfo:
+    """Fill, measure, tune and save the index of ``plan`` (on disk when ``staging``); with
+    measured ``candidates``, confirm the choice at full size (``_confirm``)."""
+    def fill(p: IndexPlan) -> tuple[Any, int, int, float]:
+        t0 = time.perf_counter()
+        if staging is not None:
+            work = train_empty(store, p, metric, seed, batch_size)
+            added, max_id = staging.encode(work, store, metric, batch_size, p.shard_rows, qids)
+            del work
+            index = staging.merge([])
+        else:
+            index, added, max_id = _train_and_fill(store, p, metric, seed, batch_size, qids)
+        return index, added, max_id, time.perf_counter() - t0
 
+    index, added, max_id, build_seconds = fill(plan)
     t1 = time.perf_counter()
     _, truth = exact_scan(store, q, RECALL_K, metric, batch_size=batch_size, skip=qids)
     info = IndexInfo(factory=plan.factory, kind=plan.kind, metric=metric, dim=store.dim,
@@ -180,20 +273,26 @@ def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: in
                      build_seconds=round(build_seconds, 3), tune_seconds=0.0, memory_bytes=0,
                      reason=plan.reason, seed=seed, gpu=plan.gpu, created=now_iso(),
                      candidates=candidates, sample_size=sample)
-    vindex = VectorIndex(index, info)
-    for row in candidates:          # the sample's prediction, checked at full size
-        if row.get("chosen"):
-            found = vindex.query(store, q, RECALL_K, row["params"])[1]
-            row["full_recall"] = round(recall_at_k(found, truth, RECALL_K), 4)
-    tuned = tune(lambda qq, k, params: vindex.query(store, qq, k, params)[1],
-                 plan, q, truth, target_recall, RECALL_K)
+    full = _Full(plan, index, _tuned(store, index, info, plan, q, truth, target_recall),
+                 added, max_id, build_seconds)
+    del index
+    if candidates and staging is None and plans:
+        full = _confirm(store, full, candidates, plans, info, q, truth, target_recall,
+                        budget, fill)
+    elif candidates:
+        win = next(i for i, c in enumerate(candidates) if c.get("chosen"))
+        _full_row(candidates[win], full, store, info, q, truth)
+    plan, index, tuned = full.plan, full.index, full.tuned
     if staging is not None:                     # the held-out rows join once measured
         index = staging.merge([lists_of(index)], q, qids, final=True)
     else:
         index.add_with_ids(q, qids)
-    info = replace(info, params=tuned.params, recall_at_10=tuned.recall, recall_met=tuned.met,
+    info = replace(info, factory=plan.factory, kind=plan.kind, nlist=plan.nlist, gpu=plan.gpu,
+                   reason=plan.reason, build_seconds=round(full.build_seconds, 3),
+                   params=tuned.params, recall_at_10=tuned.recall, recall_met=tuned.met,
                    qps=tuned.qps, curve=tuned.curve, n_covered=int(index.ntotal),
-                   max_id=max(max_id, int(qids[-1])), tune_seconds=round(time.perf_counter() - t1, 3))
+                   max_id=max(full.max_id, int(qids[-1])),
+                   tune_seconds=round(time.perf_counter() - t1, 3))
     if not tuned.met:
         log.warning("%s reached recall@10 %.3f < target %.3f at its widest setting %s; "
                     "consider --kind ivf-flat or a larger --memory-budget", plan.factory,
@@ -201,7 +300,7 @@ def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: in
     info = save_index(index, info, index_dir(store),
                       staging.ivfdata_name if staging is not None else "")
     log.info("built %s over %d rows in %.1fs: recall@10 %.3f at %s, %.0f QPS", info.factory,
-             added + len(qids), build_seconds, info.recall_at_10, info.params, info.qps)
+             full.added + len(qids), full.build_seconds, info.recall_at_10, info.params, info.qps)
     return info
 
 

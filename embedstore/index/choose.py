@@ -35,6 +35,8 @@ SAMPLE_MIN = 50_000              # chooser sample: at least this many rows ...
 SAMPLE_PER_LIST = 20             # ... and this many per inverted list of the full-size nlist
 SAMPLE_MAX = 1 << 20             # ... but never more than ~1M rows
 TIE = 0.05                       # predicted QPS within 5%: a tie, broken by memory
+SHORTFALL = 1 / 3                # a winner below this share of its predicted QPS at full size
+                                 # is checked against the runner-up (build.py)
 FLAT_MAX_ROWS = 100_000          # exact search below this many rows (autofaiss does the same)
 HNSW_M = 32                      # graph neighbours per node
 HNSW_RECALL_CEILING = 0.92       # HNSW32 on clustered 768-d plateaus near here
@@ -318,6 +320,15 @@ def pick(measured: list[dict], target_recall: float) -> int:
     best = max(measured[i]["qps"] for i in met)
     close = [i for i in met if measured[i]["qps"] >= (1.0 - TIE) * best]
     return min(close, key=lambda i: (measured[i]["memory_bytes"], -measured[i]["qps"]))
+
+
+def prediction_held(row: dict, target_recall: float) -> bool:
+    """Whether the chosen candidate, built at full size (``row``'s ``full_recall`` at the
+    sample's parameters, ``full_qps`` once tuned), kept the sample's prediction well enough to
+    trust the pick: it met the target at the sample's parameters and reached at least
+    SHORTFALL of its predicted QPS. When not (an HNSW graph's recall falls as it grows), the
+    other candidates' predictions are checked by building the fastest of them."""
+    return row["full_recall"] >= target_recall and row["full_qps"] >= SHORTFALL * row["qps"]
 
 
 def plan_index(n: int, dim: int, memory_budget_bytes: int, target_recall: float = 0.95,
