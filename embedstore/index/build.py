@@ -197,21 +197,18 @@ def _full_row(row: dict, full: _Full, store: StoreLike, info: IndexInfo, q: np.n
     row["full_build_seconds"] = round(full.build_seconds, 3)
 
 
-def _confirm(store: StoreLike, first: _Full, candidates: list[dict], plans: list[IndexPlan],
-             info: IndexInfo, q: np.ndarray, truth: np.ndarray, target_recall: float,
-             budget: int, fill: Callable[[IndexPlan], tuple[Any, int, int, float]]) -> _Full:
-    """The sample's winner, built and tuned at full size, against the other candidates'
-    predictions. A sample predicts some kinds badly (an HNSW graph's recall falls as it grows;
-    an IVF's lists hold few rows each on a sample): when the winner did not hold its prediction
-    (``prediction_held``), then while the best built one missed the target or a candidate not
+def _confirm(store: StoreLike, first: _Full, win: int, candidates: list[dict],
+             plans: list[IndexPlan], info: IndexInfo, q: np.ndarray, truth: np.ndarray,
+             target_recall: float, budget: int,
+             fill: Callable[[IndexPlan], tuple[Any, int, int, float]]) -> _Full:
+    """The sample's winner ``candidates[win]``, built and tuned at full size, which did not hold
+    its prediction (``prediction_held``), against the other candidates' predictions. A sample
+    predicts some kinds badly (an HNSW graph's recall falls as it grows; an IVF's lists hold
+    few rows each on a sample): while the best built one missed the target or a candidate not
     built yet was predicted more than TIE faster than what the best reached, the next such
     candidate (fastest predicted first; at most CONFIRM_MAX of them, each only when it fits the
     budget beside the best) is built and tuned too, and the faster at the target is kept. Every
     full-size figure goes into its candidate's row."""
-    win = next(i for i, c in enumerate(candidates) if c.get("chosen"))
-    _full_row(candidates[win], first, store, info, q, truth)
-    if prediction_held(candidates[win], target_recall):
-        return first
     best, best_i, built = first, win, 0
     others = sorted((i for i, c in enumerate(candidates)
                      if i != win and c.get("predicted_recall", c["recall"]) >= target_recall),
@@ -248,8 +245,8 @@ def _confirm(store: StoreLike, first: _Full, candidates: list[dict], plans: list
 
 def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: int, metric: str,
            seed: int, batch_size: int, target_recall: float, qids: np.ndarray, q: np.ndarray,
-           committed: int, staging: OnDiskBuild | None, plans: list[IndexPlan] | None = None,
-           budget: int = 0) -> IndexInfo:
+           committed: int, staging: OnDiskBuild | None, plans: list[IndexPlan],
+           budget: int) -> IndexInfo:
     """Fill, measure, tune and save the index of ``plan`` (on disk when ``staging``); with
     measured ``candidates``, confirm the choice at full size (``_confirm``)."""
     def fill(p: IndexPlan) -> tuple[Any, int, int, float]:
@@ -276,12 +273,12 @@ def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: in
     full = _Full(plan, index, _tuned(store, index, info, plan, q, truth, target_recall),
                  added, max_id, build_seconds)
     del index
-    if candidates and staging is None and plans:
-        full = _confirm(store, full, candidates, plans, info, q, truth, target_recall,
-                        budget, fill)
-    elif candidates:
+    if candidates:                              # the sample's prediction, checked at full size
         win = next(i for i, c in enumerate(candidates) if c.get("chosen"))
         _full_row(candidates[win], full, store, info, q, truth)
+        if staging is None and not prediction_held(candidates[win], target_recall):
+            full = _confirm(store, full, win, candidates, plans, info, q, truth, target_recall,
+                            budget, fill)
     plan, index, tuned = full.plan, full.index, full.tuned
     if staging is not None:                     # the held-out rows join once measured
         index = staging.merge([lists_of(index)], q, qids, final=True)
