@@ -120,3 +120,24 @@ def test_upgrade_refuses_a_missing_store_and_a_running_writer(store: Path, tmp_p
     with StoreWriter(store, meta()):
         with pytest.raises(StoreLockedError, match="upgrade when no extraction"):
             upgrade(store)
+
+
+def test_views_are_read_on_first_use_and_survive_a_compaction_meanwhile(store: Path) -> None:
+    """Opening reads no view rows (info counts them from the catalog), and a reader that
+    opened before a compaction unlinked the old view shards still reads its own snapshot's
+    views afterwards: the files were mapped at open."""
+    expected = _views_snapshot(store)
+    s = open_store(store)
+    assert s.snapshot._views is None                 # len, info and search never read a view
+    assert s.info()["views"] == 2 * len(s) and s.snapshot._views is None
+    d = unit_data(2)
+    assert delete(store, keys=d["keys"][:3]) == 3
+    old = sorted(p.name for p in (store / "views").glob("*.arrow"))
+    assert compact(store)["rewritten"] > 0
+    assert set(old) - {p.name for p in (store / "views").glob("*.arrow")}, "compaction unlinked none"
+    vb = s.views()                                   # the first read, after the unlink
+    order = np.lexsort((vb.view, vb.ids))
+    got = (vb.ids[order], vb.view[order], vb.gather(order))
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+    assert len(open_store(store).views().ids) == len(expected[0]) - 2 * 3

@@ -355,7 +355,7 @@ class Store:
             "deleted": int(len(self._dead_pos)), "dim": self.dim, "dtype": self.meta.dtype,
             "backbone": bb.get("name") or bb.get("model_id") or "unknown",
             "weights_sha256": self.meta.weights_sha256,
-            "tile": self.meta.tile, "views": len(self.snapshot.views), "view_recipe": self.meta.views,
+            "tile": self.meta.tile, "views": self.snapshot.view_rows, "view_recipe": self.meta.views,
             "shards": sum(1 for p in self.snapshot.mapped if not is_view(p)),
             "view_shards": sum(1 for p in self.snapshot.mapped if is_view(p)),
             "bytes": size, "units_done": self.cat.count("units"), "slides": len(self._slide_ranges()),

@@ -51,14 +51,55 @@ class Snapshot:
     embeddings: Matrix                 # (n_rows_committed, dim) over the base shards
     row_ids: np.ndarray                # (n_rows_committed,) int64, increasing
     shard_start: dict[str, int]        # base shard -> position of its first row
-    views: Matrix                      # (m, dim) over the view shards
-    view_ids: np.ndarray               # (m,) int64 base tile id of each view row
-    view_num: np.ndarray               # (m,) uint8 view number 1..K
+    # the view shards, in view-row order: (name, base shard or None), already mapped (a mapped
+    # file stays readable after compaction unlinks it), read into ``views`` on first use
+    view_shards: list[tuple[str, str | None]] = field(default_factory=list)
+    view_rows: int = 0                 # rows in those shards (from their catalog records)
     identity: bool = field(init=False)  # row p has id p (nothing compacted away)
 
     def __post_init__(self) -> None:
         n = len(self.row_ids)
         self.identity = n == 0 or bool(self.row_ids[0] == 0 and self.row_ids[-1] == n - 1)
+        self._views: tuple[Matrix, np.ndarray, np.ndarray] | None = None
+
+    # Views are read when first asked for, not at open: at 10M rows x 8 views their ``base_row``
+    # and ``view`` columns are 80M rows the open would otherwise read (from disk when cold)
+    # for every reader, though most (search, info, predict) never look at a view.
+    @property
+    def views(self) -> Matrix:
+        """(m, dim) over the view shards."""
+        return self._read_views()[0]
+
+    @property
+    def view_ids(self) -> np.ndarray:
+        """(m,) int64 base tile id of each view row."""
+        return self._read_views()[1]
+
+    @property
+    def view_num(self) -> np.ndarray:
+        """(m,) uint8 view number 1..K of each view row."""
+        return self._read_views()[2]
+
+    def _read_views(self) -> tuple[Matrix, np.ndarray, np.ndarray]:
+        if self._views is None:
+            dim, dtype = self.embeddings.dim, self.embeddings.dtype
+            pieces, ids, num, pos = [], [], [], 0
+            for name, base_name in self.view_shards:
+                sh = self.mapped[name]
+                for b in sh.batches:
+                    pieces.append(Piece(pos, embedding_view(b, dim), b, sh))
+                    pos += b.num_rows
+                    if "id" in b.schema.names:
+                        ids.append(primitive_view(b.column("id")))
+                    else:
+                        assert base_name is not None, f"view shard {name} names neither ids nor a base shard"
+                        at = self.shard_start[base_name]
+                        ids.append(self.row_ids[at + primitive_view(b.column("base_row")).astype(np.int64)])
+                    num.append(primitive_view(b.column("view")))
+            self._views = (Matrix(pieces, dim, dtype),
+                           np.concatenate(ids) if ids else np.empty(0, np.int64),
+                           np.concatenate(num) if num else np.empty(0, np.uint8))
+        return self._views
 
     def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(pos, ok): the row of each id, and whether the id is in the snapshot at all
@@ -152,25 +193,17 @@ def read_snapshot(lay: Layout, cat: Catalog, dim: int, dtype: np.dtype,
             pos += b.num_rows
         ids.append(sh.row_ids(rec["first_id"]))
     row_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    vpieces, vids, vnum, vpos = [], [], [], 0
+    vshards: list[tuple[str, str | None]] = []
+    vrows = 0
     for name, rec in sorted(views, key=lambda x: (start.get(x[1].get("base") or "", -1), x[0])):
         base_name = rec.get("base")
         if base_name is not None and base_name not in start:
             continue  # its base shard is not in this snapshot
-        sh = now[name] = mapped.get(name) or new(name, rec["size"])
-        for b in sh.batches:
-            vpieces.append(Piece(vpos, embedding_view(b, dim), b, sh))
-            vpos += b.num_rows
-            if "id" in b.schema.names:
-                vids.append(primitive_view(b.column("id")))
-            else:
-                assert base_name is not None, f"view shard {name} names neither ids nor a base shard"
-                vids.append(row_ids[start[base_name] + primitive_view(b.column("base_row")).astype(np.int64)])
-            vnum.append(primitive_view(b.column("view")))
+        now[name] = mapped.get(name) or new(name, rec["size"])
+        vshards.append((name, base_name))
+        vrows += now[name].rows
     return Snapshot(mapped=now, embeddings=Matrix(pieces, dim, dtype), row_ids=row_ids, shard_start=start,
-                    views=Matrix(vpieces, dim, dtype),
-                    view_ids=np.concatenate(vids) if vids else np.empty(0, np.int64),
-                    view_num=np.concatenate(vnum) if vnum else np.empty(0, np.uint8))
+                    view_shards=vshards, view_rows=vrows)
 
 
 def _to_numpy(arr: pa.Array) -> np.ndarray:
