@@ -9,7 +9,8 @@ that the Flat phase writes), and the helpers every phase shares (opening, recall
 * ``pcam``: real embeddings: the PatchCamelyon tiles of ``../shared/data/pcam`` embedded by the
   shipped ONNX MobileNetV2 (1280-d) with K = 8 stored augmented views per tile (the store
   ``bench_pcam_heads.py`` extracts; extracted here if absent). Indexed: every ``train`` tile
-  and its views; queries: the ``valid`` tiles, from other slides, whose views are left out.
+  and its views, each tile with its views as one slide (one source image: PCam names no
+  slides); queries: the ``valid`` tiles, from other slides, whose views are left out.
 """
 from __future__ import annotations
 
@@ -157,10 +158,12 @@ def _write_pcam(root: Path, source: Path, csv_path: Path) -> dict[str, Any]:
             chunk = train_ids[s:s + 500]
             j = np.flatnonzero(np.isin(views.ids, chunk))
             emb = np.concatenate([src.gather(chunk), views.gather(j)])
-            names = list(src.keys_of(chunk)) + [f"{k}#view{v}" for k, v in
-                                                 zip(src.keys_of(views.ids[j]), views.view[j])]
+            tiles = list(src.keys_of(chunk)) + list(src.keys_of(views.ids[j]))
+            names = tiles[:len(chunk)] + [f"{k}#view{v}" for k, v in
+                                          zip(tiles[len(chunk):], views.view[j])]
             unit = f"train{u:03d}"
-            w.add(emb, names, unit=unit, slide=unit)
+            # a tile and its views share a "slide": one source image (PCam gives no slide ids)
+            w.add(emb, names, unit=unit, slide=tiles)
             w.end_unit(unit)
             n_rows += len(names)
     _save_queries(root, src.gather(ids[~is_train]))

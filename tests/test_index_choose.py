@@ -252,9 +252,10 @@ def test_candidates_are_timed_in_interleaved_rounds(tmp_path: Path,
 
     monkeypatch.setattr(measure_mod, "_time_once", fake)
     monkeypatch.setattr(measure_mod, "predicted_seconds", lambda kind, total, *a: total)
-    qids, q = held_out_queries(store, 200, 0, "cosine")
+    held = held_out_queries(store, 200, 0, "cosine")
+    q = held.q
     faiss.omp_set_num_threads(2)                     # the fixture restores one thread after
-    rows, _ = measure_mod.measure_candidates(store, plans, qids, q, 0.95, "cosine", 0,
+    rows, _ = measure_mod.measure_candidates(store, plans, held, 0.95, "cosine", 0,
                                              parse_memory("1G"), 4096)
     labels = [p.label for p in plans]
     assert calls == labels * measure_mod.TIMING_ROUNDS                   # round after round
@@ -313,3 +314,55 @@ def test_prediction_held_rule() -> None:
     assert not prediction_held({**row, "full_recall": 0.91}, 0.95)   # HNSW at 1M: 0.999 -> 0.915
     assert not prediction_held({**row, "full_qps": 2000.0}, 0.95)    # under a third of predicted
     assert prediction_held({**row, "full_qps": 3000.0}, 0.95)
+
+
+def _slide_store(path: Path, n_slides: int, per_slide: int = 150, dim: int = 32) -> object:
+    """A real store of ``n_slides`` slides whose tiles are near-copies of their slide's own
+    centre: a tile's nearest neighbours are its slide-mates, as overlapping and adjacent
+    tiles of one slide are."""
+    from embedstore.store import StoreMeta, StoreWriter, open_store
+
+    rng = np.random.default_rng(3)
+    with StoreWriter(path, StoreMeta(dim=dim, backbone={"name": "synthetic"})) as w:
+        for s in range(n_slides):
+            emb = rng.normal(size=dim) + 0.15 * rng.normal(size=(per_slide, dim))
+            name = f"slide{s:02d}"
+            w.add(emb.astype(np.float32), [f"{name}/{i}" for i in range(per_slide)], unit=name,
+                  slide=name, x=224 * np.arange(per_slide), y=0)
+            w.end_unit(name)
+    return open_store(path)
+
+
+def test_queries_come_from_whole_slides_the_measured_index_does_not_hold(tmp_path: Path) -> None:
+    """Where the store has slides, the build holds out whole slides and draws its queries
+    from them (a query's slide-mates, its near-copies, are not in the index it measures),
+    within a tenth of the rows; after measuring, every held-out row joins the saved index."""
+    from embedstore.index._make import HELD_OUT_SHARE, held_out_queries
+
+    store = _slide_store(tmp_path / "st", 60)
+    held = held_out_queries(store, 100, 0, "cosine")
+    slide_of = store.metadata(store.all_ids(), ("slide",))["slide"]
+    held_slides = set(slide_of[held.rows])
+    assert held.slides == len(held_slides) >= 5
+    assert len(held.rows) <= len(store) // HELD_OUT_SHARE
+    # the held rows are exactly those slides' rows, and every query is one of them
+    np.testing.assert_array_equal(held.rows, np.flatnonzero(np.isin(slide_of, list(held_slides))))
+    assert len(held.qids) == 100 and np.isin(held.qids, held.rows).all()
+    np.testing.assert_allclose(held.q, held.q / np.linalg.norm(held.q, axis=1, keepdims=True), atol=1e-5)
+
+    info = build_index(store, kind="hnsw", n_queries=100)
+    assert info.n_covered == len(store) and info.n_queries == 100
+    assert info.max_id == int(store.all_ids().max())
+    keys = store.keys_of(held.rows[::37])
+    hits = search(store, keys=keys, k=5)
+    assert hits[0].method.startswith("index") and [h.keys[0] for h in hits] == keys
+
+
+def test_too_few_slides_hold_out_random_rows(tmp_path: Path) -> None:
+    from embedstore.index._make import held_out_queries
+
+    store = _slide_store(tmp_path / "st", 5, per_slide=400)
+    held = held_out_queries(store, 100, 0, "cosine")
+    assert held.slides == 0 and held.rows is held.qids and len(held.qids) == 100
+    slide_of = store.metadata(held.qids, ("slide",))["slide"]
+    assert len(set(slide_of)) == 5                 # spread over every slide

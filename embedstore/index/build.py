@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from embedstore.index._kmeans import TWO_LEVEL_MIN_LISTS
-from embedstore.index._make import gather_rows, held_out_queries, new_index, random_ids, train
+from embedstore.index._make import HeldOut, gather_rows, held_out_queries, new_index, random_ids, train
 from embedstore.index._vectors import (SCAN_BATCH, check_metric, log, prepare, require_rows,
                                        rows_after)
 from embedstore.index.choose import (ON_DISK_KINDS, EXACT_MAX_ROWS, SHARD_MAX_ROWS, IndexPlan, fits_in_memory, parse_memory,
@@ -79,7 +79,7 @@ def _train_and_fill(store: StoreLike, plan: IndexPlan, metric: str, seed: int,
 
 
 def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu: bool,
-            metric: str, seed: int, qids: np.ndarray, q: np.ndarray, batch_size: int,
+            metric: str, seed: int, held: HeldOut, batch_size: int,
             measure: bool, on_disk: bool | None) -> tuple[IndexPlan, list[dict], int, list[IndexPlan]]:
     """(plan to build, every candidate measured, sample rows, the measured plans in the order of
     the candidates): the on-disk IVF (forced, or when no in-memory index fits the budget), a
@@ -105,7 +105,7 @@ def _choose(store: StoreLike, kind: str, budget: int, target_recall: float, gpu:
         why = only.reason if only.kind == "flat" and n < EXACT_MAX_ROWS else \
             f"the only candidate that fits the memory budget of {format_bytes(budget)}"
         return replace(only, reason=why), [], 0, []
-    measured, sample = measure_candidates(store, plans, qids, q, target_recall, metric, seed,
+    measured, sample = measure_candidates(store, plans, held, target_recall, metric, seed,
                                           budget, batch_size)
     win = pick(measured, target_recall)
     measured[win]["chosen"] = True
@@ -140,9 +140,12 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
     if gpu:
         require_gpu()
     budget = parse_memory(memory_budget)
-    qids, q = held_out_queries(store, n_queries, seed, metric)
+    held = held_out_queries(store, n_queries, seed, metric)
+    if held.slides:
+        log.info("holding out %d whole slides (%d rows) for %d queries", held.slides,
+                 len(held.rows), len(held.qids))
     plan, candidates, sample, plans = _choose(store, kind, budget, target_recall, gpu, metric,
-                                              seed, qids, q, batch_size, measure, on_disk)
+                                              seed, held, batch_size, measure, on_disk)
     if shard_rows is not None and plan.on_disk:
         plan = replace(plan, shard_rows=max(1, int(shard_rows)))
     log.info("index plan for %d x %d: %s (~%s): %s", n, store.dim, plan.label,
@@ -151,7 +154,7 @@ def build_index(store: StoreLike, kind: str = "auto", memory_budget: str | int =
     staging = OnDiskBuild(index_dir(store)) if plan.on_disk else None
     with staging or nullcontext():
         return _build(store, plan, candidates, sample, metric, seed, batch_size, target_recall,
-                      qids, q, committed, staging, plans, budget)
+                      held, committed, staging, plans, budget)
 
 
 @dataclass
@@ -244,29 +247,30 @@ def _confirm(store: StoreLike, first: _Full, win: int, candidates: list[dict],
 
 
 def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: int, metric: str,
-           seed: int, batch_size: int, target_recall: float, qids: np.ndarray, q: np.ndarray,
-           committed: int, staging: OnDiskBuild | None, plans: list[IndexPlan],
+           seed: int, batch_size: int, target_recall: float, held: HeldOut, committed: int, staging: OnDiskBuild | None, plans: list[IndexPlan],
            budget: int) -> IndexInfo:
     """Fill, measure, tune and save the index of ``plan`` (on disk when ``staging``); with
-    measured ``candidates``, confirm the choice at full size (``_confirm``)."""
+    measured ``candidates``, confirm the choice at full size (``_confirm``). The ``held`` rows
+    are left out of every index until it was measured."""
+    q, skip = held.q, held.rows
     def fill(p: IndexPlan) -> tuple[Any, int, int, float]:
         t0 = time.perf_counter()
         if staging is not None:
             work = train_empty(store, p, metric, seed, batch_size)
-            added, max_id = staging.encode(work, store, metric, batch_size, p.shard_rows, qids)
+            added, max_id = staging.encode(work, store, metric, batch_size, p.shard_rows, skip)
             del work
             index = staging.merge([])
         else:
-            index, added, max_id = _train_and_fill(store, p, metric, seed, batch_size, qids)
+            index, added, max_id = _train_and_fill(store, p, metric, seed, batch_size, skip)
         return index, added, max_id, time.perf_counter() - t0
 
     index, added, max_id, build_seconds = fill(plan)
     t1 = time.perf_counter()
-    _, truth = exact_scan(store, q, RECALL_K, metric, batch_size=batch_size, skip=qids)
+    _, truth = exact_scan(store, q, RECALL_K, metric, batch_size=batch_size, skip=skip)
     info = IndexInfo(factory=plan.factory, kind=plan.kind, metric=metric, dim=store.dim,
                      nlist=plan.nlist, params={}, n_covered=int(index.ntotal), max_id=max_id,
                      n_rows_committed=committed, recall_at_10=0.0, target_recall=target_recall,
-                     recall_met=False, qps=0.0, n_queries=len(qids),
+                     recall_met=False, qps=0.0, n_queries=len(q),
                      build_seconds=round(build_seconds, 3), tune_seconds=0.0, memory_bytes=0,
                      reason=plan.reason, seed=seed, gpu=plan.gpu, created=now_iso(),
                      candidates=candidates, sample_size=sample)
@@ -281,14 +285,15 @@ def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: in
                             budget, fill)
     plan, index, tuned = full.plan, full.index, full.tuned
     if staging is not None:                     # the held-out rows join once measured
-        index = staging.merge([lists_of(index)], q, qids, final=True)
+        index = staging.merge([lists_of(index)], held.batches(store, metric, batch_size), final=True)
     else:
-        index.add_with_ids(q, qids)
+        for ids, rows in held.batches(store, metric, batch_size):
+            index.add_with_ids(rows, ids)
     info = replace(info, factory=plan.factory, kind=plan.kind, nlist=plan.nlist, gpu=plan.gpu,
                    reason=plan.reason, build_seconds=round(full.build_seconds, 3),
                    params=tuned.params, recall_at_10=tuned.recall, recall_met=tuned.met,
                    qps=tuned.qps, curve=tuned.curve, n_covered=int(index.ntotal),
-                   max_id=max(full.max_id, int(qids[-1])),
+                   max_id=max(full.max_id, int(skip[-1])),
                    tune_seconds=round(time.perf_counter() - t1, 3))
     if not tuned.met:
         log.warning("%s reached recall@10 %.3f < target %.3f at its widest setting %s; "
@@ -297,7 +302,7 @@ def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: in
     info = save_index(index, info, index_dir(store),
                       staging.ivfdata_name if staging is not None else "")
     log.info("built %s over %d rows in %.1fs: recall@10 %.3f at %s, %.0f QPS", info.factory,
-             full.added + len(qids), full.build_seconds, info.recall_at_10, info.params, info.qps)
+             full.added + len(skip), full.build_seconds, info.recall_at_10, info.params, info.qps)
     return info
 
 

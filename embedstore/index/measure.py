@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from embedstore.errors import VectorIndexError
-from embedstore.index._make import gather_rows, new_index, random_ids, train
+from embedstore.index._make import HeldOut, gather_rows, new_index, random_ids, train
 from embedstore.index._vectors import log
 from embedstore.index.choose import IndexPlan, graph_recall_at, sample_size
 from embedstore.index.recall import Tuned, recall_at_k, tune
@@ -235,23 +235,24 @@ def _time_rounds(held: list[tuple[dict, IndexPlan, VectorIndex]], store: StoreLi
             _predict(row, plan, vindex, store, q, total, ids, s, threads)
 
 
-def measure_candidates(store: StoreLike, plans: list[IndexPlan], qids: np.ndarray,
-                       q: np.ndarray, target: float, metric: str, seed: int, budget: int,
+def measure_candidates(store: StoreLike, plans: list[IndexPlan], out: HeldOut,
+                       target: float, metric: str, seed: int, budget: int,
                        batch_size: int) -> tuple[list[dict], int]:
-    """Each of ``plans`` built on one sample of the store (rows other than ``qids``), tuned to
-    ``target`` on the queries ``q`` (prepared rows ``qids``) and timed: (one dict per plan, in
+    """Each of ``plans`` built on one sample of the store (rows other than ``out.rows``,
+    the held-out rows), tuned to ``target`` on the queries ``out.q`` and timed: (one dict per plan, in
     order — label, params, recall, met, qps (predicted at full size), sample_qps,
     memory_bytes (planned at full size), build_seconds, tune_seconds — and the sample size)."""
     import faiss
 
-    pool = np.setdiff1d(store.all_ids(), qids, assume_unique=True)
-    size = sample_size(len(store), len(qids), plans, store.dim, budget)
+    q = out.q
+    pool = np.setdiff1d(store.all_ids(), out.rows, assume_unique=True)
+    size = sample_size(len(store), len(out.rows), plans, store.dim, budget)
     sids = random_ids(pool, size, seed + 2)
     xs = gather_rows(store, sids, metric, batch_size)
     _, local = faiss.knn(q, xs, min(RECALL_K, len(xs)), metric=faiss.METRIC_INNER_PRODUCT)
     truth = np.where(local >= 0, sids[np.maximum(local, 0)], -1)
     log.info("measuring %d candidate indexes on %d sampled rows, %d held-out queries",
-             len(plans), len(sids), len(qids))
+             len(plans), len(sids), len(q))
     measured: list[dict] = []
     held: list[tuple[dict, IndexPlan, VectorIndex]] = []   # timed together at the end
     room, held_bytes = budget // 2, 0                       # the other half holds the sample

@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -224,19 +224,22 @@ class OnDiskBuild:
                                                   above_id, skip)
         return added, max_id
 
-    def merge(self, extra: list[Any], tail: np.ndarray | None = None,
-              tail_ids: np.ndarray | None = None, final: bool = False) -> Any:
+    def merge(self, extra: list[Any], tail: Iterable[tuple[np.ndarray, np.ndarray]] = (),
+              final: bool = False) -> Any:
         """The lists ``extra`` (a staged or published index's), the shards and the prepared
-        rows ``tail`` (ids ``tail_ids``) merged into one file: staged (for tuning), or with
-        ``final`` ``index-<token>.ivfdata``, fsynced and renamed into place. Returns the index
-        over it; the shards are deleted."""
+        rows of ``tail`` (batches of (ids, rows)) merged into one file: staged (for tuning), or
+        with ``final`` ``index-<token>.ivfdata``, fsynced and renamed into place. Returns the
+        index over it; the shards are deleted."""
         faiss = _faiss()
 
-        if tail is not None and tail_ids is not None and len(tail_ids):
-            part = empty_copy(self.empty)
-            part.add_with_ids(np.ascontiguousarray(tail, dtype=np.float32), tail_ids)
+        part = None
+        for ids, rows in tail:
+            if part is None:
+                part = empty_copy(self.empty)
+            part.add_with_ids(np.ascontiguousarray(rows, dtype=np.float32), ids)
+        if part is not None and part.ntotal:
             _flush(part, self.staging, self.shards)
-            del part
+        del part
         opened = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in self.shards]
         sources = list(extra) + [lists_of(s) for s in opened]
         if not final:
