@@ -132,6 +132,20 @@ def test_search_by_image_and_by_vector(client: TestClient) -> None:
     assert [x["key"] for x in by_vec["results"]] == [x["key"] for x in out["results"]]
 
 
+def test_a_slide_tile_is_the_stored_tiles_pixels(client: TestClient, stores: tuple[Path, Path]) -> None:
+    """A slide's tile, read through the server's open reader of that slide, holds the same
+    pixels as reading the tile back from the store (``readback.read_tiles``)."""
+    from embedstore.extract.readback import read_tiles
+
+    st = open_store(stores[1])
+    keys = client.get("/api/wsi/keys?limit=40").json()["keys"][::13]
+    want = read_tiles(st, st.ids(keys), size=224)
+    for key, img in zip(keys, want):
+        got = np.asarray(_png(client.get(f"/api/wsi/tile/{key}")).convert("RGB"))
+        assert img is not None and got.shape == img.shape == (224, 224, 3)
+        np.testing.assert_array_equal(got, img)
+
+
 def test_tile_thumbnail_and_heatmap_images(client: TestClient) -> None:
     key = client.get("/api/lung/keys?limit=1").json()["keys"][0]
     assert _png(client.get(f"/api/lung/tile/{key}")).size == (224, 224)

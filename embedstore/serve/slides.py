@@ -43,6 +43,13 @@ class OpenSlideFile:
                 return None
             return read_dz_tile(self.reader, self.dz, level, col, row)
 
+    def region(self, x: int, y: int, side: int) -> np.ndarray | None:
+        """The level-0 square (x, y, side) as (side, side, 3) uint8; None once closed."""
+        with self.lock:
+            if self.closed:
+                return None
+            return self.reader.read_region(x, y, 0, side, side)
+
     def thumbnail(self, max_size: int) -> tuple[np.ndarray, float] | None:
         """(thumbnail (h, w, 3) uint8, level-0 px per thumbnail px), as ``readback.slide_thumbnail``;
         None once closed."""
@@ -94,6 +101,13 @@ class SlideReaders:
             img = self.get(slide).dz_tile(level, col, row)
             if img is not None:
                 return jpeg_bytes(img, quality)
+
+    def region(self, slide: str, x: int, y: int, side: int) -> np.ndarray:
+        """A level-0 square of ``slide`` (a stored tile's), read through its open reader."""
+        while True:
+            img = self.get(slide).region(x, y, side)
+            if img is not None:
+                return img
 
     def thumbnail(self, slide: str, max_size: int) -> tuple[np.ndarray, float]:
         while True:
