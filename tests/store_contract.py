@@ -203,6 +203,8 @@ class StoreContract:
             bag = store.slide(name)
             ids = np.asarray(bag.ids)
             assert np.all(np.diff(ids) > 0)
+            if getattr(store, "slide_ids", None) is not None:    # optional: the ids alone
+                np.testing.assert_array_equal(store.slide_ids(name), ids)
             np.testing.assert_array_equal(np.asarray(bag.emb), store.gather(ids))
             assert list(bag.keys) == list(store.keys_of(ids))
             meta = store.metadata(ids, ("slide", "x", "y"))

@@ -114,8 +114,9 @@ def _held_slides(store: StoreLike, n: int, nq: int, seed: int) -> tuple[np.ndarr
     order = np.random.default_rng(seed + 3).permutation(len(names))
     parts: list[np.ndarray] = []
     count = skips = 0
+    slide_ids = getattr(store, "slide_ids", None) or (lambda name: store.slide(name).ids)
     for i in order.tolist():
-        ids = np.asarray(store.slide(names[i]).ids, dtype=np.int64)
+        ids = np.asarray(slide_ids(names[i]), dtype=np.int64)
         if count + len(ids) > cap:
             skips += 1
             if skips >= HELD_MAX_SKIPS:

@@ -237,23 +237,34 @@ class Store:
                 out.append(name)
         return sorted(out)
 
-    def slide(self, name: str) -> Bag:
-        """All live tiles of slide ``name``: embeddings, level-0 coordinates, keys, ids."""
+    def _slide_positions(self, name: str) -> list[np.ndarray]:
+        """Positions of the live tiles of slide ``name``, one array per id range, none empty."""
         ranges = self._slide_ranges().get(name)
         if not ranges:
             raise UnknownKeyError(f"slide {name!r} not in {self.path}")
-        embs, poss = [], []
+        poss = []
         for first, count in sorted(ranges):
             pos, ok = self._positions(np.arange(first, first + count, dtype=np.int64))
             pos = pos[ok]
             pos = pos[self.live_mask[pos]]
-            if not pos.size:
-                continue
-            contiguous = pos[-1] - pos[0] == pos.size - 1
-            embs.append(self.embeddings[int(pos[0]):int(pos[-1]) + 1] if contiguous else self.embeddings.take(pos))
-            poss.append(pos)
+            if pos.size:
+                poss.append(pos)
         if not poss:
             raise UnknownKeyError(f"slide {name!r} has no live tiles in {self.path}")
+        return poss
+
+    def slide_ids(self, name: str) -> np.ndarray:
+        """(n,) int64 ids of the live tiles of slide ``name``, in id order: from the catalog's
+        slide ranges alone (no row, key or coordinate is read)."""
+        return self._row_ids[np.concatenate(self._slide_positions(name))]
+
+    def slide(self, name: str) -> Bag:
+        """All live tiles of slide ``name``: embeddings, level-0 coordinates, keys, ids."""
+        poss = self._slide_positions(name)
+        embs = []
+        for pos in poss:
+            contiguous = pos[-1] - pos[0] == pos.size - 1
+            embs.append(self.embeddings[int(pos[0]):int(pos[-1]) + 1] if contiguous else self.embeddings.take(pos))
         pos = np.concatenate(poss)
         meta = self._columns_at(pos, ("key", "x", "y"))
         emb = embs[0] if len(embs) == 1 else np.concatenate(embs)
