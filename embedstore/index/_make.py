@@ -84,8 +84,9 @@ def held_out_queries(store: StoreLike, n_queries: int, seed: int, metric: str) -
     drawn from their rows: a tile's neighbours on its own slide (overlapping and adjacent
     tiles, its stored views) are near-copies of it, and a query whose near-copies are in the
     index finds its neighbours more easily than a tile of a slide the archive does not hold,
-    so random rows overstate the recall new slides get (pcam, 1M: 0.98 on held-out rows,
-    0.93 on tiles of other slides at the same efSearch). Else seeded random rows."""
+    so random rows overstate the recall new slides get (bench_index's pcam set, HNSW at
+    efSearch 16: 0.98 on held-out stored rows, 0.93 on tiles of other slides). Else seeded
+    random rows."""
     all_ids = store.all_ids()
     nq = max(1, min(n_queries, len(all_ids) // HELD_OUT_SHARE))
     rows, slides = _held_slides(store, len(all_ids), nq, seed)
@@ -99,8 +100,9 @@ def held_out_queries(store: StoreLike, n_queries: int, seed: int, metric: str) -
 def _held_slides(store: StoreLike, n: int, nq: int, seed: int) -> tuple[np.ndarray | None, int]:
     """(sorted ids of every row of whole slides taken in a seeded order until they hold at
     least ``HELD_ROWS_PER_QUERY * nq`` rows or ``n / HELD_OUT_SHARE``, skipping slides that
-    would pass that bound (``HELD_MAX_SKIPS`` in a row end the search); the number of slides), or (None, 0) when the store has fewer than
-    ``HELD_MIN_SLIDES`` slides or the slides taken hold fewer than ``nq`` rows."""
+    would pass that bound (``HELD_MAX_SKIPS`` in a row end the search); the number of
+    slides), or (None, 0) when the store has fewer than ``HELD_MIN_SLIDES`` slides or the
+    slides taken hold fewer than ``nq`` rows."""
     slides = getattr(store, "slides", None)
     if slides is None:
         return None, 0
