@@ -247,8 +247,8 @@ def _confirm(store: StoreLike, first: _Full, win: int, candidates: list[dict],
 
 
 def _build(store: StoreLike, plan: IndexPlan, candidates: list[dict], sample: int, metric: str,
-           seed: int, batch_size: int, target_recall: float, held: HeldOut, committed: int, staging: OnDiskBuild | None, plans: list[IndexPlan],
-           budget: int) -> IndexInfo:
+           seed: int, batch_size: int, target_recall: float, held: HeldOut, committed: int,
+           staging: OnDiskBuild | None, plans: list[IndexPlan], budget: int) -> IndexInfo:
     """Fill, measure, tune and save the index of ``plan`` (on disk when ``staging``); with
     measured ``candidates``, confirm the choice at full size (``_confirm``). The ``held`` rows
     are left out of every index until it was measured."""

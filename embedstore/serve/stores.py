@@ -205,7 +205,7 @@ class ServedStore:
             m = self.store.metadata(np.array([tid], dtype=np.int64), ("slide", "x", "y"))
         slide, x, y = m["slide"][0], int(m["x"][0]), int(m["y"][0])
         img: np.ndarray | None
-        if (self.store.meta.tile or {}).get("kind") == "slides" and slide and x >= 0:
+        if self.is_slides and slide and x >= 0:
             side = self.bag(slide)[1]
             try:
                 region = self.readers.region(slide, x, y, side)

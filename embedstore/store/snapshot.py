@@ -54,13 +54,17 @@ class Snapshot:
     # the view shards, in view-row order: (name, base shard or None), already mapped (a mapped
     # file stays readable after compaction unlinks it), read into ``views`` on first use
     view_shards: list[tuple[str, str | None]] = field(default_factory=list)
-    view_rows: int = 0                 # rows in those shards (from their catalog records)
     identity: bool = field(init=False)  # row p has id p (nothing compacted away)
 
     def __post_init__(self) -> None:
         n = len(self.row_ids)
         self.identity = n == 0 or bool(self.row_ids[0] == 0 and self.row_ids[-1] == n - 1)
         self._views: tuple[Matrix, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def view_rows(self) -> int:
+        """Rows in the view shards (from their footers: no view row is read)."""
+        return sum(self.mapped[name].rows for name, _ in self.view_shards)
 
     # Views are read when first asked for, not at open: at 10M rows x 8 views their ``base_row``
     # and ``view`` columns are 80M rows the open would otherwise read (from disk when cold)
@@ -194,16 +198,14 @@ def read_snapshot(lay: Layout, cat: Catalog, dim: int, dtype: np.dtype,
         ids.append(sh.row_ids(rec["first_id"]))
     row_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
     vshards: list[tuple[str, str | None]] = []
-    vrows = 0
     for name, rec in sorted(views, key=lambda x: (start.get(x[1].get("base") or "", -1), x[0])):
         base_name = rec.get("base")
         if base_name is not None and base_name not in start:
             continue  # its base shard is not in this snapshot
         now[name] = mapped.get(name) or new(name, rec["size"])
         vshards.append((name, base_name))
-        vrows += now[name].rows
     return Snapshot(mapped=now, embeddings=Matrix(pieces, dim, dtype), row_ids=row_ids, shard_start=start,
-                    view_shards=vshards, view_rows=vrows)
+                    view_shards=vshards)
 
 
 def _to_numpy(arr: pa.Array) -> np.ndarray:
