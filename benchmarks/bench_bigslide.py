@@ -27,8 +27,8 @@ end-to-end runs, since the machine is shared):
   clock of the whole call (backbone load, store creation, tissue masks, overlays, planning,
   reads, decode, forward, commits); twice, with ``decode_ahead=False`` (each batch decoded in
   the model's thread, as before decode-ahead) and then with ``decode_ahead=True`` (0 workers:
-  the next batch decoded in a helper thread; the default only where the model leaves a core
-  free, ``extract.config.decode_ahead_default``), each against the mean of the
+  the next batch decoded in a helper thread, at nice 19 when the model has every core; the
+  default only where the model leaves a core free, ``extract.config.decode_ahead_default``), each against the mean of the
   model-alone runs either side of it (model alone, off, model alone, on, model alone);
 * **per-slide overhead**, each slide alone: open, thumbnail (pyramid level read for the mask),
   tissue mask, grid planning, mask/overlay/grid files, and open -> first batch of 64 tiles

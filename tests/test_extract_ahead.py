@@ -5,6 +5,7 @@ an exception or Ctrl-C in the model loop stops the helper before the slides are 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from embedstore.errors import ConfigError, ShapeError
 from embedstore.extract.dataset import DecodeAhead, TileDataset, TileSpec
@@ -216,6 +218,30 @@ def test_decode_ahead_keeps_one_batch_in_flight_and_passes_errors_on() -> None:
     loader = DecodeAhead(TileDataset(), iter(mixed))
     with pytest.raises(ShapeError, match="different shapes"):
         list(loader)
+    _no_helpers_left()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread priorities here")
+def test_a_low_priority_helper_decodes_at_nice_19_and_leaves_the_caller_alone() -> None:
+    """low_priority (the model on every core): the helper and the decode threads it starts run
+    at nice 19, so they take idle cores only; the iterating thread keeps its priority."""
+    nice: dict[str, int] = {}
+
+    class Spy(TileDataset):
+        def __getitem__(self, s: TileSpec) -> Any:
+            t = threading.current_thread()
+            nice[t.name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return super().__getitem__(s)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    specs = [TileSpec(0, p.name, str(p), tile_size=224) for p in LUNG[:8]]
+    ds = Spy(decode_threads=2)
+    plain = [b["tiles"] for b in DecodeAhead(TileDataset(), iter([specs[:4], specs[4:]]))]
+    got = [b["tiles"] for b in DecodeAhead(ds, iter([specs[:4], specs[4:]]), low_priority=True)]
+    assert all(torch.equal(a, b) for a, b in zip(got, plain)) and len(got) == 2
+    assert nice and set(nice.values()) == {19}, nice
+    assert any(n.startswith("embedstore-decode") for n in nice), nice   # the pool inherited it
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    ds.close()
     _no_helpers_left()
 
 

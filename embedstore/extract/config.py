@@ -103,7 +103,10 @@ def decode_ahead_default(device: str, threads: int) -> bool:
     not told: only where the model leaves a core for it (a GPU, or fewer intra-op ``threads``
     than cores). Measured on 2 busy cores with the model on both (benchmarks/bench_bigslide.py,
     bench_extract.py): the model stopped waiting for batches, but its forward passes slowed by
-    about as much, sharing the cores with decoding; no gain there, within the machine's noise."""
+    about as much, sharing the cores with decoding; no gain there, within the machine's noise.
+    Asked for anyway on such a machine, the helper runs at the lowest priority (nice 19), which
+    took it from 0.76x to 0.91x the model alone on 4 slides of 40,000 px, against 1.00x with
+    decoding in the model's thread (bench_bigslide, 2026-12-03)."""
     return not device.startswith("cpu") or threads < usable_cores()
 
 

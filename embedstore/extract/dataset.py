@@ -12,6 +12,7 @@ processes (``workers=0``) a batch is decoded by a few threads of the main proces
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -159,6 +160,18 @@ def collate(items: list[tuple[np.ndarray | None, TileSpec, str | None, float]]) 
             "read_s": sum(it[3] for it in items)}
 
 
+def lower_thread_priority(nice: int = 19) -> None:
+    """Run the calling thread at the lowest CPU priority (Linux: ``setpriority`` on its thread
+    id), so it takes the cores when the model leaves them idle instead of slowing its forward
+    pass; threads it starts afterwards inherit it. Best effort: a no-op where not supported."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError):
+        pass
+
+
 class DecodeAhead:
     """The batches of ``sampler`` (lists of tile specs), decoded one batch ahead in one helper
     thread: the loader of a run without worker processes.
@@ -171,14 +184,17 @@ class DecodeAhead:
     flight and stops the thread, so the dataset can be closed after it."""
 
     def __init__(self, dataset: TileDataset, sampler: Iterable[list[TileSpec]],
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, low_priority: bool = False) -> None:
         self.dataset = dataset
         self.sampler = sampler
         self.pin_memory = pin_memory
+        self.low_priority = low_priority
         self._pool: ThreadPoolExecutor | None = None
         self._busy: Future[dict[str, Any]] | None = None
 
     def _fetch(self, specs: list[TileSpec]) -> dict[str, Any]:
+        if self.low_priority:
+            lower_thread_priority()
         batch = collate(self.dataset.__getitems__(specs))
         if self.pin_memory and len(batch["tiles"]):
             batch["tiles"] = batch["tiles"].pin_memory()

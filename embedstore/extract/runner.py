@@ -238,7 +238,8 @@ def _embed(pipe: Pipeline, bb: Backbone, cfg: ExtractConfig, recipe: ViewRecipe 
     ahead = cfg.decode_ahead if cfg.decode_ahead is not None else decode_ahead_default(
         device, cfg.num_threads or torch.get_num_threads())
     if workers == 0 and ahead:   # the next batch decodes in a thread while the model runs
-        loader = DecodeAhead(dataset, pipe, pin_memory=pin)
+        loader = DecodeAhead(dataset, pipe, pin_memory=pin, low_priority=not decode_ahead_default(
+            device, cfg.num_threads or torch.get_num_threads()))
     else:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=pipe, num_workers=workers, collate_fn=collate, pin_memory=pin,
