@@ -150,6 +150,24 @@ class StoreContract:
         for c in META:
             assert _column(got[c]) == _column(exp.columns[c][perm]), c
 
+    def test_arrow_metadata_is_the_same_columns_with_nulls(self, made: tuple[Any, Expected]) -> None:
+        """Optional metadata_arrow: the same values as metadata, integers' -1 as Arrow nulls,
+        for ids in any order and for a consecutive run (a scan batch, sliced not taken)."""
+        store, exp = made
+        if getattr(store, "metadata_arrow", None) is None:
+            pytest.skip("this store has no metadata_arrow")
+        all_ids = np.sort(store.ids(exp.keys))
+        perm = np.random.default_rng(3).permutation(len(all_ids))
+        for ids in (all_ids[perm], all_ids[1:-1]):
+            want = store.metadata(ids, ("key",) + META)
+            got = store.metadata_arrow(ids, ("key",) + META)
+            assert list(got) == ["key", *META]
+            for c, arr in got.items():
+                vals = arr.to_pylist()
+                if c in ("x", "y"):
+                    vals = [-1 if v is None else v for v in vals]
+                assert _column(vals) == _column(want[c]), c
+
     def test_labels_recorded_at_extraction(self, made: tuple[Any, Expected]) -> None:
         store, exp = made
         got = store.labels(exp.keys)

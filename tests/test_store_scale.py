@@ -4,9 +4,11 @@ rebuilt catalog (issue 14, and issue 11's labels replay)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,7 @@ if how.startswith("gather"):       # dense blocks of consecutive ids, as the str
     m.release_behind = how == "gather-release"
     blocks = ((a, m.take(np.arange(a, min(a + 16384, len(m))))) for a in range(0, len(m), 16384))
 else:
-    blocks = m.batches(16384, release=how == "release")
+    blocks = m.batches(16384, release=how == "release", read_ahead=how == "read")
 for start, block in blocks:
     total += float(block[:, :8].astype(np.float64).sum())
     rows += len(block)
@@ -103,14 +105,51 @@ def test_released_scans_and_dense_gathers_hold_one_block_mapped(big: Path) -> No
         r = subprocess.run([sys.executable, "-c", SCAN_PROBE, str(big), how], capture_output=True,
                            text=True, check=True)
         return json.loads(r.stdout)
-    kept, released = probe("keep"), probe("release")
-    assert kept["rows"] == released["rows"] == 400_000 and kept["sum"] == released["sum"]
+    kept, released, read = probe("keep"), probe("release"), probe("read")
+    assert kept["rows"] == released["rows"] == read["rows"] == 400_000
+    assert kept["sum"] == released["sum"] == read["sum"]
     assert kept["peak"] > 150 << 20, kept            # the 200 MB of rows stay mapped
     assert released["peak"] < 40 << 20, released     # a block is 8 MB
+    assert read["peak"] < 8 << 20, read              # read into arrays: nothing mapped
     kept, released = probe("gather-keep"), probe("gather-release")
     assert kept["rows"] == released["rows"] == 400_000 and kept["sum"] == released["sum"]
     assert kept["peak"] > 150 << 20, kept
     assert released["peak"] < 40 << 20, released
+
+
+def _evict(path: Path) -> None:
+    for f in path.rglob("*.arrow"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="cannot drop files from the page cache")
+def test_a_cold_scan_reads_ahead_into_arrays_and_a_warm_one_hands_out_views(tmp_path: Path) -> None:
+    """Shards out of the page cache are read with preadv, a block ahead in a helper thread
+    (stopped when the consumer leaves early); cached ones are zero-copy views; same rows."""
+    _write(tmp_path / "s", 60_000, 64, 16_384)
+    _evict(tmp_path / "s")
+    m = open_store(tmp_path / "s").embeddings
+    views = [(a, b) for a, b in m.batches(10_000, read_ahead=False)]
+    _evict(tmp_path / "s")
+    m = open_store(tmp_path / "s").embeddings          # a fresh map, its pages not cached
+    if m._piece_cached(0):
+        pytest.skip("this machine keeps the shards cached")
+    auto = list(m.batches(10_000))
+    assert [a for a, _ in auto] == [a for a, _ in views]
+    for (_, got), (_, want) in zip(auto, views):
+        np.testing.assert_array_equal(got, want)
+    assert all(b.flags.owndata and b.flags.writeable for _, b in auto)     # read, not mapped
+    assert not m._mapped.any()
+    assert all(not b.flags.owndata for _, b in m.batches(10_000))          # now cached: views
+    it = m.batches(5_000, read_ahead=True)
+    next(it)
+    assert any(t.name.startswith("embedstore-scan") for t in threading.enumerate())
+    it.close()
+    assert not any(t.name.startswith("embedstore-scan") for t in threading.enumerate())
 
 
 def test_gathers_by_pread_and_by_map_agree_with_the_matrix(big: Path) -> None:
@@ -121,7 +160,7 @@ def test_gathers_by_pread_and_by_map_agree_with_the_matrix(big: Path) -> None:
                            np.arange(100_000, 103_000),                        # dense: the map
                            [5, 5, 6, 7, 16_383, 16_384, len(m) - 1]])          # repeats, edges
     rng.shuffle(rows)
-    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m))])
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
     for prefetch in (None, True, False):
         np.testing.assert_array_equal(m.take(rows, prefetch=prefetch), whole[rows])
     np.testing.assert_array_equal(m.take(np.sort(rows)), whole[np.sort(rows)])
@@ -147,7 +186,7 @@ def test_preadv_runs_scatter_into_any_order(big: Path, monkeypatch: pytest.Monke
     scattered, runs split at IOV_MAX buffers, repeats, piece edges; and the pread fallback."""
     s = open_store(big)
     m = s.embeddings
-    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m))])
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
     m._mapped[:] = False                          # as if not scanned: the reads below use preadv
     monkeypatch.setattr(matrix_mod, "DENSE", 0)
     monkeypatch.setattr(matrix_mod, "IOV_MAX", 4)

@@ -52,10 +52,15 @@ class HeatmapSpec:
 
 
 def _column(values: Any, null_below_zero: bool = False) -> Any:
-    """An Arrow array from store metadata; integer coordinates < 0 (the store's null) become null."""
+    """An Arrow array from store metadata (numpy, or Arrow from ``metadata_arrow``); integer
+    coordinates < 0 (the store's null) become null, as int64."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values
+        if not null_below_zero:
+            return values
+        arr64 = pc.cast(values, pa.int64())
+        return pc.if_else(pc.less(arr64, 0), pa.scalar(None, pa.int64()), arr64)
     arr = np.asarray(values)
     if arr.dtype == object:
         return pa.array(arr.tolist(), type=pa.string())
@@ -64,12 +69,44 @@ def _column(values: Any, null_below_zero: bool = False) -> Any:
     return pa.array(arr)
 
 
-def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: dict[str, Any]) -> Any:
-    """One Arrow record batch: key, pred ((b,) labels), prob_<class> per class ((b, c) prob), and
-    slide, x, y and tile_size_level0 (the tile side in level-0 px, null where unknown) when
-    ``meta`` has them."""
+def _objects(values: Any) -> np.ndarray:
+    """Strings (numpy or Arrow) as an object array, None for null."""
     import pyarrow as pa
-    cols: dict[str, Any] = {"key": _column(meta["key"]), "pred": pa.array(pred.tolist())}
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
+    return np.asarray(values, dtype=object)
+
+
+def _ints(values: Any) -> np.ndarray:
+    """Integers (numpy with -1, or Arrow with nulls) as int64, -1 for null."""
+    import pyarrow as pa
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return np.asarray(values.fill_null(-1).to_numpy(), dtype=np.int64)
+    return np.asarray(values, dtype=np.int64)
+
+
+def _per_slide(level0: Any, slides: Any) -> np.ndarray | None:
+    """``level0`` (object slides -> sides) over ``slides``; an Arrow column is looked up once
+    per distinct slide (a batch holds a few), not once per row."""
+    import pyarrow as pa
+    if not isinstance(slides, (pa.Array, pa.ChunkedArray)):
+        return level0(slides)
+    enc = slides.dictionary_encode()
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    sides = level0(np.asarray(enc.dictionary.to_pylist(), dtype=object))
+    if sides is None:
+        return None
+    return np.append(sides, np.nan)[enc.indices.fill_null(-1).to_numpy()]   # null: the NaN
+
+
+def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: dict[str, Any]) -> Any:
+    """One Arrow record batch: key, pred (the labels of the (b,) class indices ``pred``),
+    prob_<class> per class ((b, c) prob), and slide, x, y and tile_size_level0 (the tile side in
+    level-0 px, null where unknown) when ``meta`` has them."""
+    import pyarrow as pa
+    cols: dict[str, Any] = {"key": _column(meta["key"]),
+                            "pred": pa.array(classes, pa.string()).take(pa.array(pred))}
     for i, c in enumerate(classes):
         cols[f"prob_{c}"] = pa.array(prob[:, i])
     for name in META_COLUMNS[1:]:
@@ -106,25 +143,28 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     writer = None
     rows = 0
     level0 = level0_sides(store)
+    # Arrow columns straight from the shards where the store has them: no Python string per row
+    arrow_meta = getattr(store, "metadata_arrow", None)
     with atomic_open(out, "wb") as sink:
         for ids, emb in store.scan(batch_size):
             prob = head.predict_proba(emb)
             pred = head.decide(prob)
             counts += np.bincount(pred, minlength=len(labels))
-            meta = store.metadata(ids, columns=META_COLUMNS)
+            meta = (arrow_meta(ids, META_COLUMNS) if arrow_meta is not None
+                    else store.metadata(ids, columns=META_COLUMNS))
             if meta.get("slide") is not None:
-                meta["tile_size_level0"] = level0(meta["slide"])
-            batch = _record_batch(head.classes, labels[pred], prob, meta)
+                meta["tile_size_level0"] = _per_slide(level0, meta["slide"])
+            batch = _record_batch(head.classes, pred, prob, meta)
             if writer is None:
                 schema = batch.schema
                 writer = pa.ipc.new_file(sink, schema)
             writer.write_batch(batch if batch.schema == schema else batch.cast(schema))
             rows += len(ids)
             if heatmap is not None and meta.get("slide") is not None:
-                on = np.asarray(meta["slide"], dtype=object) == heatmap.slide
+                on = _objects(meta["slide"]) == heatmap.slide
                 if on.any():
-                    xy = np.stack([np.asarray(meta["x"])[on], np.asarray(meta["y"])[on]], axis=1)
-                    heat.append((xy.astype(np.int64), prob[on, heat_cls]))
+                    xy = np.stack([_ints(meta["x"])[on], _ints(meta["y"])[on]], axis=1)
+                    heat.append((xy, prob[on, heat_cls]))
         if writer is None:
             raise HeadError(f"store {str(getattr(store, 'path', ''))!r} has no rows to predict")
         writer.close()

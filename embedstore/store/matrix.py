@@ -21,6 +21,7 @@ import ctypes
 import mmap
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,24 +398,66 @@ class Matrix:
                 p.shard.mm.madvise(advice, s, e - s)
 
     def batches(self, batch_size: int = 65536, start: int = 0, stop: int | None = None,
-                release: bool | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, zero-copy block) in order; blocks never straddle pieces. With
-        ``release`` each block's pages leave this process once the consumer asks for the next
-        (they stay in the page cache; a block still held reads back from it), so a scan of a
-        matrix larger than memory holds one block mapped, not the whole file. None: when the
-        matrix is larger than a quarter of RAM (``release_behind``)."""
+                release: bool | None = None, read_ahead: bool | None = None
+                ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, block) in order; blocks never straddle pieces.
+
+        A block of a piece in the page cache is a zero-copy view of the map. A piece that is
+        not (``read_ahead`` None: a sample of its pages is not resident, ``mincore``) is read
+        with ``preadv`` into a new array per block, the next block's read running in a helper
+        thread while the consumer works on this one: the disk then sees large reads, queued
+        ahead, instead of one page fault (one readahead window) at a time, and a cold scan runs
+        at about the file's read speed. True/False: read every piece so / map every piece.
+        With ``release`` each mapped block's pages leave this process once the consumer asks
+        for the next (they stay in the page cache; a block still held reads back from it), so a
+        scan of a matrix larger than memory holds one block mapped, not the whole file. None:
+        when the matrix is larger than a quarter of RAM (``release_behind``)."""
         release = self.release_behind if release is None else release
         stop = len(self) if stop is None else stop
-        for k, p in enumerate(self.pieces):
-            a, b = max(start, p.start), min(stop, p.stop)
-            for s in range(a, b, batch_size):
-                e = min(s + batch_size, b)
-                block = p.emb[s - p.start: e - p.start]
+        blocks = [(k, s, min(s + batch_size, b)) for k, p in enumerate(self.pieces)
+                  for a, b in [(max(start, p.start), min(stop, p.stop))] for s in range(a, b, batch_size)]
+        cold: dict[int, bool] = {}
+
+        def is_cold(i: int) -> bool:
+            k = blocks[i][0]
+            if k not in cold:
+                cold[k] = bool(self._fd[k] >= 0) and (
+                    read_ahead if read_ahead is not None else not self._piece_cached(k))
+            return cold[k]
+        pool: ThreadPoolExecutor | None = None
+        ahead: tuple[int, Future[np.ndarray]] | None = None
+        try:
+            for i, (k, s, e) in enumerate(blocks):
+                p = self.pieces[k]
+                if is_cold(i):
+                    block = ahead[1].result() if ahead is not None and ahead[0] == i else self._read_block(k, s, e)
+                    ahead = None
+                else:
+                    block = p.emb[s - p.start: e - p.start]
+                if i + 1 < len(blocks) and is_cold(i + 1):
+                    pool = pool or ThreadPoolExecutor(1, thread_name_prefix="embedstore-scan")
+                    ahead = (i + 1, pool.submit(self._read_block, *blocks[i + 1]))
                 yield s, block
-                if release:
+                if release and not cold[k]:
                     p.shard.release(block)
-            if a == p.start and b == p.stop and not release:  # all of it handed out and mapped
-                self._mapped[k] = True
+                if e == p.stop and start <= p.start and not (release or cold[k]):
+                    self._mapped[k] = True        # all of it handed out as views, and mapped
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_block(self, k: int, s: int, e: int) -> np.ndarray:
+        """Rows ``s:e`` (matrix positions) of piece ``k``, read with ``preadv`` into a new array."""
+        out = np.empty((e - s, self.dim), self.dtype)
+        off = int(self._off[k]) + (s - self.pieces[k].start) * self.dim * self.dtype.itemsize
+        _read_runs(self._fd[k:k + 1], np.array([off]), [[out.data.cast("B")]], out.nbytes)
+        return out
+
+    def _piece_cached(self, k: int, samples: int = 16) -> bool:
+        """Whether a sample of piece ``k``'s pages is in the page cache (see :meth:`_cached`)."""
+        p = self.pieces[k]
+        rows = np.linspace(p.start, p.stop - 1, min(samples, p.stop - p.start)).astype(np.int64)
+        return self._cached(rows, np.full(rows.size, k))
 
     def advise(self, advice: int) -> None:
         seen = set()

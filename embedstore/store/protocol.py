@@ -107,5 +107,6 @@ CORE = ("path", "dim", "dtype", "__len__", "n_rows_committed", "scan", "all_ids"
         "keys_of", "metadata", "labels")
 # looked up with getattr by callers that do without: is_deleted(ids) -> (len(ids),) bool, True
 # for deleted ids (without it, tombstones are found from all_ids()); slide_ids(name) -> (n,)
-# int64 ids of the slide's live tiles (without it, slide(name).ids)
-OPTIONAL = ("is_deleted", "slide_ids")
+# int64 ids of the slide's live tiles (without it, slide(name).ids); metadata_arrow(ids, columns)
+# -> {column: pa.Array} with nulls (without it, metadata(ids, columns))
+OPTIONAL = ("is_deleted", "slide_ids", "metadata_arrow")

@@ -195,9 +195,12 @@ class Store:
 
     def to_numpy(self, dtype: Any = None) -> np.ndarray:
         """Load every live row: (n, dim). Only when asked: this reads the whole matrix."""
-        parts = [b for _, b in self.scan()]
-        out = np.concatenate(parts) if parts else np.empty((0, self.dim), self.dtype)
-        return out.astype(dtype) if dtype is not None else out
+        out = np.empty((len(self), self.dim), self.dtype if dtype is None else dtype)
+        at = 0
+        for _, block in self.scan():           # each block copied in and dropped: one matrix held
+            out[at:at + len(block)] = block
+            at += len(block)
+        return out
 
     # -- metadata -----------------------------------------------------------------------
     def metadata(self, ids: np.ndarray,
@@ -206,6 +209,12 @@ class Store:
         integers with -1 for null, mpp as float with NaN."""
         pos = self._live_positions(ids)
         return self._columns_at(pos, columns)
+
+    def metadata_arrow(self, ids: np.ndarray, columns: Sequence[str] = ("key", "slide", "x", "y")
+                       ) -> dict[str, pa.Array]:
+        """:meth:`metadata` as Arrow arrays with their nulls, made without a Python object per
+        row: what a writer of Arrow files (``predict``) wants for millions of rows."""
+        return self.snapshot.arrow_columns_at(self._live_positions(ids), columns)
 
     def _columns_at(self, pos: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
         return self.snapshot.columns_at(pos, columns)
