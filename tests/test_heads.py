@@ -758,3 +758,20 @@ def test_real_tiles_colour_features_kather_mini():
                           cv=StratifiedKFold(5, shuffle=True, random_state=0), scoring="balanced_accuracy")
     assert ours.summary["balanced_accuracy"][0] > 0.5                 # chance is 1/8
     assert ours.summary["balanced_accuracy"][0] > ref.mean() - 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_folded_standardisation_gives_the_modules_logits(kind: str) -> None:
+    """predict runs the body with (x - mean) / std folded into its first layer: the same
+    logits as the module, on float16 rows like a store's, and the module is left unchanged."""
+    from embedstore.heads.models import HeadConfig, build_head_module
+    g = torch.Generator().manual_seed(0)
+    dim = 64
+    mean, std = torch.randn(dim, generator=g) * 3, torch.rand(dim, generator=g) * 4 + 0.1
+    mod = build_head_module(HeadConfig(kind=kind, hidden=32), dim, 3, mean, std).eval()
+    before = copy.deepcopy(mod.state_dict())
+    x = (torch.randn(500, dim, generator=g) * 5 + 2).to(torch.float16)
+    with torch.no_grad():
+        want, got = mod(x), mod.folded()(x.to(torch.float32))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in mod.state_dict().items())

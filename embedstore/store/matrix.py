@@ -453,8 +453,15 @@ class Matrix:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def _read_block(self, k: int, s: int, e: int) -> np.ndarray:
-        """Rows ``s:e`` (matrix positions) of piece ``k``, read with ``preadv`` into a new array."""
-        out = np.empty((e - s, self.dim), self.dtype)
+        """Rows ``s:e`` (matrix positions) of piece ``k``, read with ``preadv`` into a new array.
+
+        The array lives in its own anonymous mapping, unmapped when the last reference goes,
+        not in malloc's heap: blocks made in the helper threads and freed by the consumer made
+        glibc keep the freed memory (and then the consumer's own large temporaries too) in
+        its heaps, 3.4 GB of anonymous memory after 1M cold rows of 768 float16, 0.44 GB so."""
+        nbytes = (e - s) * self.dim * self.dtype.itemsize
+        out = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), self.dtype,
+                            count=(e - s) * self.dim).reshape(e - s, self.dim)
         off = int(self._off[k]) + (s - self.pieces[k].start) * self.dim * self.dtype.itemsize
         _read_runs(self._fd[k:k + 1], np.array([off]), [[out.data.cast("B")]], out.nbytes)
         return out
