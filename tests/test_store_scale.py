@@ -167,8 +167,8 @@ def test_a_cold_scan_reads_ahead_into_arrays_and_a_warm_one_hands_out_views(tmp_
     for (_, got), (_, want) in zip(auto, views):
         np.testing.assert_array_equal(got, want)
     assert all(b.flags.writeable and not _in_shard(b, m) for _, b in auto)  # read, not mapped
-    # each in its own anonymous mapping, not malloc's heap: made in a helper thread and freed
-    # by the consumer, 10M-row predicts kept ~15 MB per block in glibc's heaps (3.4 GB at 1M rows)
+    # each in its own anonymous mapping, not malloc's heap (made in a helper thread, freed by
+    # the consumer)
     assert all(isinstance(_root(b), mmap.mmap) for _, b in auto)
     assert not m._mapped.any()
     assert all(_in_shard(b, m) for _, b in m.batches(10_000))              # now cached: views

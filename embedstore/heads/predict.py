@@ -145,9 +145,10 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
     level0 = level0_sides(store)
     # Arrow columns straight from the shards where the store has them: no Python string per row
     arrow_meta = getattr(store, "metadata_arrow", None)
+    proba = head.predictor(batch_size)
     with atomic_open(out, "wb") as sink:
         for ids, emb in store.scan(batch_size):
-            prob = head.predict_proba(emb)
+            prob = proba(emb)
             pred = head.decide(prob)
             counts += np.bincount(pred, minlength=len(labels))
             meta = (arrow_meta(ids, META_COLUMNS) if arrow_meta is not None

@@ -455,13 +455,16 @@ class Matrix:
     def _read_block(self, k: int, s: int, e: int) -> np.ndarray:
         """Rows ``s:e`` (matrix positions) of piece ``k``, read with ``preadv`` into a new array.
 
-        The array lives in its own anonymous mapping, unmapped when the last reference goes,
-        not in malloc's heap: blocks made in the helper threads and freed by the consumer made
-        glibc keep the freed memory (and then the consumer's own large temporaries too) in
-        its heaps, 3.4 GB of anonymous memory after 1M cold rows of 768 float16, 0.44 GB so."""
-        nbytes = (e - s) * self.dim * self.dtype.itemsize
-        out = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), self.dtype,
-                            count=(e - s) * self.dim).reshape(e - s, self.dim)
+        The array has its own private anonymous mapping, unmapped when its last reference
+        goes, rather than memory from malloc: the blocks are made in helper threads and freed
+        by the consumer, and glibc's heaps grew with them."""
+        n = (e - s) * self.dim
+        anon = getattr(mmap, "MAP_ANONYMOUS", None)
+        if anon is None:                                 # Windows: no such flags
+            out = np.empty((e - s, self.dim), self.dtype)
+        else:
+            buf = mmap.mmap(-1, max(n * self.dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | anon)
+            out = np.frombuffer(buf, self.dtype, count=n).reshape(e - s, self.dim)
         off = int(self._off[k]) + (s - self.pieces[k].start) * self.dim * self.dtype.itemsize
         _read_runs(self._fd[k:k + 1], np.array([off]), [[out.data.cast("B")]], out.nbytes)
         return out
