@@ -340,3 +340,22 @@ def test_opening_a_store_does_not_import_pandas(small: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(small)], capture_output=True, text=True, check=True)
     n, views, pandas = r.stdout.split()
     assert int(n) > 0 and pandas == "False", r.stdout
+
+
+def test_a_slides_tile_side_comes_from_its_coordinates_without_reading_its_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that records no geometry: predict's level-0 tile side is the grid step of the
+    slide's coordinates, read from two metadata columns, not through slide() (every row)."""
+    from embedstore.store.geometry import level0_sides
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "s", meta(dim=16)) as w:
+        for u, step in enumerate((224, 448)):
+            i = np.arange(300)
+            w.add(rng.standard_normal((300, 16), dtype=np.float32).astype(np.float16),
+                  [f"s{u}/{j}" for j in i], unit=f"u{u}", slide=f"s{u}", x=(i % 20) * step, y=(i // 20) * step)
+            w.end_unit(f"u{u}")
+    s = open_store(tmp_path / "s")
+    monkeypatch.setattr(type(s), "slide", lambda *a: pytest.fail("slide() read every row"))
+    got = level0_sides(s)(np.array(["s1", "s0", "s1", None, "nope"], dtype=object))
+    np.testing.assert_array_equal(got[:3], [448.0, 224.0, 448.0])
+    assert np.isnan(got[3:]).all()
