@@ -99,6 +99,10 @@ class StoreWriter(Background):
         self._seq = 0
         self._pending: dict[str | None, Pending] = {}
         self._pending_keys: set[str] = set()
+        # add() screens keys against _pending_keys while the background thread commits shards and
+        # takes their keys out of it: a commit between add()'s length checks made a spurious
+        # DuplicateKeyError. The lock makes each screen and each removal whole.
+        self._keys_lock = threading.Lock()
         self._blocks = BlockPool()              # embedding memory reused unit after unit
         self._spilled: set[str] = set()         # units with rows in the open file, not ended
         self._file: OpenShard | None = None
@@ -144,7 +148,9 @@ class StoreWriter(Background):
         emb, views = check_rows(emb, n, views, meta, self.dim, self.lay.root)
         keys = list(map(str, keys))
         kb = Catalog.encode_keys(keys)   # a key too long for the catalog is refused here
-        done, keep = screen_keys(self.cat, keys, kb, unit, self._pending_keys, self.on_duplicate, self.lay.root)
+        with self._keys_lock:
+            done, keep = screen_keys(self.cat, keys, kb, unit, self._pending_keys, self.on_duplicate,
+                                     self.lay.root)
         if done:   # committed meanwhile by another writer: kept once, theirs
             self._discard_unit(unit, n)
             return
@@ -161,7 +167,8 @@ class StoreWriter(Background):
         try:
             p.extend(keys, kb, emb, views, meta, unit)   # copies emb and views
         except BaseException:
-            self._pending_keys.difference_update(keys)   # a rejected add leaves nothing behind
+            with self._keys_lock:
+                self._pending_keys.difference_update(keys)   # a rejected add leaves nothing behind
             raise
         if unit is None:
             self.end_unit(None)
@@ -255,7 +262,8 @@ class StoreWriter(Background):
         the open file are dropped when that file is committed."""
         p = self._pending.pop(unit, None)
         if p is not None:
-            self._pending_keys.difference_update(p.keys)
+            with self._keys_lock:
+                self._pending_keys.difference_update(p.keys)
             rows += p.rows
         if unit is not None:
             self.discarded[unit] = self.discarded.get(unit, 0) + rows
@@ -320,8 +328,15 @@ class StoreWriter(Background):
     def _commit_rows(self, s: Sealed) -> None:
         """Register sealed shard ``s``. Units with rows in it that another writer finished
         meanwhile lose their rows first (the shard is rewritten without them), so nothing is
-        stored twice; ``committed`` counts what really went in, per unit."""
-        self._pending_keys.difference_update(s.keys)
+        stored twice; ``committed`` counts what really went in, per unit. Its keys stay pending
+        until the catalog holds them, so add() always sees a key in one of the two."""
+        try:
+            self._commit_sealed(s)
+        finally:
+            with self._keys_lock:
+                self._pending_keys.difference_update(s.keys)
+
+    def _commit_sealed(self, s: Sealed) -> None:
         while True:
             guard = {u for u, _, _ in s.row_units if u is not None} if not self.staged else set()
             p: dict[str, Any] = {
