@@ -142,7 +142,8 @@ def _reopen(fd: int) -> int:
     return new
 
 
-def _read_runs(fds: np.ndarray, offset: np.ndarray, bufs: list[list[memoryview]], nbytes: int) -> None:
+def _read_runs(fds: np.ndarray, offset: np.ndarray, bufs: Sequence[Sequence[memoryview]],
+               nbytes: int) -> None:
     """Runs of adjacent rows read with ``preadv`` straight into the caller's array: call ``j``
     reads from descriptor ``fds[j]`` at file offset ``offset[j]`` into the buffers ``bufs[j]``
     (slices of the output, in file order). Copied from the page cache (from disk where absent),
@@ -166,7 +167,7 @@ def _read_runs(fds: np.ndarray, offset: np.ndarray, bufs: list[list[memoryview]]
 
 
 def _iovecs(out: np.ndarray, r: np.ndarray, dst: np.ndarray, new_run: np.ndarray,
-            rb: int) -> tuple[np.ndarray, list[list[memoryview]]]:
+            rb: int) -> tuple[np.ndarray, Sequence[Sequence[memoryview]]]:
     """The ``preadv`` calls that read the sorted rows ``r`` into rows ``dst`` of ``out``:
     ``(first row of each call (positions into r), its buffers)``. ``new_run`` (len(r),) marks
     the rows that do not continue the previous one in the file. A call reads one run of
@@ -174,8 +175,12 @@ def _iovecs(out: np.ndarray, r: np.ndarray, dst: np.ndarray, new_run: np.ndarray
     most ``IOV_MAX`` per call."""
     n = r.size
     mv = out.data.cast("B")                          # out is C-contiguous
+
+    def cut(a: np.ndarray, m: np.ndarray) -> list[memoryview]:   # mv[a:a + m], in C loops
+        return list(map(mv.__getitem__, map(slice, a.tolist(), (a + m).tolist())))
     if new_run.all():                                # sparse rows: one row, one call
-        return np.arange(n), [[mv[a:a + rb]] for a in (dst * rb).tolist()]
+        a = dst * rb
+        return np.arange(n), list(zip(cut(a, np.full(n, rb))))
     seg_new = new_run.copy()
     seg_new[1:] |= np.diff(dst) != 1
     seg = np.flatnonzero(seg_new)                    # first row of each stretch
@@ -183,9 +188,11 @@ def _iovecs(out: np.ndarray, r: np.ndarray, dst: np.ndarray, new_run: np.ndarray
     run_first = np.flatnonzero(new_run[seg])         # first stretch of each run
     rank = np.arange(seg.size) - run_first[np.cumsum(new_run[seg]) - 1]
     calls = np.flatnonzero(rank % IOV_MAX == 0)      # first stretch of each call
-    views = [mv[a:a + m] for a, m in zip((dst[seg] * rb).tolist(), (seg_len * rb).tolist())]
-    cut = np.append(calls, seg.size).tolist()
-    return seg[calls], [views[a:b] for a, b in zip(cut[:-1], cut[1:])]
+    views = cut(dst[seg] * rb, seg_len * rb)
+    if calls.size == seg.size:                       # every call reads one stretch
+        return seg, list(zip(views))
+    bounds = np.append(calls, seg.size).tolist()
+    return seg[calls], [views[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def embedding_view(batch: pa.RecordBatch, dim: int) -> np.ndarray:
