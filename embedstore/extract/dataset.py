@@ -193,8 +193,6 @@ class DecodeAhead:
         self._busy: Future[dict[str, Any]] | None = None
 
     def _fetch(self, specs: list[TileSpec]) -> dict[str, Any]:
-        if self.low_priority:
-            lower_thread_priority()
         batch = collate(self.dataset.__getitems__(specs))
         if self.pin_memory and len(batch["tiles"]):
             batch["tiles"] = batch["tiles"].pin_memory()
@@ -202,7 +200,9 @@ class DecodeAhead:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         specs = iter(self.sampler)
-        self._pool = pool = ThreadPoolExecutor(1, thread_name_prefix="embedstore-ahead")
+        self._pool = pool = ThreadPoolExecutor(
+            1, thread_name_prefix="embedstore-ahead",
+            initializer=lower_thread_priority if self.low_priority else None)
         try:
             nxt = next(specs, None)
             self._busy = None if nxt is None else pool.submit(self._fetch, nxt)

@@ -235,11 +235,10 @@ def _embed(pipe: Pipeline, bb: Backbone, cfg: ExtractConfig, recipe: ViewRecipe 
     dataset = TileDataset(recipe, file_size, decode_threads=usable_cores() if workers == 0 else 1)
     pin = torch.device(device).type == "cuda"
     loader: DecodeAhead | torch.utils.data.DataLoader[Any]
-    ahead = cfg.decode_ahead if cfg.decode_ahead is not None else decode_ahead_default(
-        device, cfg.num_threads or torch.get_num_threads())
+    free_core = decode_ahead_default(device, cfg.num_threads or torch.get_num_threads())
+    ahead = cfg.decode_ahead if cfg.decode_ahead is not None else free_core
     if workers == 0 and ahead:   # the next batch decodes in a thread while the model runs
-        loader = DecodeAhead(dataset, pipe, pin_memory=pin, low_priority=not decode_ahead_default(
-            device, cfg.num_threads or torch.get_num_threads()))
+        loader = DecodeAhead(dataset, pipe, pin_memory=pin, low_priority=not free_core)
     else:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=pipe, num_workers=workers, collate_fn=collate, pin_memory=pin,

@@ -111,27 +111,19 @@ class HeadModule(nn.Module):
     def folded(self) -> nn.Module:
         """A copy of the body taking raw inputs: the standardisation folded into its first
         linear layer (``W / std``, ``b - (W / std) @ mean``). The same logits up to float
-        rounding, without a pass over the input (prediction over millions of rows)."""
+        rounding, without a pass over the input (prediction over millions of rows). A body
+        that does not start with a linear layer: a copy of this module, standardising."""
         import copy
         body = copy.deepcopy(self.body)
         first = body if isinstance(body, nn.Linear) else body[0] if isinstance(body, nn.Sequential) else None
         if not isinstance(first, nn.Linear):
-            return nn.Sequential(_Standardise(self.mean, self.std), body)
+            return copy.deepcopy(self)
         with torch.no_grad():
             w = first.weight / self.std
             first.weight.copy_(w)
             if first.bias is not None:
                 first.bias.sub_(w @ self.mean)
         return body
-
-
-class _Standardise(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.mean, self.std = mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def build_head_module(cfg: HeadConfig, dim: int, n_classes: int, mean: torch.Tensor | None = None,

@@ -85,21 +85,6 @@ def _ints(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def _per_slide(level0: Any, slides: Any) -> np.ndarray | None:
-    """``level0`` (object slides -> sides) over ``slides``; an Arrow column is looked up once
-    per distinct slide (a batch holds a few), not once per row."""
-    import pyarrow as pa
-    if not isinstance(slides, (pa.Array, pa.ChunkedArray)):
-        return level0(slides)
-    enc = slides.dictionary_encode()
-    if isinstance(enc, pa.ChunkedArray):
-        enc = enc.combine_chunks()
-    sides = level0(np.asarray(enc.dictionary.to_pylist(), dtype=object))
-    if sides is None:
-        return None
-    return np.append(sides, np.nan)[enc.indices.fill_null(-1).to_numpy()]   # null: the NaN
-
-
 def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: dict[str, Any]) -> Any:
     """One Arrow record batch: key, pred (the labels of the (b,) class indices ``pred``),
     prob_<class> per class ((b, c) prob), and slide, x, y and tile_size_level0 (the tile side in
@@ -154,7 +139,7 @@ def predict_store(store: Any, head: TrainedHead, out_path: str | os.PathLike[str
             meta = (arrow_meta(ids, META_COLUMNS) if arrow_meta is not None
                     else store.metadata(ids, columns=META_COLUMNS))
             if meta.get("slide") is not None:
-                meta["tile_size_level0"] = _per_slide(level0, meta["slide"])
+                meta["tile_size_level0"] = level0(meta["slide"])
             batch = _record_batch(head.classes, pred, prob, meta)
             if writer is None:
                 schema = batch.schema

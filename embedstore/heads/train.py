@@ -41,7 +41,6 @@ class TrainedHead:
     def dim(self) -> int:
         return int(self.module.mean.shape[0])
 
-    @torch.inference_mode()
     def predict_proba(self, emb: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         """Class probabilities (n, c) float32 for ``emb`` (n, dim) float16/float32."""
         return self.predictor(batch_size)(emb)
@@ -51,8 +50,7 @@ class TrainedHead:
         standardisation folded into the first layer once, and one float32 buffer reused for
         every block's rows. A fresh 15 MB tensor per block of 5,000 x 768 was kept by malloc
         in a 10M-row predict (~14 MB of anonymous memory per block, OOM-killed at 24 GB)."""
-        if self.module.training:
-            self.module.eval()
+        self.module.eval()
         body = self.module.folded()
         classes, dim = len(self.classes), self.dim
         buf: list[torch.Tensor] = []

@@ -137,10 +137,11 @@ def _side(store: Any, slide: str, units: Mapping[str, Any]) -> float:
     return side or float("nan")
 
 
-def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
-    """(b,) object slides -> (b,) float64 level-0 tile side per row (NaN where unknown), each
-    slide's side looked up once; None for a store that records no slide geometry (tile files,
-    or a fake without ``units``/``meta``)."""
+def level0_sides(store: Any) -> Callable[[Any], np.ndarray | None]:
+    """(b,) slides (an object array, or an Arrow string column) -> (b,) float64 level-0 tile
+    side per row (NaN where unknown), each distinct slide looked up once and spread to its rows
+    by Arrow's dictionary encoding (no Python work per row); None for a store that records no
+    slide geometry (tile files, or a fake without ``units``/``meta``)."""
     if not (hasattr(store, "units") and hasattr(store, "meta")):
         return lambda slides: None
     try:                       # a slide's side never changes: remembered per store object
@@ -149,14 +150,20 @@ def level0_sides(store: Any) -> Callable[[np.ndarray], np.ndarray | None]:
         known = {}
     units: list[Mapping[str, Any]] = []      # the catalog's units, read at most once per lookup
 
-    def sides(slides: np.ndarray) -> np.ndarray | None:
-        out = np.full(len(slides), np.nan)
-        arr = np.asarray(slides, dtype=object)
-        for name in {str(v) for v in arr if v is not None}:
+    def sides(slides: Any) -> np.ndarray | None:
+        import pyarrow as pa
+        col = slides if isinstance(slides, (pa.Array, pa.ChunkedArray)) else \
+            pa.array(np.asarray(slides, dtype=object), type=pa.string())
+        enc = col.dictionary_encode()
+        if isinstance(enc, pa.ChunkedArray):
+            enc = enc.combine_chunks()
+        per_name = np.empty(len(enc.dictionary) + 1)
+        per_name[-1] = np.nan                                   # null slides: index -1
+        for i, name in enumerate(enc.dictionary.to_pylist()):
             if name not in known:
                 if not units:
                     units.append(store.units())
                 known[name] = _side(store, name, units[0])
-            out[arr == name] = known[name]
-        return out
+            per_name[i] = known[name]
+        return per_name[enc.indices.fill_null(-1).to_numpy()]
     return sides

@@ -434,8 +434,9 @@ class Matrix:
                 cold[k] = bool(self._fd[k] >= 0) and (
                     read_ahead if read_ahead is not None else not self._piece_cached(k))
             return cold[k]
-        block_bytes = max(1, batch_size * self.dim * self.dtype.itemsize)
-        depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // block_bytes))
+        # blocks end at pieces (record batches), so they may be far smaller than batch_size
+        rows = max((e - s for _, s, e in blocks), default=1)
+        depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, rows * self.dim * self.dtype.itemsize)))
         pool: ThreadPoolExecutor | None = None
         ahead: dict[int, Future[np.ndarray]] = {}      # block number -> its read in flight
         try:
