@@ -138,3 +138,31 @@ def test_a_folder_of_other_files_is_refused(store: tuple[Path, dict, list], tmp_
     assert code == 2 and err.count("\n") == 1 and "not an embedstore export" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]               # no staging left
+
+
+class _NumpyMetadataOnly:
+    """The store without ``metadata_arrow`` (an optional protocol method): export falls back
+    to numpy metadata, row by row for strings."""
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        if name == "metadata_arrow":
+            raise AttributeError(name)
+        return getattr(self._store, name)
+
+
+def test_arrow_and_numpy_metadata_export_the_same_table(store: tuple[Path, dict, list], tmp_path: Path) -> None:
+    from embedstore.interop import export_table
+    st = open_store(store[0])
+    a, b = tmp_path / "arrow", tmp_path / "numpy"
+    export_table(st, a, fmt="arrow")
+    export_table(_NumpyMetadataOnly(st), b, fmt="arrow")
+    ta = pads.dataset(str(a), format="arrow").to_table()
+    tb = pads.dataset(str(b), format="arrow").to_table()
+    assert ta.num_rows == len(st) > 0 and ta.schema == tb.schema
+    assert ta.equals(tb)
+    lab = ta.column("label_region").to_pylist()
+    assert None in lab and {"tumour", "normal"} <= set(lab)            # unlabelled rows are null
+    assert ta.column("x").null_count == 0 and ta.column("mpp").null_count == 0

@@ -53,28 +53,50 @@ def table_schema(dim: int, dtype: str, tasks: dict[str, dict[str, Any]], meta: d
 
 
 class _Joined:
-    """A task's labels, splits and groups looked up by id (``task_table`` ids are increasing)."""
+    """A task's labels, splits and groups looked up by id (``task_table`` ids are increasing),
+    each part held as one Arrow string array so that a batch's lookup is a vectorised take."""
 
     def __init__(self, table: dict[str, Any]) -> None:
+        import pyarrow as pa
         self.ids = np.asarray(table["ids"], np.int64)
-        self.cols = {p: table[p] for p in ("label", "split", "group") if table.get(p) is not None}
+        self.cols = {p: pa.array([None if v is None else str(v) for v in table[p]], type=pa.string())
+                     for p in ("label", "split", "group") if table.get(p) is not None}
 
-    def take(self, ids: np.ndarray, part: str) -> list[str | None]:
-        pos = np.searchsorted(self.ids, ids)
-        pos_ok = np.minimum(pos, max(len(self.ids) - 1, 0))
-        hit = (pos < len(self.ids)) & (self.ids[pos_ok] == ids) if len(self.ids) else np.zeros(len(ids), bool)
-        col = self.cols[part]
-        return [None if not h or col[p] is None else str(col[p]) for h, p in zip(hit.tolist(), pos_ok.tolist())]
+    def take(self, ids: np.ndarray, part: str) -> Any:
+        import pyarrow as pa
+        if not len(self.ids):
+            return pa.nulls(len(ids), type=pa.string())
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        miss = self.ids[pos] != ids
+        return self.cols[part].take(pa.array(pos, mask=miss))   # a null index takes a null
 
 
-def _int_col(v: np.ndarray, kind: Any) -> Any:
+def _int_col(v: Any, kind: Any) -> Any:
+    """Integers, numpy (-1 for null) or Arrow, as ``kind`` with values < 0 null."""
     import pyarrow as pa
+    import pyarrow.compute as pc
+    if isinstance(v, (pa.Array, pa.ChunkedArray)):
+        a = pc.cast(v, pa.int64())
+        return pc.if_else(pc.less(a, 0), pa.scalar(None, pa.int64()), a).cast(kind)
     a = np.asarray(v).astype(np.int64)
     return pa.array(a, mask=a < 0).cast(kind)
 
 
+def _float_col(v: Any) -> Any:
+    """Floats, numpy (NaN for null) or Arrow, as float32 with non-finite values null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if isinstance(v, (pa.Array, pa.ChunkedArray)):
+        a = pc.cast(v, pa.float32())
+        return pc.if_else(pc.is_finite(a), a, pa.scalar(None, pa.float32()))
+    a = np.asarray(v, np.float32)
+    return pa.array(a, mask=~np.isfinite(a))
+
+
 def _str_col(v: Any) -> Any:
     import pyarrow as pa
+    if isinstance(v, (pa.Array, pa.ChunkedArray)):
+        return v.cast(pa.string())
     return pa.array([None if s is None else str(s) for s in v], type=pa.string())
 
 
@@ -131,22 +153,24 @@ def _batches(store: Any, schema: Any, value_dtype: np.dtype[Any], joined: dict[s
              batch_rows: int) -> Iterator[Any]:
     import pyarrow as pa
     tile_l0 = level0_sides(store)
+    # Arrow columns straight from the shards where the store has them: no Python object per row
+    arrow_meta = getattr(store, "metadata_arrow", None)
     for ids, emb in store.scan(batch_rows):
-        m = store.metadata(ids, META_COLS)
-        xs = np.asarray(m["x"])
+        m = arrow_meta(ids, META_COLS) if arrow_meta is not None else store.metadata(ids, META_COLS)
+        x = _int_col(m["x"], pa.int64())
         sides = tile_l0(m["slide"])
-        l0 = np.full(len(xs), np.nan) if sides is None else np.where(xs >= 0, sides, np.nan)
-        mpp = np.asarray(m["mpp"], np.float32)
+        l0 = np.full(len(x), np.nan) if sides is None else \
+            np.where(x.is_valid().to_numpy(zero_copy_only=False), sides, np.nan)
         cols: dict[str, Any] = {
             "key": _str_col(m["key"]), "id": pa.array(np.asarray(ids, np.int64)),
             "slide": _str_col(m["slide"]), "source": _str_col(m["source"]),
-            "x": _int_col(xs, pa.int64()), "y": _int_col(m["y"], pa.int64()),
+            "x": x, "y": _int_col(m["y"], pa.int64()),
             "level": _int_col(m["level"], pa.int16()), "tile_size": _int_col(m["tile_size"], pa.int32()),
-            "mpp": pa.array(mpp, mask=~np.isfinite(mpp)), "label": _str_col(m["label"]),
+            "mpp": _float_col(m["mpp"]), "label": _str_col(m["label"]),
             "tile_size_level0": pa.array(l0, mask=np.isnan(l0), type=pa.float64())}
         for task, j in joined.items():
             for part in j.cols:
-                cols[f"{part}_{task}"] = pa.array(j.take(ids, part), type=pa.string())
+                cols[f"{part}_{task}"] = j.take(ids, part)
         cols["embedding"] = _embedding(emb, value_dtype)
         yield pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
