@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class MappedShard:
     def __init__(self, path: Path, expected_size: int | None = None) -> None:
         self.path = path
         self.fd: int | None = None   # a second descriptor, for positional reads of sparse rows
+        self._scan_fd: int | None = None   # a third, for the block reads of a cold scan
+        self._scan_lock = threading.Lock()
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -98,13 +101,27 @@ class MappedShard:
             self.advise(getattr(mmap, "MADV_NORMAL", None))
         self.rows = sum(b.num_rows for b in self.batches)
 
+    def scan_fd(self) -> int:
+        """The descriptor a cold scan reads its blocks from (opened on first use): sequential
+        advice, so the kernel's readahead runs ahead of and between the block reads. The sparse
+        gathers' descriptor keeps random advice (there a readahead window would be read per
+        row); with it a scan measured 0.35-0.43 GB/s, with this one 0.56-0.61 (10M store)."""
+        with self._scan_lock:
+            if self._scan_fd is None:
+                if self.fd is None:
+                    raise CorruptShardError(f"shard {self.path} is empty: no rows to read")
+                self._scan_fd = _reopen(self.fd, "POSIX_FADV_SEQUENTIAL")
+            return self._scan_fd
+
     def __del__(self) -> None:
-        fd, self.fd = getattr(self, "fd", None), None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for name in ("fd", "_scan_fd"):
+            fd = getattr(self, name, None)
+            setattr(self, name, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def row_ids(self, first_id: int) -> np.ndarray:
         """(rows,) int64 ids of the rows: a compacted shard's ``id`` column, else consecutive
@@ -129,16 +146,18 @@ class MappedShard:
         self.mm.madvise(dontneed, first, offset + block.nbytes - first)
 
 
-def _reopen(fd: int) -> int:
+def _reopen(fd: int, advice: str = "POSIX_FADV_RANDOM") -> int:
     """A new descriptor (its own file description, so its own readahead state) of the file
-    open as ``fd``: random-access advice on it leaves the mapping's readahead alone."""
+    open as ``fd``, with ``advice``: random access (read just the pages asked for) for sparse
+    gathers, sequential (a doubled readahead window) for scans; either leaves the mapping's
+    readahead alone."""
     try:
         new = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     except OSError:
         new = os.dup(fd)
         return new
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(new, 0, 0, os.POSIX_FADV_RANDOM)  # read just the pages asked for
+        os.posix_fadvise(new, 0, 0, getattr(os, advice))
     return new
 
 
@@ -474,7 +493,8 @@ class Matrix:
             buf = mmap.mmap(-1, max(n * self.dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | anon)
             out = np.frombuffer(buf, self.dtype, count=n).reshape(e - s, self.dim)
         off = int(self._off[k]) + (s - self.pieces[k].start) * self.dim * self.dtype.itemsize
-        _read_runs(self._fd[k:k + 1], np.array([off]), [[out.data.cast("B")]], out.nbytes)
+        fd = np.array([self.pieces[k].shard.scan_fd()], np.int64)
+        _read_runs(fd, np.array([off]), [[out.data.cast("B")]], out.nbytes)
         return out
 
     def _piece_cached(self, k: int, samples: int = 16) -> bool:
