@@ -448,9 +448,11 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--rewrite", action="store_true", help="write the store again (kept otherwise)")
     ap.add_argument("--skip", nargs="*", default=[], help="phases to leave out: index heads predict")
-    ap.add_argument("--only", choices=["index", "search"], default=None,
+    ap.add_argument("--only", choices=["index", "search", "scan"], default=None,
                     help="after the data phase, run just the index rows (results: <name>-<rows>-index)"
-                         "; search: only the exact and index search, over the index already built")
+                         "; search: only the exact and index search, over the index already built"
+                         "; scan: only the cold scan and predict rows (a one-epoch head on the subset "
+                         "task is trained when the store has none)")
     ap.add_argument("--child", default=None)
     ap.add_argument("--kind", default="store")
     a = ap.parse_args()
@@ -469,6 +471,14 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
                      "GB/s", b["bytes"] / b["seconds"] / 1e9, "npy write + fsync", w, True))
     rows.append(_row(f"label import ({out['labels']['labelled']:,} rows)", out["labels"]["seconds"],
                      "s", None, "", out["labels"], False))
+    if a.only == "scan":
+        rows.append(scan_row(a, H.files_under(root / "store"), [root / "emb.npy"], gb))
+        if not (root / "head").exists():       # predict's speed does not depend on what trained it
+            run_child_rusage(cli("train-head", str(root / "store"), "--task", SUBSET, "--head", "linear",
+                                 "--seeds", "1", "--epochs", "1", "--out", str(root / "head"), "--json"))
+        rows.append(predict_row(a, root))
+        _report(a, rows, out, gb, f"{NAME}-{a.rows}-{a.only}")
+        return
     if a.only:
         rows.extend(index_rows(a, build=a.only == "index"))
         _report(a, rows, out, gb, f"{NAME}-{a.rows}-{a.only}")
@@ -497,36 +507,13 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
                          numpy_rss_x_bytes=n["rss_growth"] / n["bytes"]))
         rows.append(_row(f"gather {a.gather:,} ids, {temp}, again", s["again_s"] * 1e3, "ms",
                          n["again_s"] * 1e3, "numpy memmap a[ids]", s, False))
-    # the disk's speed moves by 1.5x from minute to minute: alternate, keep each side's best
-    scans: dict[str, list[dict[str, Any]]] = {"store": [], "numpy": []}
-    for _ in range(ROUNDS):
-        for kind, files in (("store", store_files), ("numpy", npy)):
-            H.evict(files)
-            scans[kind].append(run_phase(a, "scan", kind))
-    s, n = (min(scans[k], key=lambda r: r["seconds"]) for k in ("store", "numpy"))
-    rows.append(_row(f"full scan, cold (best of {ROUNDS}, alternating)", gb / s["seconds"], "GB/s",
-                     gb / n["seconds"], "numpy memmap, 65,536-row chunks", s, True,
-                     store_s=[r["seconds"] for r in scans["store"]],
-                     numpy_s=[r["seconds"] for r in scans["numpy"]]))
+    rows.append(scan_row(a, store_files, npy, gb))
     if "index" not in a.skip:
         rows.extend(index_rows(a))
     if "heads" not in a.skip:
         rows.extend(head_rows(a, root))
     if "predict" not in a.skip and (root / "head").exists():
-        runs: dict[str, list[dict[str, Any]]] = {"store": [], "numpy": []}
-        for _ in range(ROUNDS):
-            runs["store"].append(run_child_rusage(cli("predict", str(root / "store"), "--head",
-                                                      str(root / "head"), "--out",
-                                                      str(root / "preds.arrow"), "--json")))
-            runs["numpy"].append(run_phase(a, "predict_numpy", "numpy"))
-        p, n = (min(runs[k], key=lambda r: r["wall_s"]) for k in ("store", "numpy"))
-        rows.append(_row(f"predict all {a.rows:,} rows (best of {ROUNDS}, alternating)",
-                         a.rows / p["wall_s"], "rows/s", a.rows / n["wall_s"],
-                         "numpy memmap scan @ W (process)", p, True,
-                         store_s=[r["wall_s"] for r in runs["store"]],
-                         numpy_s=[r["wall_s"] for r in runs["numpy"]],
-                         peak_rss_all_mb=[r["peak_rss"] / 1e6 for r in runs["store"]]))
-        (root / "preds.arrow").unlink(missing_ok=True)
+        rows.append(predict_row(a, root))
     _report(a, rows, out, gb, f"{NAME}-{a.rows}")
 
 
@@ -552,6 +539,38 @@ def index_rows(a: argparse.Namespace, build: bool = True) -> list[dict[str, Any]
     se = run_phase(a, "search")
     return out + [_row(f"search {a.queries} queries, recall@10 {se['recall']:.3f}", se["qps"], "QPS",
                  ex["qps"], "exact streamed scan (recall 1)", se, True)]
+
+
+def scan_row(a: argparse.Namespace, store_files: list[Path], npy: list[Path], gb: float) -> dict[str, Any]:
+    # the disk's speed moves by 1.5x from minute to minute: alternate, keep each side's best
+    scans: dict[str, list[dict[str, Any]]] = {"store": [], "numpy": []}
+    for _ in range(ROUNDS):
+        for kind, files in (("store", store_files), ("numpy", npy)):
+            H.evict(files)
+            scans[kind].append(run_phase(a, "scan", kind))
+    s, n = (min(scans[k], key=lambda r: r["seconds"]) for k in ("store", "numpy"))
+    return _row(f"full scan, cold (best of {ROUNDS}, alternating)", gb / s["seconds"], "GB/s",
+                gb / n["seconds"], "numpy memmap, 65,536-row chunks", s, True,
+                store_s=[r["seconds"] for r in scans["store"]],
+                numpy_s=[r["seconds"] for r in scans["numpy"]])
+
+
+def predict_row(a: argparse.Namespace, root: Path) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"store": [], "numpy": []}
+    for _ in range(ROUNDS):
+        runs["store"].append(run_child_rusage(cli("predict", str(root / "store"), "--head",
+                                                  str(root / "head"), "--out",
+                                                  str(root / "preds.arrow"), "--json")))
+        runs["numpy"].append(run_phase(a, "predict_numpy", "numpy"))
+    p, n = (min(runs[k], key=lambda r: r["wall_s"]) for k in ("store", "numpy"))
+    row = _row(f"predict all {a.rows:,} rows (best of {ROUNDS}, alternating)",
+               a.rows / p["wall_s"], "rows/s", a.rows / n["wall_s"],
+               "numpy memmap scan @ W (process)", p, True,
+               store_s=[r["wall_s"] for r in runs["store"]],
+               numpy_s=[r["wall_s"] for r in runs["numpy"]],
+               peak_rss_all_mb=[r["peak_rss"] / 1e6 for r in runs["store"]])
+    (root / "preds.arrow").unlink(missing_ok=True)
+    return row
 
 
 def head_rows(a: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
