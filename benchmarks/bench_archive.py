@@ -6,6 +6,7 @@ training, exact search), each as a ratio.
     .venv/bin/python benchmarks/bench_archive.py --rows 200000               # development size
     .venv/bin/python benchmarks/bench_archive.py --rows 1000000
     .venv/bin/python benchmarks/bench_archive.py --rows 10000000 --rewrite   # the archive (15 GB)
+    .venv/bin/python benchmarks/bench_archive.py --rows 10000000 --only scan # cold scan + predict
 
 Data (``--root``, default ``/work/bench_data/archive/<rows>x768``; the store is kept and reused,
 ``--rewrite`` writes it again, e.g. to measure a new writer): ``--rows`` x 768 float16 rows in
