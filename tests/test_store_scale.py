@@ -180,6 +180,25 @@ def test_a_cold_scan_reads_ahead_into_arrays_and_a_warm_one_hands_out_views(tmp_
     assert not any(t.name.startswith("embedstore-scan") for t in threading.enumerate())
 
 
+def test_a_read_ahead_scan_closes_the_descriptor_of_each_block_read(tmp_path: Path) -> None:
+    """Each block read of a cold scan opens its own descriptor (sequential advice) and closes
+    it after the read; the rows are the shards', also when the consumer leaves early."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd to count descriptors in")
+    _write(tmp_path / "s", 30_000, 32, 4_096)
+    m = open_store(tmp_path / "s").embeddings
+    whole = np.concatenate([b for _, b in m.batches(5_000, read_ahead=False)])
+    before = len(os.listdir("/proc/self/fd"))
+    got = list(m.batches(3_000, read_ahead=True))
+    assert len(os.listdir("/proc/self/fd")) == before
+    np.testing.assert_array_equal(np.concatenate([b for _, b in got]), whole)
+    assert not any(_in_shard(b, m) for _, b in got)
+    it = m.batches(1_000, read_ahead=True)
+    next(it), next(it)
+    it.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_gathers_by_pread_and_by_map_agree_with_the_matrix(big: Path) -> None:
     s = open_store(big)
     m = s.embeddings
