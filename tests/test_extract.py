@@ -343,6 +343,45 @@ def test_threaded_batch_decoding_equals_serial(tmp_path: Path) -> None:
     assert threaded._pool is None and not threaded._slides
 
 
+def test_decode_threads_each_take_a_contiguous_run_and_decode_a_chunk_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neighbouring tiles share the slide's JPEG chunks: the threads of a batch each decode a
+    contiguous run, so a chunk is decoded about once (handed out tile by tile, the threads
+    decoded the same chunks side by side), and the tiles are the serial ones, in order."""
+    from embedstore.extract.dataset import TileDataset, TileSpec
+    from embedstore.extract.wsi import SlideReader, plan_slide
+    from embedstore.extract.wsi import tiff as tiff_mod
+    cmu = SAMPLE / "wsi" / "CMU-1-Small-Region.svs"
+    with SlideReader(cmu) as r:
+        assert r.backend == "tifffile"
+        g = plan_slide(r, 0.5, 224).grid
+    specs = [TileSpec(0, f"t{j}", str(cmu), int(g.x[j]), int(g.y[j]), g.level, g.read_size,
+                      g.read_size, 224) for j in range(min(len(g), 64))]
+    decoded: list[tuple[int, int]] = []
+    orig = tiff_mod.TiffBackend._cached
+
+    def counting(self: object, key: tuple[int, int], make: object) -> np.ndarray:
+        def counted() -> np.ndarray:
+            decoded.append(key)
+            return make()  # type: ignore[operator]
+        return orig(self, key, counted)  # type: ignore[arg-type]
+    monkeypatch.setattr(tiff_mod.TiffBackend, "_cached", counting)
+    one = TileDataset()
+    serial = one.__getitems__(specs)
+    one.close()
+    once = len(decoded)
+    assert once == len(set(decoded)) > len(specs) // 2
+    worst = 0
+    for _ in range(5):
+        decoded.clear()
+        threaded = TileDataset(decode_threads=4)
+        got = threaded.__getitems__(specs)
+        threaded.close()
+        assert [x[1] for x in got] == specs
+        assert all(np.array_equal(a[0], b[0]) for a, b in zip(serial, got))
+        worst = max(worst, len(decoded) - once)
+    assert worst <= 3 * 4          # at most the chunks two runs share, at each of 3 boundaries
+
+
 def test_threaded_decoding_under_concurrent_file_activity(tmp_path: Path) -> None:
     """Decode threads sharing one tifffile reader while another thread reads the same files
     (as the planner does). While tifffile built a page's decoder lazily, on first use by

