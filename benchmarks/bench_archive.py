@@ -449,11 +449,11 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--rewrite", action="store_true", help="write the store again (kept otherwise)")
     ap.add_argument("--skip", nargs="*", default=[], help="phases to leave out: index heads predict")
-    ap.add_argument("--only", choices=["index", "search", "scan"], default=None,
+    ap.add_argument("--only", choices=["index", "search", "scan", "heads"], default=None,
                     help="after the data phase, run just the index rows (results: <name>-<rows>-index)"
                          "; search: only the exact and index search, over the index already built"
                          "; scan: only the cold scan and predict rows (a one-epoch head on the subset "
-                         "task is trained when the store has none)")
+                         "task is trained when the store has none); heads: only the head rows")
     ap.add_argument("--child", default=None)
     ap.add_argument("--kind", default="store")
     a = ap.parse_args()
@@ -478,6 +478,10 @@ def main() -> None:  # long: flags, then the phases in order, each a few lines
             run_child_rusage(cli("train-head", str(root / "store"), "--task", SUBSET, "--head", "linear",
                                  "--seeds", "1", "--epochs", "1", "--out", str(root / "head"), "--json"))
         rows.append(predict_row(a, root))
+        _report(a, rows, out, gb, f"{NAME}-{a.rows}-{a.only}")
+        return
+    if a.only == "heads":
+        rows.extend(head_rows(a, root))
         _report(a, rows, out, gb, f"{NAME}-{a.rows}-{a.only}")
         return
     if a.only:
