@@ -117,7 +117,7 @@ class TileDataset(torch.utils.data.Dataset):
         both threads decoded the same chunks at once. 2 threads, batches of 64, one 40k x 30k
         JPEG slide: tile by tile 2,985-3,432 tiles/s (one thread: 3,210-3,712), runs 4,870-5,543."""
         if self.decode_threads <= 1 or len(specs) < 2 or torch.utils.data.get_worker_info() is not None:
-            out = [self[s] for s in specs]
+            out = self._read_run(specs)
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="embedstore-decode")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..plots import render_heatmap
 from ..store.geometry import level0_sides
+from ..store.schema import metadata_array
 from ..store.atomic import atomic_open
 from ..errors import ConfigError, HeadError
 from .persist import check_fingerprint
@@ -51,24 +52,6 @@ class HeatmapSpec:
         return head.classes.index(self.cls)
 
 
-def _column(values: Any, null_below_zero: bool = False) -> Any:
-    """An Arrow array from store metadata (numpy, or Arrow from ``metadata_arrow``); integer
-    coordinates < 0 (the store's null) become null, as int64."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        if not null_below_zero:
-            return values
-        arr64 = pc.cast(values, pa.int64())
-        return pc.if_else(pc.less(arr64, 0), pa.scalar(None, pa.int64()), arr64)
-    arr = np.asarray(values)
-    if arr.dtype == object:
-        return pa.array(arr.tolist(), type=pa.string())
-    if null_below_zero:
-        return pa.array(arr.astype(np.int64), mask=arr < 0)
-    return pa.array(arr)
-
-
 def _objects(values: Any) -> np.ndarray:
     """Strings (numpy or Arrow) as an object array, None for null."""
     import pyarrow as pa
@@ -90,13 +73,13 @@ def _record_batch(classes: list[str], pred: np.ndarray, prob: np.ndarray, meta: 
     prob_<class> per class ((b, c) prob), and slide, x, y and tile_size_level0 (the tile side in
     level-0 px, null where unknown) when ``meta`` has them."""
     import pyarrow as pa
-    cols: dict[str, Any] = {"key": _column(meta["key"]),
+    cols: dict[str, Any] = {"key": metadata_array("key", meta["key"]),
                             "pred": pa.array(classes, pa.string()).take(pa.array(pred))}
     for i, c in enumerate(classes):
         cols[f"prob_{c}"] = pa.array(prob[:, i])
     for name in META_COLUMNS[1:]:
         if meta.get(name) is not None:
-            cols[name] = _column(meta[name], null_below_zero=name in ("x", "y"))
+            cols[name] = metadata_array(name, meta[name])
     side = meta.get("tile_size_level0")
     if side is not None:
         cols["tile_size_level0"] = pa.array(side, mask=np.isnan(side), type=pa.float64())

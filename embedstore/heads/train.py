@@ -53,18 +53,19 @@ class TrainedHead:
         self.module.eval()
         body = self.module.folded()
         classes, dim = len(self.classes), self.dim
-        buf: list[torch.Tensor] = []
+        buf = torch.empty((0, dim), dtype=torch.float32)
 
         def proba(emb: np.ndarray) -> np.ndarray:
+            nonlocal buf
             if emb.ndim != 2 or emb.shape[1] != dim:
                 raise DimensionMismatchError(f"head expects (n, {dim}) embeddings, got {emb.shape}")
             out = np.empty((emb.shape[0], classes), dtype=np.float32)
             with torch.inference_mode():
                 for a in range(0, emb.shape[0], batch_size):
                     rows = _tensor(emb[a:a + batch_size])
-                    if not buf or buf[0].shape[0] < rows.shape[0]:
-                        buf[:] = [torch.empty((rows.shape[0], dim), dtype=torch.float32)]
-                    chunk = buf[0][:rows.shape[0]]
+                    if buf.shape[0] < rows.shape[0]:
+                        buf = torch.empty((rows.shape[0], dim), dtype=torch.float32)
+                    chunk = buf[:rows.shape[0]]
                     chunk.copy_(rows)       # float16 -> float32 in torch: 6x numpy's astype
                     out[a:a + batch_size] = torch.softmax(body(chunk), dim=1).numpy()
             return out

@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import ConfigError, StoreExistsError
 from ..store.atomic import atomic_write_text, fsync_dir, fsync_file, publish_dir, recover_dir
 from ..store.geometry import level0_sides
+from ..store.schema import metadata_array
 
 __all__ = ["export_table", "MANIFEST", "FORMATS", "table_schema"]
 
@@ -69,35 +70,6 @@ class _Joined:
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         miss = self.ids[pos] != ids
         return self.cols[part].take(pa.array(pos, mask=miss))   # a null index takes a null
-
-
-def _int_col(v: Any, kind: Any) -> Any:
-    """Integers, numpy (-1 for null) or Arrow, as ``kind`` with values < 0 null."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    if isinstance(v, (pa.Array, pa.ChunkedArray)):
-        a = pc.cast(v, pa.int64())
-        return pc.if_else(pc.less(a, 0), pa.scalar(None, pa.int64()), a).cast(kind)
-    a = np.asarray(v).astype(np.int64)
-    return pa.array(a, mask=a < 0).cast(kind)
-
-
-def _float_col(v: Any) -> Any:
-    """Floats, numpy (NaN for null) or Arrow, as float32 with non-finite values null."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    if isinstance(v, (pa.Array, pa.ChunkedArray)):
-        a = pc.cast(v, pa.float32())
-        return pc.if_else(pc.is_finite(a), a, pa.scalar(None, pa.float32()))
-    a = np.asarray(v, np.float32)
-    return pa.array(a, mask=~np.isfinite(a))
-
-
-def _str_col(v: Any) -> Any:
-    import pyarrow as pa
-    if isinstance(v, (pa.Array, pa.ChunkedArray)):
-        return v.cast(pa.string())
-    return pa.array([None if s is None else str(s) for s in v], type=pa.string())
 
 
 def _embedding(emb: np.ndarray, value_dtype: np.dtype[Any]) -> Any:
@@ -157,17 +129,12 @@ def _batches(store: Any, schema: Any, value_dtype: np.dtype[Any], joined: dict[s
     arrow_meta = getattr(store, "metadata_arrow", None)
     for ids, emb in store.scan(batch_rows):
         m = arrow_meta(ids, META_COLS) if arrow_meta is not None else store.metadata(ids, META_COLS)
-        x = _int_col(m["x"], pa.int64())
+        cols: dict[str, Any] = {c: metadata_array(c, m[c]) for c in META_COLS}
+        cols["id"] = pa.array(np.asarray(ids, np.int64))
         sides = tile_l0(m["slide"])
-        l0 = np.full(len(x), np.nan) if sides is None else \
-            np.where(x.is_valid().to_numpy(zero_copy_only=False), sides, np.nan)
-        cols: dict[str, Any] = {
-            "key": _str_col(m["key"]), "id": pa.array(np.asarray(ids, np.int64)),
-            "slide": _str_col(m["slide"]), "source": _str_col(m["source"]),
-            "x": x, "y": _int_col(m["y"], pa.int64()),
-            "level": _int_col(m["level"], pa.int16()), "tile_size": _int_col(m["tile_size"], pa.int32()),
-            "mpp": _float_col(m["mpp"]), "label": _str_col(m["label"]),
-            "tile_size_level0": pa.array(l0, mask=np.isnan(l0), type=pa.float64())}
+        l0 = np.full(len(ids), np.nan) if sides is None else \
+            np.where(cols["x"].is_valid().to_numpy(zero_copy_only=False), sides, np.nan)
+        cols["tile_size_level0"] = pa.array(l0, mask=np.isnan(l0), type=pa.float64())
         for task, j in joined.items():
             for part in j.cols:
                 cols[f"{part}_{task}"] = j.take(ids, part)
@@ -181,7 +148,7 @@ def _view_batches(store: Any, schema: Any, value_dtype: np.dtype[Any], batch_row
     for s in range(0, len(v.ids), batch_rows):
         j = np.arange(s, min(s + batch_rows, len(v.ids)))
         ids = np.asarray(v.ids[j], np.int64)
-        cols = [_str_col(store.keys_of(ids)), pa.array(ids), pa.array(np.asarray(v.view[j], np.uint8)),
+        cols = [metadata_array("key", store.keys_of(ids)), pa.array(ids), pa.array(np.asarray(v.view[j], np.uint8)),
                 _embedding(v.gather(j), value_dtype)]
         yield pa.RecordBatch.from_arrays(cols, schema=schema)
 

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from .meta import StoreMeta
 
 __all__ = ["META_COLUMNS", "SHARD_META_KEY", "base_schema", "view_schema", "embedding_type",
-           "shard_metadata", "read_shard_metadata"]
+           "shard_metadata", "read_shard_metadata", "metadata_array"]
 
 SHARD_META_KEY = b"embedstore"   # schema metadata of every shard: the space and geometry it holds
 
@@ -27,6 +27,32 @@ META_COLUMNS: dict[str, pa.DataType] = {
     "label": pa.string(),        # label known at extraction (class folder, CSV) or null
 }
 
+
+
+def metadata_array(name: str, values: Any) -> pa.Array:
+    """Metadata column ``name`` as a store hands it out, from ``metadata`` (numpy: -1, NaN or
+    None for null) or ``metadata_arrow`` (Arrow, nulls kept), as an Arrow array of its type in
+    ``META_COLUMNS`` with every null a null: integers < 0 and non-finite floats included, so
+    that both give the same column. Strings from numpy cost a Python object per row; Arrow
+    input is converted in Arrow's kernels."""
+    import numpy as np
+    import pyarrow.compute as pc
+    typ = META_COLUMNS[name]
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        a = values.cast(typ) if values.type != typ else values
+        if pa.types.is_integer(typ):
+            return pc.if_else(pc.less(a, 0), pa.scalar(None, typ), a)
+        if pa.types.is_floating(typ):
+            return pc.if_else(pc.is_finite(a), a, pa.scalar(None, typ))
+        return a
+    v = np.asarray(values)
+    if pa.types.is_integer(typ):
+        n = v.astype(np.int64)
+        return pa.array(n, mask=n < 0).cast(typ)
+    if pa.types.is_floating(typ):
+        f = v.astype(np.float32)
+        return pa.array(f, mask=~np.isfinite(f)).cast(typ)
+    return pa.array([None if x is None else str(x) for x in v.tolist()], type=typ)
 
 def embedding_type(dim: int, dtype: str) -> pa.DataType:
     value = pa.float16() if dtype == "float16" else pa.float32()
