@@ -272,10 +272,15 @@ def write_results(name: str, rows: Any, extra: dict[str, Any] | None = None,
                   machine_info: dict[str, Any] | None = None) -> Path:
     """Write ``{"benchmark", "machine", "date", ...extra, "rows"}`` as JSON to
     ``benchmarks/results/<name>-<tag>-<YYYYMMDD>.json`` (``tag``: ``machine_tag()`` unless
-    given; ``machine_info``: ``machine()`` unless given) and return the path."""
+    given; ``machine_info``: ``machine()`` unless given) and return the path. A run on a day
+    that has results already gets ``-run2``, ``-run3``, ... rather than overwriting them."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = when or time.strftime("%Y%m%d")
-    path = RESULTS / f"{name}-{tag or machine_tag()}-{date}.json"
+    stem = f"{name}-{tag or machine_tag()}-{date}"
+    path, k = RESULTS / f"{stem}.json", 1
+    while path.exists():
+        k += 1
+        path = RESULTS / f"{stem}-run{k}.json"
     doc = {"benchmark": name, "machine": machine_info or machine(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}), "rows": rows}
     atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default) + "\n")

@@ -7,7 +7,9 @@
 
 Writes ``--rows`` x ``--dim`` float16 rows once with ``StoreWriter`` (shards of
 ``--shard-rows``) and the same rows as one ``.npy``, then, each in a fresh worker process:
-``store.gather(ids)`` of ``--gather`` random ids vs ``a[ids]`` on ``np.load(mmap_mode="r")``.
+``store.gather(ids)`` of ``--gather`` random ids vs ``a[ids]`` on ``np.load(mmap_mode="r")``,
+the store's gather both as it runs (io_uring where the kernel allows it) and with io_uring off
+(``EMBEDSTORE_IO_URING=0``: ``preadv``, one call per run of rows).
 **warm**: every file in the page cache, the first gather of the process timed (as a job's
 first minibatch sees it), then the median of ``--repeats`` more; **cold**: the files dropped
 from the page cache first (``_harness.evict``). Beside each time: the process's RSS growth
@@ -40,9 +42,11 @@ NAME = "bench_gather"
 WORKER = r"""
 import json, mmap, os, sys, time
 import numpy as np
-sys.path.insert(0, sys.argv[1])
-import _harness as H
 kind, path, k, repeats = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if kind == "store_preadv":               # the store with io_uring off: one preadv call per run
+    os.environ["EMBEDSTORE_IO_URING"], kind = "0", "store"
+sys.path.insert(0, sys.argv[1])
+import _harness as H                     # (imports embedstore)
 if kind == "numpy":
     a = np.load(path, mmap_mode="r")
     n, get = len(a), lambda ids: np.asarray(a[ids])
@@ -92,11 +96,15 @@ first = time.perf_counter() - t0
 cpu = time.process_time() - c0
 r1 = H.rss()
 runs = H.time_runs(lambda i: get(ids), repeats)
+if kind == "store":
+    from embedstore.store import uring
+    assert (uring.disabled() is None) == (os.environ.get("EMBEDSTORE_IO_URING") != "0"), uring.disabled()
 print(json.dumps({"first_s": first, "cpu_s": cpu, "again_s": H.median(runs), "bytes": int(out.nbytes),
                   "rss": r1["VmRSS"] - r0["VmRSS"], "rss_file": r1["RssFile"] - r0["RssFile"],
                   "check": float(out[:, :8].astype(np.float64).sum())}))
 """
-VARIANTS = {"store": "store.gather (preadv into the result)", "pread_join": "pread per row + join (before)",
+VARIANTS = {"store": "store.gather (io_uring, 2 threads)",
+            "store_preadv": "store.gather, io_uring off (preadv)", "pread_join": "pread per row + join (before)",
             "preadv_threads": "preadv, 2 threads", "map_random": "the store's map, MADV_RANDOM"}
 
 
@@ -147,7 +155,7 @@ def main() -> None:
         store, npy, write_s, gb = _write(root, a.rows, a.dim, a.shard_rows)
         files = H.files_under(store, npy)
         rows: list[dict[str, Any]] = []
-        kinds = list(VARIANTS) if a.variants else ["store"]
+        kinds = list(VARIANTS) if a.variants else ["store", "store_preadv"]
         for temp in ("warm", "cold"):
             got: dict[str, dict[str, Any]] = {}
             for kind in ["numpy"] + kinds:

@@ -20,6 +20,7 @@ import pytest
 from embedstore.store import StoreWriter, delete, import_labels, open_store, rebuild_catalog
 from embedstore.store import matrix as matrix_mod
 from embedstore.store import reader as reader_mod
+from embedstore.store import uring
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import meta  # noqa: E402
@@ -40,8 +41,9 @@ ids = np.random.default_rng(7).choice(s.n_rows_committed, int(sys.argv[2]), repl
 before = rss()
 out = s.gather(ids)
 after = rss()
+from embedstore.store import uring
 print(json.dumps({"bytes": out.nbytes, "sum": float(out[:, :4].astype(np.float64).sum()),
-                  **{k: after[k] - before[k] for k in before}}))
+                  "ring_off": uring.disabled(), **{k: after[k] - before[k] for k in before}}))
 """
 
 
@@ -64,13 +66,16 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_sparse_gather_grows_the_process_by_about_what_it_returns(big: Path) -> None:
+@pytest.mark.parametrize("ring", ["1", "0"])
+def test_a_sparse_gather_grows_the_process_by_about_what_it_returns(big: Path, ring: str) -> None:
     # Before: the gather's page faults mapped whole 2 MB page-cache folios (or 16-page
     # fault-around) of the shards: 10,000 rows (5.1 MB) grew RssFile by ~203 MB, the whole file.
+    # Over both read paths: io_uring (its rings, its threads) and preadv.
     r = subprocess.run([sys.executable, "-c", RSS_PROBE, str(big), "10000"], capture_output=True,
-                       text=True, check=True)
+                       text=True, check=True, env={**os.environ, uring.ENV: ring})
     got = json.loads(r.stdout)
     assert got["bytes"] == 10_000 * 256 * 2
+    assert (got["ring_off"] is None) == (ring == "1") or (ring == "1" and not _ring_ok()), got
     grew = got["RssAnon"] + got["RssFile"]
     assert grew < 20 * got["bytes"] + (30 << 20), got
     assert got["RssFile"] < 8 << 20, got             # nothing of the shards is mapped
@@ -229,8 +234,10 @@ def test_a_gather_reads_sparse_rows_without_the_map(big: Path, monkeypatch: pyte
 
 @pytest.mark.parametrize("preadv", [True, False])
 def test_preadv_runs_scatter_into_any_order(big: Path, monkeypatch: pytest.MonkeyPatch, preadv: bool) -> None:
-    """Every row read with preadv (DENSE=0): runs of adjacent rows whose destinations are
-    scattered, runs split at IOV_MAX buffers, repeats, piece edges; and the pread fallback."""
+    """Every row read with preadv (DENSE=0, io_uring off): runs of adjacent rows whose
+    destinations are scattered, runs split at IOV_MAX buffers, repeats, piece edges; and the
+    pread fallback."""
+    monkeypatch.setattr(uring, "_why_off", "off for this test")
     s = open_store(big)
     m = s.embeddings
     whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
@@ -264,6 +271,176 @@ def test_a_truncated_shard_is_a_corrupt_shard_error(tmp_path: Path) -> None:
     from embedstore.errors import CorruptShardError
     with pytest.raises(CorruptShardError, match="shorter than its rows"):
         s.embeddings.take(np.array([len(s.embeddings) - 1, 3]), prefetch=False)
+    many = np.arange(0, len(s.embeddings), 97)     # enough rows for io_uring: a short read there
+    with pytest.raises(CorruptShardError, match="shorter than its rows"):
+        s.embeddings.take(many, prefetch=False)
+
+
+def _ring_ok() -> bool:
+    """Whether this machine lets a process read through io_uring (seccomp filters, such as
+    Docker's default, and kernel.io_uring_disabled refuse it)."""
+    r = subprocess.run([sys.executable, "-c", RING_PROBE], capture_output=True, text=True, check=True)
+    return r.stdout.strip() == "None"
+
+
+RING_PROBE = r"""
+import os, tempfile
+import numpy as np
+from embedstore.store import uring
+with tempfile.TemporaryFile() as f:
+    f.write(bytes(range(256)) * 64)
+    f.flush()
+    out = np.zeros(64, np.uint8)
+    got = uring.read(np.array([f.fileno()]), np.array([1000]), np.array([out.ctypes.data]),
+                     np.array([64]), out)
+    ok = got is not None and got[0] == 64 and out.tolist() == [(1000 + i) % 256 for i in range(64)]
+    print(uring.disabled() if got is not None else "off: " + str(uring.disabled()) if not ok else None)
+"""
+
+
+@pytest.fixture()
+def ring(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """io_uring reads on, in fresh rings (skipped where the machine refuses them)."""
+    if not _ring_ok():
+        pytest.skip("io_uring is refused on this machine: the preadv path is the one in use")
+    monkeypatch.setattr(uring, "_why_off", None)
+    monkeypatch.setattr(uring, "_local", threading.local())
+    return uring
+
+
+def _count_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = matrix_mod._read_runs
+    monkeypatch.setattr(matrix_mod, "_read_runs", lambda *a: calls.append(len(a[1])) or real(*a))
+    return calls
+
+
+def test_io_uring_reads_scattered_runs_in_threads(big: Path, ring: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm sparse gathers go through io_uring: one read per stretch of adjacent rows going to
+    consecutive output rows, split over threads past SPLIT_ROWS reads; preadv reads nothing."""
+    s = open_store(big)
+    m = s.embeddings
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
+    m._mapped[:] = False
+    monkeypatch.setattr(matrix_mod, "DENSE", 0)
+    monkeypatch.setattr(uring, "SPLIT_ROWS", 300)
+    monkeypatch.setattr(uring, "ENTRIES", 64)              # several ring-fulls per thread
+    seen = set()
+    real_part = uring._part
+    monkeypatch.setattr(uring, "_part", lambda *a: seen.add(threading.get_ident()) or real_part(*a))
+    calls = _count_preadv(monkeypatch)
+    rng = np.random.default_rng(8)
+    rows = np.concatenate([np.arange(16_380, 16_390), np.arange(200_000, 200_050), [7, 7, 8],
+                           rng.choice(len(m), 3000, replace=False)])
+    for r in (rows, rng.permutation(rows), np.sort(rows)):
+        np.testing.assert_array_equal(m.take(r, prefetch=False), whole[r])
+    assert ring.disabled() is None and calls == []
+    assert len(seen) == min(uring._threads(), 3000 // 300) or uring._threads() == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="cannot drop files from the page cache")
+def test_rows_not_in_the_page_cache_fall_back_to_preadv(tmp_path: Path, ring: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of pages the page cache lacks fails with -EAGAIN (RWF_NOWAIT) rather than going
+    async; those stretches are read with preadv, and the ring stays on."""
+    _write(tmp_path / "s", 60_000, 128, 8192)
+    s = open_store(tmp_path / "s")
+    m = s.embeddings
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
+    m._mapped[:] = False
+    rows = np.random.default_rng(2).choice(len(m), 2000, replace=False)
+    calls = _count_preadv(monkeypatch)
+    got = []
+    real_read = uring.read
+    monkeypatch.setattr(uring, "read", lambda *a: got.append(real_read(*a)) or got[-1])
+    for p in m.pieces:                            # pages mapped here cannot be dropped
+        p.shard.release(p.emb)
+    _evict(tmp_path / "s")
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])
+    assert (got[0] == -11).sum() > 1000, got      # EAGAIN for most: evicted
+    assert calls and sum(calls) == (got[0] != 128 * 2).sum()
+    assert ring.disabled() is None
+    calls.clear()
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])
+    assert calls == [] and (got[1] == 256).all()   # cached now: all through the ring
+
+
+def test_a_refused_or_failing_ring_turns_itself_off_and_preadv_reads_all(
+        big: Path, ring: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = open_store(big)
+    m = s.embeddings
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
+    m._mapped[:] = False
+    rows = np.random.default_rng(4).choice(len(m), 500, replace=False)
+    calls = _count_preadv(monkeypatch)
+    monkeypatch.setattr(uring, "_OP_READ", 250)               # an opcode no kernel has: -EINVAL
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])
+    assert "io_uring reads: Invalid argument" in (ring.disabled() or "") and sum(calls) == 500
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])   # off: preadv
+    assert sum(calls) == 1000
+    monkeypatch.setattr(uring, "_why_off", None)
+    monkeypatch.setattr(uring, "_local", threading.local())
+    monkeypatch.setattr(uring, "_SETUP", 100_000)             # no such syscall: ENOSYS
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])
+    assert (ring.disabled() or "").startswith("io_uring unavailable") and sum(calls) == 1500
+
+
+def test_an_interrupted_ring_read_leaves_a_working_ring(big: Path, ring: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between two submissions: the gather raises KeyboardInterrupt, the ring it used is
+    closed (RWF_NOWAIT: nothing was left in flight, so nothing is kept), the next gather is right."""
+    s = open_store(big)
+    m = s.embeddings
+    whole = np.concatenate([b for _, b in m.batches(50_000, stop=len(m), read_ahead=False)])
+    m._mapped[:] = False
+    rows = np.random.default_rng(6).choice(len(m), 1000, replace=False)
+    monkeypatch.setattr(uring, "ENTRIES", 128)
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])
+    first = uring._local.ring
+    real_enter, n = uring._Ring._enter, [0]
+
+    def enter(self: Any, submit: int, wait: int) -> int:
+        r = real_enter(self, submit, wait)
+        n[0] += 1
+        if n[0] == 3:
+            raise KeyboardInterrupt
+        return r
+    monkeypatch.setattr(uring._Ring, "_enter", enter)
+    with pytest.raises(KeyboardInterrupt):
+        m.take(rows, prefetch=False)
+    assert uring._local.ring is None and first.fd == -1 and uring._kept == []
+    np.testing.assert_array_equal(m.take(rows, prefetch=False), whole[rows])
+    assert uring._local.ring is not None and ring.disabled() is None
+
+
+FORK_PROBE = r"""
+import os, sys
+import numpy as np
+from embedstore.store import open_store, uring
+uring.SPLIT_ROWS = 500
+s = open_store(sys.argv[1])
+rows = np.random.default_rng(1).choice(s.n_rows_committed, 4000, replace=False)
+want = s.gather(rows)                      # the parent's ring and thread pool exist now
+parent = uring._local.ring
+pids = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:                           # a forked worker: its own ring, its own pool
+        ok = all((s.gather(rows) == want).all() for _ in range(3))
+        ok = ok and uring._local.ring is not parent and uring._pool[0] == os.getpid()
+        os._exit(0 if ok and uring.disabled() is None else 3)
+    pids.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+print(codes, (s.gather(rows) == want).all(), uring._local.ring is parent)
+"""
+
+
+def test_forked_workers_get_their_own_rings(big: Path) -> None:
+    if not _ring_ok():
+        pytest.skip("io_uring is refused on this machine")
+    r = subprocess.run([sys.executable, "-c", FORK_PROBE, str(big)], capture_output=True,
+                       text=True, check=True, timeout=120)
+    assert r.stdout.split() == ["[0,", "0]", "True", "True"], r.stdout + r.stderr
 
 
 @pytest.fixture()

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from ..errors import CorruptShardError, RowRangeError
 from ..sizes import physical_memory
+from . import uring
 
 __all__ = ["MappedShard", "Piece", "Matrix"]
 
@@ -42,6 +43,7 @@ MAP_SLACK = 4 << 20
 # a cold scan keeps up to this many block reads in flight (a deeper queue: the disk measured
 # 0.33-0.62 GB/s with one, 0.73-0.82 with four, bench_archive's 10M store), within READ_AHEAD_BYTES
 READ_AHEAD, READ_AHEAD_BYTES = 4, 256 << 20
+URING_MIN_ROWS = 64      # sparse reads of at least this many rows go through io_uring (uring.py)
 IOV_MAX = 1024           # buffers one preadv call takes (POSIX's minimum IOV_MAX is 16; Linux: 1024)
 _MINCORE: Any = None
 
@@ -180,6 +182,15 @@ def _read_runs(fds: np.ndarray, offset: np.ndarray, bufs: Sequence[Sequence[memo
                                 "opened?); run `embedstore verify` on the store")
 
 
+def _stretches(new_run: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stretches of sorted rows that are adjacent in the file (``new_run`` False) and
+    go to consecutive rows ``dst`` of the output: (first row of each, its length in rows)."""
+    seg_new = new_run.copy()
+    seg_new[1:] |= np.diff(dst) != 1
+    seg = np.flatnonzero(seg_new)
+    return seg, np.diff(np.append(seg, new_run.size))
+
+
 def _iovecs(out: np.ndarray, r: np.ndarray, dst: np.ndarray, new_run: np.ndarray,
             rb: int) -> tuple[np.ndarray, Sequence[Sequence[memoryview]]]:
     """The ``preadv`` calls that read the sorted rows ``r`` into rows ``dst`` of ``out``:
@@ -195,10 +206,7 @@ def _iovecs(out: np.ndarray, r: np.ndarray, dst: np.ndarray, new_run: np.ndarray
     if new_run.all():                                # sparse rows: one row, one call
         a = dst * rb
         return np.arange(n), list(zip(cut(a, np.full(n, rb))))
-    seg_new = new_run.copy()
-    seg_new[1:] |= np.diff(dst) != 1
-    seg = np.flatnonzero(seg_new)                    # first row of each stretch
-    seg_len = np.diff(np.append(seg, n))
+    seg, seg_len = _stretches(new_run, dst)
     run_first = np.flatnonzero(new_run[seg])         # first stretch of each run
     rank = np.arange(seg.size) - run_first[np.cumsum(new_run[seg]) - 1]
     calls = np.flatnonzero(rank % IOV_MAX == 0)      # first stretch of each call
@@ -343,7 +351,8 @@ class Matrix:
             return out
         order, srows, bounds, piece = self.locate(rows)
         check = prefetch or (prefetch is None and rows.size >= PREFETCH_MIN_ROWS)
-        if check and (prefetch or not self._cached(srows, piece)):
+        cold = bool(check and (prefetch or not self._cached(srows, piece)))
+        if cold:
             self._prefetch_sorted(srows, bounds, piece)
         first, stop = bounds[:-1], bounds[1:]
         gp = piece[first]                                      # the piece of each group
@@ -360,13 +369,16 @@ class Matrix:
             if self.release_behind and not self._mapped[gp[g]]:
                 p.shard.release(p.emb[int(srows[a]) - p.start:int(srows[b - 1]) - p.start + 1])
         if not by_map.all():
-            self._pread_into(out, srows, piece, order, ~by_map, bounds)
+            self._pread_into(out, srows, piece, order, ~by_map, bounds, ring=not cold)
         return out
 
     def _pread_into(self, out: np.ndarray, srows: np.ndarray, piece: np.ndarray,
-                    order: np.ndarray | None, groups: np.ndarray, bounds: np.ndarray) -> None:
+                    order: np.ndarray | None, groups: np.ndarray, bounds: np.ndarray,
+                    ring: bool = True) -> None:
         """Read the sorted rows of the ``groups`` marked with ``pread`` straight into their
-        rows of ``out`` (``order[i]``: where sorted row ``i`` goes; None: in place)."""
+        rows of ``out`` (``order[i]``: where sorted row ``i`` goes; None: in place): through
+        io_uring when ``ring`` (the rows are thought cached) and there are enough of them,
+        else (and for whatever the ring did not read) one ``preadv`` call per run of rows."""
         dst = np.arange(srows.size) if order is None else order
         if not groups.all():
             sel = np.repeat(groups, np.diff(bounds))
@@ -374,10 +386,33 @@ class Matrix:
         rb = self.dim * self.dtype.itemsize
         new_run = np.ones(srows.size, bool)
         new_run[1:] = (np.diff(srows) != 1) | (np.diff(piece) != 0)
+        if ring and srows.size >= URING_MIN_ROWS and self._ring_read(out, srows, piece, dst, new_run, rb):
+            return
         first, bufs = _iovecs(out, srows, dst, new_run, rb)
         pc = piece[first]
         off = self._off[pc] + (srows[first] - self.starts[pc]) * rb
         _read_runs(self._fd[pc], off, bufs, srows.size * rb)
+
+    def _ring_read(self, out: np.ndarray, srows: np.ndarray, piece: np.ndarray, dst: np.ndarray,
+                   new_run: np.ndarray, rb: int) -> bool:
+        """:meth:`_pread_into` through io_uring, one read per stretch (False: the ring is off,
+        nothing read). The stretches it did not read whole (not cached, short) get ``preadv``."""
+        seg, rows = _stretches(new_run, dst)
+        pc = piece[seg]
+        fd, length = self._fd[pc], rows * rb
+        off = self._off[pc] + (srows[seg] - self.starts[pc]) * rb
+        at = dst[seg] * rb                                     # byte offset in out
+        got = uring.read(fd, off, out.__array_interface__["data"][0] + at, length, out)
+        if got is None:
+            return False
+        short = np.flatnonzero(got != length)
+        if short.size:
+            done = np.maximum(got[short], 0)                   # an error or -EAGAIN: all of it
+            mv = out.data.cast("B")
+            a, b = at[short] + done, at[short] + length[short]
+            bufs = [[mv[i:j]] for i, j in zip(a.tolist(), b.tolist())]
+            _read_runs(fd[short], off[short] + done, bufs, int((b - a).sum()))
+        return True
 
     def prefetch(self, rows: np.ndarray) -> None:
         """Start reading the pages that hold ``rows``: all at once, without waiting
