@@ -228,6 +228,9 @@ def _ring() -> _Ring | None:
     r: _Ring | None = getattr(_local, "ring", None)
     if r is not None and r.pid == os.getpid():
         return r
+    if r is not None:                    # inherited over a fork: the parent's, not ours
+        _local.ring = None
+        r.close()                        # (this process's descriptor and mappings only)
     try:
         r = _Ring()
     except (OSError, ValueError) as e:
