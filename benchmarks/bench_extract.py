@@ -86,7 +86,7 @@ class Budget:
     """DataLoader workers x intra-op threads; None leaves the choice to the runner. ``ahead``
     (label suffix ``/ahead`` or ``/plain``): ``decode_ahead`` True or False, with 0 workers
     the next batch decoded in a helper thread or each batch in the model's thread; None (no
-    suffix): the runner's ``decode_ahead_default``."""
+    suffix): the runner's default (on)."""
     workers: int | None
     threads: int | None
     ahead: bool | None = None
@@ -153,8 +153,7 @@ def describe(model: str, b: Budget) -> dict[str, Any]:
         threads: Any = b.threads
     else:
         threads = torch_default_threads()
-    from embedstore.extract.config import decode_ahead_default
-    ahead = b.ahead if b.ahead is not None else decode_ahead_default("cpu", int(threads))
+    ahead = b.ahead if b.ahead is not None else True     # the runner's default
     return {"workers": workers, "threads": threads, "decode_ahead": ahead and workers == 0}
 
 

@@ -224,13 +224,16 @@ def test_decode_ahead_keeps_one_batch_in_flight_and_passes_errors_on() -> None:
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread priorities here")
 def test_a_low_priority_helper_decodes_at_nice_19_and_leaves_the_caller_alone() -> None:
     """low_priority (the model on every core): the helper and the decode threads it starts run
-    at nice 19, so they take idle cores only; the iterating thread keeps its priority."""
+    at nice 19 and SCHED_IDLE, so they take idle cores only; the iterating thread keeps its
+    priority."""
     nice: dict[str, int] = {}
+    policy: set[int] = set()
 
     class Spy(TileDataset):
         def __getitem__(self, s: TileSpec) -> Any:
             t = threading.current_thread()
             nice[t.name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            policy.add(os.sched_getscheduler(threading.get_native_id()))
             return super().__getitem__(s)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     specs = [TileSpec(0, p.name, str(p), tile_size=224) for p in LUNG[:8]]
@@ -239,39 +242,62 @@ def test_a_low_priority_helper_decodes_at_nice_19_and_leaves_the_caller_alone() 
     got = [b["tiles"] for b in DecodeAhead(ds, iter([specs[:4], specs[4:]]), low_priority=True)]
     assert all(torch.equal(a, b) for a, b in zip(got, plain)) and len(got) == 2
     assert nice and set(nice.values()) == {19}, nice
+    assert policy == {os.SCHED_IDLE}                                     # and below every normal thread
     assert any(n.startswith("embedstore-decode") for n in nice), nice   # the pool inherited it
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
     ds.close()
     _no_helpers_left()
 
 
-def test_decode_ahead_must_be_a_bool_and_defaults_to_a_free_core(tmp_path: Path) -> None:
-    from embedstore.extract.config import decode_ahead_default, usable_cores
+def test_decode_ahead_must_be_a_bool_and_helpers_yield_when_the_model_has_every_core(tmp_path: Path) -> None:
+    from embedstore.extract.config import model_leaves_a_core, usable_cores
     with pytest.raises(ConfigError, match="decode_ahead must be True, False or None, got 'no'"):
         cfg(tmp_path / "st", decode_ahead="no")
     assert ExtractConfig(store=tmp_path / "st", backbone=ONNX).decode_ahead is None
     cores = usable_cores()
-    assert not decode_ahead_default("cpu", cores)                  # the model on every core
-    assert decode_ahead_default("cpu", cores - 1) == (cores > 1)   # a core left for decoding
-    assert decode_ahead_default("cuda:0", cores)
+    assert not model_leaves_a_core("cpu", cores)                  # the model on every core
+    assert model_leaves_a_core("cpu", cores - 1) == (cores > 1)   # a core left for decoding
+    assert model_leaves_a_core("cuda:0", cores)
 
 
-def test_auto_decode_ahead_follows_the_model_threads(slides: list[Path], tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """decode_ahead=None: on the CPU with a thread per core, batches are fetched in the
-    model's thread (the DataLoader); with a core left over, in the helper."""
+def _policy() -> tuple[str, int, int]:
+    """The calling thread: (name, scheduling policy, nice)."""
+    tid = threading.get_native_id()
+    return threading.current_thread().name, os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="no per-thread scheduling policies here")
+def test_auto_decode_ahead_decodes_and_plans_in_helpers_at_idle_priority_beside_a_busy_model(
+        slides: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode_ahead=None: batches are decoded in the helper thread(s) and slides planned one
+    ahead in another; with the model on every core both run at SCHED_IDLE and nice 19 (they
+    take the cycles the model leaves), with a core left over at the caller's priority. The
+    model's thread keeps its own either way."""
     from embedstore.extract.config import usable_cores
-    where: set[str] = set()
-    fetch = TileDataset.__getitems__
+    from embedstore.extract.tiling import TilePlanner
+    fetched: set[tuple[str, int, int]] = set()
+    planned: set[tuple[str, int, int]] = set()
+    fetch, plan = TileDataset.__getitems__, TilePlanner.plan_timed
 
-    def spy(self: TileDataset, specs: list[TileSpec]) -> Any:
-        where.add(threading.current_thread().name)
+    def spy_fetch(self: TileDataset, specs: list[TileSpec]) -> Any:
+        fetched.add(_policy())
         return fetch(self, specs)
-    monkeypatch.setattr(TileDataset, "__getitems__", spy)
+
+    def spy_plan(self: TilePlanner, index: int, item: Any) -> Any:
+        planned.add(_policy())
+        return plan(self, index, item)
+    monkeypatch.setattr(TileDataset, "__getitems__", spy_fetch)
+    monkeypatch.setattr(TilePlanner, "plan_timed", spy_plan)
+    mine = _policy()
     cores = usable_cores()
-    assert extract(slides[:1], cfg(tmp_path / "a", decode_ahead=None, num_threads=cores)).exit_code == 0
-    assert where == {threading.current_thread().name}
+    assert extract(slides[:2], cfg(tmp_path / "a", decode_ahead=None, num_threads=cores)).exit_code == 0
+    assert {n.split("_")[0] for n, _, _ in fetched} == {"embedstore-ahead"}, fetched
+    assert {n.split("_")[0] for n, _, _ in planned} == {"embedstore-plan"}, planned
+    assert {(p, nice) for _, p, nice in fetched | planned} == {(os.SCHED_IDLE, 19)}
+    assert _policy() == mine
     if cores > 1:
-        where.clear()
-        assert extract(slides[:1], cfg(tmp_path / "b", decode_ahead=None, num_threads=cores - 1)).exit_code == 0
-        assert len(where) == 1 and where.pop().startswith("embedstore-ahead")
+        fetched.clear()
+        planned.clear()
+        assert extract(slides[:2], cfg(tmp_path / "b", decode_ahead=None, num_threads=cores - 1)).exit_code == 0
+        assert {n.split("_")[0] for n, _, _ in fetched} == {"embedstore-ahead"}, fetched
+        assert {(p, nice) for _, p, nice in fetched | planned} == {mine[1:]}, (fetched, planned)

@@ -40,9 +40,9 @@ from ._app import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, echo_json, json_optio
                    "on 2 cores or fewer).")
 @click.option("--threads", type=COUNT, metavar="N", help="Intra-op threads per process.")
 @click.option("--decode-ahead/--no-decode-ahead", "decode_ahead", default=None,
-              help="With 0 workers, read and decode the next batch in a thread while the model runs "
-                   "(default: on when the model leaves a core free, e.g. a GPU; off for a CPU model "
-                   "using every core, where it only takes turns with it).")
+              help="With 0 workers, read and decode the next batches in a thread while the model runs "
+                   "(default: on; with a CPU model on every core that thread, and the one planning "
+                   "slides ahead, run at idle priority, on the cycles the model leaves).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Inference precision (autocast). Default: fp32 on CPU, the backbone's on GPU.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,

@@ -11,8 +11,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from .sources import control_char
 
-__all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers", "decode_ahead_default",
-           "STAGES"]
+__all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers",
+           "model_leaves_a_core", "STAGES"]
 
 # the stages timed per run, in the order the summary prints them
 STAGES = ("plan", "read+decode", "wait", "transfer", "forward", "write")
@@ -41,8 +41,8 @@ class ExtractConfig:
     progress: bool = True             # tqdm bar
     num_threads: int | None = None    # intra-op threads per process (torch / onnxruntime)
     files_per_unit: int = 256         # files per work unit (the resume granularity)
-    decode_ahead: bool | None = None  # 0 workers: decode the next batch in a thread while the model
-                                      # runs (None: decode_ahead_default)
+    decode_ahead: bool | None = None  # 0 workers: decode the next batches in a thread while the
+                                      # model runs (None: on)
 
     def __post_init__(self) -> None:
         """Refuse a value out of range before anything is written: one line naming the flag."""
@@ -98,15 +98,14 @@ def default_workers(device: str) -> int:
     return max(0, min(8, cores - 1))
 
 
-def decode_ahead_default(device: str, threads: int) -> bool:
-    """Whether a run without DataLoader workers decodes one batch ahead in a helper thread when
-    not told: only where the model leaves a core for it (a GPU, or fewer intra-op ``threads``
-    than cores). Measured on 2 busy cores with the model on both (benchmarks/bench_bigslide.py,
-    bench_extract.py): the model stopped waiting for batches, but its forward passes slowed by
-    about as much, sharing the cores with decoding; no gain there, within the machine's noise.
-    Asked for anyway on such a machine, the helper runs at the lowest priority (nice 19), which
-    took it from 0.76x to 0.91x the model alone on 4 slides of 40,000 px, against 1.00x with
-    decoding in the model's thread (bench_bigslide, 2026-12-03)."""
+def model_leaves_a_core(device: str, threads: int) -> bool:
+    """Whether the model leaves a core idle: it runs on a GPU, or with fewer intra-op
+    ``threads`` than this process has cores. Where it does not, the helper threads of a run
+    (decoding ahead, planning ahead) run at the lowest priority (``SCHED_IDLE``), on the
+    cycles the model leaves: 4 slides of 40,000 x 30,000 px, 2 cores, the ONNX model on both,
+    decoding ahead, end to end against the model alone: 0.82x with helpers at nice 19, 0.87x
+    at ``SCHED_IDLE``; 0.84x with decoding in the model's thread (bench_bigslide, 2026-12-04,
+    two rounds each)."""
     return not device.startswith("cpu") or threads < usable_cores()
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import ExtractResult
-from .dataset import TileSpec
+from .dataset import TileSpec, lower_thread_priority
 from .pending import WorkItem
 from .tiling import Planned, TilePlanner
 
@@ -46,6 +46,8 @@ class Pipeline:
         self.failed: set[int] = set()
         self.info: dict[int, dict[str, Any]] = {}
         self.view_parts: dict[int, list[tuple[list[str], np.ndarray]]] = {}
+        # the model on every core: the planning thread runs at nice 19, on what the model leaves
+        self.low_priority = False
 
     def record_error(self, unit: str, reason: str) -> None:
         self.res.errors.append((unit, reason))
@@ -60,7 +62,8 @@ class Pipeline:
         buf: list[TileSpec] = []
         if self.sync is not None:
             self.sync()  # every rank is ready: claiming starts together
-        with ThreadPoolExecutor(1, thread_name_prefix="embedstore-plan") as ahead:
+        with ThreadPoolExecutor(1, thread_name_prefix="embedstore-plan",
+                                initializer=lower_thread_priority if self.low_priority else None) as ahead:
             nxt = ahead.submit(self._claim_and_plan)
             while (got := nxt.result()) is not None:
                 nxt = ahead.submit(self._claim_and_plan)

@@ -35,8 +35,7 @@ from ..errors import BackboneMismatchError, SourceError
 from ..store import StoreWriter, import_labels, lookup_ids
 from ..store.atomic import crash_point
 from ..store.meta import StoreMeta, read_meta, write_meta
-from .config import (STAGES, ExtractConfig, ExtractResult, decode_ahead_default, default_workers,
-                     usable_cores)
+from .config import STAGES, ExtractConfig, ExtractResult, default_workers, model_leaves_a_core, usable_cores
 from .dataset import DecodeAhead, TileDataset, collate
 from .pending import WorkPlan, read_work
 from .pipeline import Pipeline, embed_all
@@ -49,6 +48,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "run_process", "store_meta_for",
            "default_workers", "usable_cores"]
+
+# batches decoded ahead of the model without DataLoader workers (DecodeAhead's queue)
+DECODE_AHEAD_BATCHES = 2
 
 
 def tile_geometry(input_size: int, native_mpp: float | None, disc: Discovery, cfg: ExtractConfig,
@@ -235,10 +237,13 @@ def _embed(pipe: Pipeline, bb: Backbone, cfg: ExtractConfig, recipe: ViewRecipe 
     dataset = TileDataset(recipe, file_size, decode_threads=usable_cores() if workers == 0 else 1)
     pin = torch.device(device).type == "cuda"
     loader: DecodeAhead | torch.utils.data.DataLoader[Any]
-    free_core = decode_ahead_default(device, cfg.num_threads or torch.get_num_threads())
-    ahead = cfg.decode_ahead if cfg.decode_ahead is not None else free_core
+    threads = cfg.num_threads or torch.get_num_threads()
+    free_core = model_leaves_a_core(device, threads)
+    ahead = cfg.decode_ahead if cfg.decode_ahead is not None else True
+    pipe.low_priority = not free_core
     if workers == 0 and ahead:   # the next batch decodes in a thread while the model runs
-        loader = DecodeAhead(dataset, pipe, pin_memory=pin, low_priority=not free_core)
+        loader = DecodeAhead(dataset, pipe, pin_memory=pin, low_priority=not free_core,
+                             depth=DECODE_AHEAD_BATCHES)
     else:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=pipe, num_workers=workers, collate_fn=collate, pin_memory=pin,
