@@ -29,9 +29,9 @@ end-to-end runs, since the machine is shared):
   clock of the whole call (backbone load, store creation, tissue masks, overlays, planning,
   reads, decode, forward, commits); three times: with ``decode_ahead=False`` (each batch
   decoded in the model's thread), then with ``decode_ahead=True`` (0 workers: the next batch
-  decoded in a helper thread, at nice 19 when the model has every core), the planning thread
-  (one slide ahead) once at normal priority and once at nice 19 (the runner's choice when the
-  model has every core); the runner's default is the last. Each against
+  decoded in a helper thread, at idle priority when the model has every core), the planning
+  thread (one slide ahead) once at normal priority and once at idle priority (``SCHED_IDLE``,
+  the runner's choice when the model has every core); the runner's default is the last. Each against
   the mean of the model-alone runs either side of it (model alone, run, model alone, ...);
 * **CPU per tile**: the process's CPU time per tile of the model alone (the runs either side)
   over that of each end-to-end run: what the rest of the pipeline costs on top of the model,
@@ -347,14 +347,13 @@ def main(argv: list[str] | None = None) -> int:  # long: flags, then the measure
                      "cpu_per_tile": cpu, "model_cpu_per_tile": (MODEL_CPU[-2] + MODEL_CPU[-1]) / 2,
                      "stages": dict(res.stages), "plan_s_per_slide": res.stages.get("plan", 0) / len(paths)})
     base = sum(bases) / len(bases)
-    default_ahead = True           # the runner's default
     rows: list[dict[str, Any]] = [
         {"what": f"model alone (pre-decoded, batch 64), mean of {len(bases)}", "tiles": n, "tps": base, "ratio": 1.0}]
     for r in runs:
         st = r["stages"]
         rows.append({"what": "extract end to end, decode ahead " + ("on" if r["ahead"] else "off")
                      + (", planning at idle priority" if r["plan_low"] else ", planning at normal priority")
-                     + (" (the default here)" if r["ahead"] == default_ahead and r["plan_low"] else ""),
+                     + (" (the default here)" if r["ahead"] and r["plan_low"] else ""),
                      "tiles": n, "tps": r["tps"], "ratio": r["tps"] / r["base"],
                      "cpu_ratio": r["model_cpu_per_tile"] / r["cpu_per_tile"],
                      "wait": st.get("wait", 0.0), "forward": st.get("forward", 0.0), "wall": r["wall_s"],
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:  # long: flags, then the measure
     extra = {"slides": [str(p) for p in paths], "args": {k: str(v) for k, v in vars(args).items()},
              "per_slide": per_slide, "runs": runs, "stages": on["stages"], "wall_s": on["wall_s"],
              "model_alone_runs": bases, "plan_s_per_slide": on["plan_s_per_slide"],
-             "decode_ahead_default": default_ahead}
+             "decode_ahead_default": True}
     print("results:", H.write_results(NAME, rows, extra,
                                       tag=H.machine_tag() + ("-quick" if args.quick else "")))
     return 0

@@ -1,4 +1,5 @@
-"""Byte sizes as people write and read them: ``"8G"`` in, ``"1.5 GB"`` out."""
+"""Byte sizes as people write and read them (``"8G"`` in, ``"1.5 GB"`` out), and the machine's
+memory and cores they are weighed against."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,7 @@ import re
 
 from .errors import ConfigError
 
-__all__ = ["parse_size", "format_bytes", "physical_memory", "rows_per_pass"]
+__all__ = ["parse_size", "format_bytes", "physical_memory", "usable_cores", "rows_per_pass"]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -17,6 +18,14 @@ def physical_memory() -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 2
 
 
 def rows_per_pass(budget: int, dim: int, itemsize: int = 4) -> int:

@@ -3,6 +3,7 @@ tables without one Python object (or one LMDB get) per row, and labels that surv
 rebuilt catalog (issue 14, and issue 11's labels replay)."""
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -276,6 +277,7 @@ def test_a_truncated_shard_is_a_corrupt_shard_error(tmp_path: Path) -> None:
         s.embeddings.take(many, prefetch=False)
 
 
+@functools.lru_cache(maxsize=None)
 def _ring_ok() -> bool:
     """Whether this machine lets a process read through io_uring (seccomp filters, such as
     Docker's default, and kernel.io_uring_disabled refuse it)."""

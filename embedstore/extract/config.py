@@ -2,13 +2,13 @@
 with the defaults that depend on the machine (cores, DataLoader workers)."""
 from __future__ import annotations
 
-import os
 import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..sizes import usable_cores
 from .sources import control_char
 
 __all__ = ["ExtractConfig", "ExtractResult", "usable_cores", "default_workers",
@@ -77,14 +77,6 @@ def _real(v: object) -> bool:
 def _at_least(flag: str, value: object, low: int) -> None:
     if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= low):
         raise ConfigError(f"{flag} must be >= {low}, got {value!r}")
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 2
 
 
 def default_workers(device: str) -> int:

@@ -46,7 +46,7 @@ class Pipeline:
         self.failed: set[int] = set()
         self.info: dict[int, dict[str, Any]] = {}
         self.view_parts: dict[int, list[tuple[list[str], np.ndarray]]] = {}
-        # the model on every core: the planning thread runs at nice 19, on what the model leaves
+        # the model on every core: the planning thread runs at idle priority, on what the model leaves
         self.low_priority = False
 
     def record_error(self, unit: str, reason: str) -> None:

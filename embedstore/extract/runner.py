@@ -239,7 +239,7 @@ def _embed(pipe: Pipeline, bb: Backbone, cfg: ExtractConfig, recipe: ViewRecipe 
     loader: DecodeAhead | torch.utils.data.DataLoader[Any]
     threads = cfg.num_threads or torch.get_num_threads()
     free_core = model_leaves_a_core(device, threads)
-    ahead = cfg.decode_ahead if cfg.decode_ahead is not None else True
+    ahead = cfg.decode_ahead is not False          # None: on
     pipe.low_priority = not free_core
     if workers == 0 and ahead:   # the next batch decodes in a thread while the model runs
         loader = DecodeAhead(dataset, pipe, pin_memory=pin, low_priority=not free_core,

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from ..sizes import usable_cores
+
 __all__ = ["read", "disabled", "SPLIT_ROWS"]
 
 ENV = "EMBEDSTORE_IO_URING"
@@ -244,21 +246,18 @@ def _drop_ring(keep: Any) -> None:
     """Close this thread's ring after a failure (the next read makes a new one)."""
     r: _Ring | None = getattr(_local, "ring", None)
     _local.ring = None
-    if r is not None and r.inflight > 0:
+    if r is None:
+        return
+    if r.inflight > 0:
         _kept.append(keep)   # the kernel may still write into it: never free it
-    if r is not None and r.pid == os.getpid():
-        try:
-            r.close()
-        except OSError:
-            pass
+    try:
+        r.close()
+    except OSError:
+        pass
 
 
 def _threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_THREADS))
+    return max(1, min(usable_cores(), MAX_THREADS))
 
 
 def _executor() -> ThreadPoolExecutor:
