@@ -298,6 +298,26 @@ def test_preprocess_resizes_crops_and_validates():
     assert backbone.embed(pcam[:0]).shape == (0, 512)
 
 
+def test_preprocess_at_input_size_is_the_normalisation_in_the_runs_layout(mobilenet):
+    """Tiles already at 224 px take the fused numpy pass: the same numbers as the formula, in
+    channels-last for torch modules and NCHW for onnxruntime, and embeddings that match the
+    torch chain (float, /255, -mean, /std) fed to the same session."""
+    lung = tiles("lung", 4)                                 # real H&E tiles at the input size
+    assert lung.shape[1:] == (224, 224, 3)
+    spec = mobilenet.spec
+    want = (torch.from_numpy(lung).permute(0, 3, 1, 2).double() / 255
+            - torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
+    resnet = create_backbone("resnet18", random_init=True)
+    for backbone, layout in ((resnet, torch.channels_last), (mobilenet, torch.contiguous_format)):
+        x = backbone.preprocess(lung)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(x.double(), want, rtol=0, atol=1e-6)
+    assert not resnet.preprocess(lung).is_contiguous()      # channels-last is not NCHW
+    reference = mobilenet._run(want.float().contiguous())
+    torch.testing.assert_close(mobilenet.embed(lung), reference, rtol=0, atol=2 * mobilenet.pooled.scale)
+
+
 def test_precision_is_recorded_in_the_spec():
     fp32 = create_backbone("resnet18", random_init=True)
     bf16 = create_backbone("resnet18", random_init=True, precision="bf16")

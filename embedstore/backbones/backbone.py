@@ -51,11 +51,33 @@ def as_uint8_batch(batch: Any) -> torch.Tensor:
     return batch
 
 
-def preprocess_batch(batch: torch.Tensor, spec: BackboneSpec, device: torch.device) -> torch.Tensor:
-    """``(n, H, W, 3) uint8`` -> ``(n, 3, S, S) float32`` normalised network input on `device`."""
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+def preprocess_batch(batch: torch.Tensor, spec: BackboneSpec, device: torch.device,
+                     memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """``(n, H, W, 3) uint8`` -> ``(n, 3, S, S) float32`` normalised network input on `device`,
+    laid out as `memory_format` (channels-last for torch modules, NCHW for onnxruntime).
+
+    Tiles already at the input size, on the CPU, take one fused numpy pass: ``u8 * scale + bias``
+    per channel (``scale = 1 / (255 std)``, ``bias = -mean / std``), written straight into the
+    output layout (the transpose folded into the same pass). The torch chain it replaces (float,
+    divide, subtract, divide, then a layout copy) cost 80 ms wall and 159 ms CPU per batch of 64
+    at 224 px on 2 cores, against 8 ms for this, and was a third of the int8 ONNX model's time
+    per batch; results agree to 5e-7. Resizing and other devices keep torch's path."""
     size = spec.input_size
     resize = size if spec.crop_pct >= 1.0 else int(math.floor(size / spec.crop_pct))
+    if (device.type == "cpu" and batch.device.type == "cpu" and resize == size
+            and tuple(batch.shape[1:3]) == (size, size)):
+        scale, bias = _affine(spec)
+        src = batch.numpy()
+        if memory_format == torch.channels_last:
+            out = np.empty(src.shape, np.float32)
+            np.multiply(src, scale, out=out, casting="unsafe")
+            out += bias
+            return torch.from_numpy(out).permute(0, 3, 1, 2)
+        out = np.empty((src.shape[0], 3, size, size), np.float32)
+        np.multiply(src.transpose(0, 3, 1, 2), scale[:, None, None], out=out, casting="unsafe")
+        out += bias[:, None, None]
+        return torch.from_numpy(out)
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-2:] != (resize, resize):
         x = F.interpolate(x, size=(resize, resize), mode=spec.interpolation, antialias=True,
                           align_corners=False)
@@ -66,11 +88,20 @@ def preprocess_batch(batch: torch.Tensor, spec: BackboneSpec, device: torch.devi
         x = x[:, :, top:top + size, top:top + size]
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+
+def _affine(spec: BackboneSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, bias)``, float32, with ``u8 * scale + bias == (u8 / 255 - mean) / std``."""
+    mean, std = np.asarray(spec.mean, np.float64), np.asarray(spec.std, np.float64)
+    return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
 
 
 class Backbone(abc.ABC):
     """Base class: holds the spec and weights identity; subclasses implement `_run`."""
+
+    #: the layout `_run` takes its input in (``preprocess`` writes it so: no copy before the run)
+    input_format: torch.memory_format = torch.channels_last
 
     def __init__(self, spec: BackboneSpec, weights_sha256: str, device: torch.device) -> None:
         self.spec = spec
@@ -91,14 +122,14 @@ class Backbone(abc.ABC):
 
     def preprocess(self, batch: Any) -> torch.Tensor:
         """``batch: (n, H, W, 3) uint8`` -> ``x: (n, 3, S, S) float32`` on the device."""
-        return preprocess_batch(as_uint8_batch(batch), self.spec, self._device)
+        return preprocess_batch(as_uint8_batch(batch), self.spec, self._device, self.input_format)
 
     def embed(self, batch: Any) -> torch.Tensor:
         """``batch: (n, H, W, 3) uint8`` -> ``emb: (n, dim) float32`` on the CPU."""
         tiles = as_uint8_batch(batch)
         if tiles.shape[0] == 0:
             return torch.empty(0, self.dim, dtype=torch.float32)
-        emb = self._run(preprocess_batch(tiles, self.spec, self._device))
+        emb = self._run(preprocess_batch(tiles, self.spec, self._device, self.input_format))
         if emb.ndim != 2 or emb.shape != (tiles.shape[0], self.dim):
             raise DimensionMismatchError(
                 f"backbone {self.spec.name!r} returned {tuple(emb.shape)}, expected "

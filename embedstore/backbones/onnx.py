@@ -155,6 +155,8 @@ def probe_onnx(path: str | os.PathLike[str]) -> tuple[int, int]:
 class OnnxBackbone(Backbone):
     """An onnxruntime session returning the dequantised pooled tensor (see module docstring)."""
 
+    input_format = torch.contiguous_format     # onnxruntime takes NCHW float32 as it lies
+
     def __init__(self, spec: BackboneSpec, *, weights: str | os.PathLike[str] | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = None) -> None:
         self.path = resolve_onnx_path(spec, weights)
