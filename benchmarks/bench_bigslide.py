@@ -198,13 +198,14 @@ def overhead(path: Path, target_mpp: float, tile: int) -> dict[str, Any]:
     """One slide's fixed costs, each step timed alone, as the planner and the loader do them."""
     from embedstore.extract.wsi import SlideReader, plan_grid, tissue_mask
     from embedstore.extract.wsi.grid import read_tile
+    from embedstore.extract.wsi.plan import mask_downsample
     t0 = time.perf_counter()
     r = SlideReader(path)
     t_open = time.perf_counter() - t0
     mpp = r.mpp
     assert mpp is not None
     W, Hgt = r.dimensions
-    ds = max(1.0, 4.0 / mpp, max(W, Hgt) / 2048)      # plan_slide's defaults
+    ds = mask_downsample(r, mpp)                       # plan_slide's defaults
     t1 = time.perf_counter()
     thumb = r.overview(ds)
     t2 = time.perf_counter()

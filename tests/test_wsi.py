@@ -426,3 +426,93 @@ def test_ome_tiff_mpp_when_opened_with_openslide():
     with SlideReader(SHARED_WSI / "CMU-1-Small-Region.ome.tiff", backend="openslide") as r:
         assert len(r.level_dimensions) == 1          # OpenSlide misses the SubIFD pyramid
         assert r.mpp == pytest.approx(0.499)          # taken from the OME XML
+
+
+# --------------------------------------------------------------------------- the fast JPEG path
+
+def _all_tiles(path: Path, monkeypatch: pytest.MonkeyPatch, decoder: object = "real",
+               target_mpp: float = 0.5) -> tuple[np.ndarray, list[bool | None]]:
+    """Every tissue tile of ``path`` at ``target_mpp`` and the per-level fast-path state, with
+    ``decoder`` as the fast decoder (``"real"``: simplejpeg, None: tifffile only)."""
+    from embedstore.extract.wsi import tiff
+    if decoder != "real":
+        monkeypatch.setattr(tiff, "fast_jpeg_decoder", lambda: decoder)
+    try:
+        with SlideReader(path, backend="tifffile") as r:
+            g = plan_slide(r, target_mpp, 224).grid
+            tiles = np.stack([read_tile(r, g, i) for i in range(len(g))])
+            return tiles, list(r._b()._fast)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name, rgb", [("CMU-1-Small-Region.svs", True),
+                                       ("CMU-1-Small-Region.ome.tiff", False)])
+def test_fast_jpeg_path_reads_tifffiles_pixels(name, rgb, monkeypatch):
+    """Aperio's untransformed RGB tiles with shared JPEGTables, and a YCbCr OME pyramid: the
+    simplejpeg path is taken and gives exactly tifffile's bytes, at every level read."""
+    path = CMU if name.endswith(".svs") else SHARED_WSI / name
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    from embedstore.extract.wsi import tiff
+    assert tiff.fast_jpeg_decoder() is not None          # simplejpeg is in the wsi extra
+    for mpp in (0.5, 1.0, 2.0):
+        fast, state = _all_tiles(path, monkeypatch, target_mpp=mpp)
+        slow, off = _all_tiles(path, monkeypatch, decoder=None, target_mpp=mpp)
+        assert np.array_equal(fast, slow) and fast.std() > 10
+        assert True in state and set(off) == {False}
+    with SlideReader(path, backend="tifffile") as r:
+        key = r._b()._keys[0]
+        assert (int(key.photometric) == 2) is rgb and bool(key.jpegtables) is rgb
+
+
+def test_fast_jpeg_path_falls_back_where_it_differs_or_refuses(monkeypatch):
+    """A decoder whose pixels differ on the level's first chunk is dropped for the level; one
+    that refuses a chunk is skipped for that chunk: the tiles stay tifffile's."""
+    from embedstore.extract.wsi import tiff
+    slow, _ = _all_tiles(CMU, monkeypatch, decoder=None)
+    real = tiff.fast_jpeg_decoder()
+    assert real is not None
+    calls = []
+
+    def off_by_one(stream: bytes) -> np.ndarray:
+        calls.append(1)
+        return real(stream) ^ 1
+
+    tiles, state = _all_tiles(CMU, monkeypatch, decoder=off_by_one)
+    assert np.array_equal(tiles, slow) and state == [False] and len(calls) == 1
+
+    def refuses(stream: bytes) -> np.ndarray:
+        calls.append(1)
+        raise ValueError("tjDecompressHeader3(): not a JPEG stream TurboJPEG reads")
+
+    calls.clear()
+    tiles, state = _all_tiles(CMU, monkeypatch, decoder=refuses)
+    assert np.array_equal(tiles, slow) and state == [None] and len(calls) > 1
+    monkeypatch.setenv("EMBEDSTORE_FAST_JPEG", "0")
+    assert tiff.fast_jpeg_decoder() is None
+
+
+def test_one_jpeg_stream_splices_tables_and_marks_rgb():
+    from embedstore.extract.wsi.tiff import _ADOBE_RGB, _one_stream
+    tables, tile = b"\xff\xd8TABLES\xff\xd9", b"\xff\xd8SOF-SOS-DATA\xff\xd9"
+    assert _one_stream(None, tile, rgb=False) == tile
+    assert _one_stream(tables, tile, rgb=False) == b"\xff\xd8TABLESSOF-SOS-DATA\xff\xd9"
+    assert _one_stream(tables, tile, rgb=True) == b"\xff\xd8" + _ADOBE_RGB + b"TABLESSOF-SOS-DATA\xff\xd9"
+    assert _one_stream(tables, b"garbage", rgb=False) is None
+    assert _one_stream(b"\xff\xd8TABLES", tile, rgb=False) is None
+
+
+def test_mask_downsample_takes_a_level_just_coarser_than_asked():
+    """64k x 48k at 0.25 um/px: 2048 px a side asks 31.25, the 32x level is read as it is; a
+    level finer than asked, or over 10 % coarser, is not taken (the 16x level is resized)."""
+    from types import SimpleNamespace
+
+    from embedstore.extract.wsi.plan import mask_downsample
+    big = SimpleNamespace(dimensions=(64000, 48000), level_downsamples=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    assert mask_downsample(big, 0.25) == 32.0
+    assert mask_downsample(big, 0.25, mask_max_side=2250) == pytest.approx(64000 / 2250)  # 28.4: 32 is 12 % off
+    assert mask_downsample(SimpleNamespace(dimensions=(64000, 48000), level_downsamples=[1.0, 4.0, 16.0]),
+                           0.25) == 31.25
+    assert mask_downsample(big, 0.5) == 32.0                       # 8 um/px from the size cap
+    assert mask_downsample(big, 0.25, mask_min_mpp=9.0) == 36.0    # 9 um/px: finer levels only
