@@ -501,6 +501,12 @@ def test_one_jpeg_stream_splices_tables_and_marks_rgb():
     assert _one_stream(tables, tile, rgb=True) == b"\xff\xd8" + _ADOBE_RGB + b"TABLESSOF-SOS-DATA\xff\xd9"
     assert _one_stream(tables, b"garbage", rgb=False) is None
     assert _one_stream(b"\xff\xd8TABLES", tile, rgb=False) is None
+    jfif = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xdbDQT"
+    assert _one_stream(None, jfif, rgb=True) is None and _one_stream(None, jfif, rgb=False) == jfif
+    adobe_tables = b"\xff\xd8" + _ADOBE_RGB[:2] + b"\x00\x0eAdobe" + b"\x00" * 7 + b"\xff\xd9"
+    assert _one_stream(adobe_tables, tile, rgb=True) is None
+    sof_first = b"\xff\xd8\xff\xc0\x00\x11JFIF-looking bytes in the frame header"
+    assert _one_stream(None, sof_first, rgb=True) is not None   # markers after SOF do not count
 
 
 def test_mask_downsample_takes_a_level_just_coarser_than_asked():
@@ -516,3 +522,60 @@ def test_mask_downsample_takes_a_level_just_coarser_than_asked():
                            0.25) == 31.25
     assert mask_downsample(big, 0.5) == 32.0                       # 8 um/px from the size cap
     assert mask_downsample(big, 0.25, mask_min_mpp=9.0) == 36.0    # 9 um/px: finer levels only
+
+
+def _marked_tiff(path: Path, jfif: list[bool], flat: bool = False) -> np.ndarray:
+    """A 2 x 2 tile photometric-RGB JPEG TIFF whose tiles keep (True) or lose their JFIF APP0
+    marker, as PIL writes them (YCbCr samples); returns the pixels written."""
+    import io
+
+    import tifffile
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    tiles = [np.full((256, 256, 3), 236, np.uint8) if flat else
+             np.clip(rng.normal(150, 40, (256, 256, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    segments = []
+    for tile, keep in zip(tiles, jfif):
+        buf = io.BytesIO()
+        Image.fromarray(tile).save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        assert data[2:4] == b"\xff\xe0" and data[6:10] == b"JFIF"
+        segments.append(data if keep else data[:2] + data[4 + int.from_bytes(data[4:6], "big"):])
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(iter(segments), shape=(512, 512, 3), dtype=np.uint8, tile=(256, 256),
+                  compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path, mode="r+b") as tf:    # tifffile tags JPEG as YCbCr: say RGB
+        tf.pages[0].tags["PhotometricInterpretation"].overwrite(2)
+    return np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)])
+
+
+@pytest.mark.parametrize("jfif", [[False, True, False, True], [True, False, True, False]])
+def test_fast_jpeg_path_follows_tifffile_on_tiles_with_their_own_markers(jfif, tmp_path, monkeypatch):
+    """tifffile reads a photometric-RGB level as RGB or not from its first chunk's JFIF
+    marker; libjpeg follows each tile's own. Tiles whose marker disagrees with that choice go
+    to tifffile, so the level reads the same bytes both ways (it differed by 144 levels)."""
+    path = tmp_path / "marked.tif"
+    _marked_tiff(path, jfif)
+
+    def read(fast: str) -> tuple[np.ndarray, list[bool | None]]:
+        monkeypatch.setenv("EMBEDSTORE_FAST_JPEG", fast)
+        with SlideReader(path, backend="tifffile") as r:
+            return r.read_region(0, 0, 0, 512, 512), list(r._b()._fast)
+
+    (fast, state), (slow, off) = read("1"), read("0")
+    assert np.array_equal(fast, slow) and state == [True] and off == [False]
+
+
+def test_flat_chunks_do_not_settle_the_fast_path(tmp_path, monkeypatch):
+    """Glass cannot show a decoder's rounding: equal flat chunks leave the level unchecked
+    (every chunk decoded both ways) until `_CHECKS` of them agree."""
+    from embedstore.extract.wsi import tiff
+    path = tmp_path / "flat.tif"
+    _marked_tiff(path, [False] * 4, flat=True)
+    monkeypatch.setattr(tiff, "_CHECKS", 3)
+    with SlideReader(path, backend="tifffile", cache_mb=0.1) as r:
+        b = r._b()
+        for x, y in ((0, 0), (256, 0), (0, 256)):
+            assert b._fast == [None]
+            r.read_region(x, y, 0, 256, 256)
+        assert b._fast == [True] and b._checked == [3]

@@ -7,10 +7,11 @@ fifth of the cost per tile, and opens in 1 ms instead of 30.
 
 8-bit, 3-sample JPEG chunks are decoded with TurboJPEG through simplejpeg where it is installed
 (the ``wsi`` extra): 147 against 201 us per 256 px tile through tifffile and imagecodecs (both
-libjpeg-turbo; imagecodecs reads by scanline), the same bytes. Only where it is the same: each
-level's first chunk is decoded both ways, and a level whose pixels differ (a colour space read
-otherwise, a JPEG header tifffile must supply, a libjpeg-turbo built apart) keeps tifffile's
-decoder; a chunk simplejpeg refuses falls back alone. ``EMBEDSTORE_FAST_JPEG=0`` turns it off.
+libjpeg-turbo; imagecodecs reads by scanline), the same bytes. Only where it is the same: a
+level's chunks are decoded both ways until one with texture agrees, and a level where one
+differs (a colour space read otherwise, a libjpeg-turbo built apart) keeps tifffile's decoder;
+a chunk simplejpeg refuses, or one whose own JFIF/Adobe marker libjpeg would follow where
+tifffile does not, falls back alone. ``EMBEDSTORE_FAST_JPEG=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -53,17 +54,39 @@ def fast_jpeg_decoder() -> Callable[[bytes], np.ndarray] | None:
 
 
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"   # APP14, transform 0
+_CHECKS = 8           # equal chunks that settle a level on the fast decoder, texture or not
+_TEXTURE_STD = 8.0    # texture, per channel: glass is about 3 levels of noise, tissue 30-50
+
+
+def _colour_marker(stream: bytes) -> bool:
+    """Whether the segments of ``stream`` (from its SOI) before the frame header hold a JFIF
+    APP0 or an Adobe APP14 marker: the ones that set how libjpeg reads a 3-component scan."""
+    i = 2
+    while i + 4 <= len(stream) and stream[i] == 0xFF:
+        marker = stream[i + 1]
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xDA:
+            return False                      # SOFn or SOS: past the header segments
+        length = int.from_bytes(stream[i + 2:i + 4], "big")
+        body = stream[i + 4:i + 9]
+        if (marker == 0xE0 and body.startswith(b"JFIF")) or (marker == 0xEE and body == b"Adobe"):
+            return True
+        i += 2 + length
+    return False
 
 
 def _one_stream(tables: bytes | None, data: bytes, rgb: bool) -> bytes | None:
     """A tile's JPEG as one stream TurboJPEG reads: the level's shared tables spliced in (TIFF
     ``JPEGTables`` is an abbreviated stream, SOI tables EOI; the tile starts with its own SOI)
-    and, for photometric RGB (Aperio writes its tiles' samples untransformed, without a marker
-    saying so), an Adobe APP14 marker with transform 0, so the decoder does not convert from
-    YCbCr. None when the markers are not where a splice expects them."""
+    and, with ``rgb`` (where tifffile reads the samples as RGB: photometric RGB without JFIF,
+    as Aperio writes them, untransformed and without a marker saying so), an Adobe APP14
+    marker with transform 0, so the decoder does not convert from YCbCr. None when the markers
+    are not where a splice expects them, or when such a tile carries its own JFIF or Adobe
+    marker (libjpeg would follow it, tifffile does not)."""
     if data[:2] != b"\xff\xd8":
         return None
     if tables and (tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9"):
+        return None
+    if rgb and (_colour_marker(data) or (tables is not None and _colour_marker(tables))):
         return None
     head = b"\xff\xd8" + (_ADOBE_RGB if rgb else b"") + (tables[2:-2] if tables else b"")
     return head + data[2:]
@@ -139,10 +162,15 @@ class TiffBackend:
             _ = k.decode
         fast = fast_jpeg_decoder()
         self._fast_decode = fast
-        # per level: None unchecked, True same bytes as tifffile, False tifffile's decoder
+        # per level: None unchecked, True same bytes as tifffile, False tifffile's decoder;
+        # only ever None -> True or -> False (under the cache lock)
         self._fast: list[bool | None] = [
             None if fast is not None and k.compression == 7 and k.bitspersample == 8
             and k.samplesperpixel == 3 and not k.jpegheader else False for k in self._keys]
+        self._checked = [0] * len(self._keys)   # equal chunks seen while unchecked
+        # as tifffile decides, once per level from its first chunk: samples read as RGB
+        self._rgb = [f is None and int(k.photometric) == 2 and not k.is_jfif
+                     for f, k in zip(self._fast, self._keys)]
 
     # cache ---------------------------------------------------------------
     def _cached(self, key: tuple[int, int], make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -202,10 +230,13 @@ class TiffBackend:
         return out
 
     def _fast_chunk(self, level: int, index: int, data: bytes) -> np.ndarray | None:
-        """The chunk through simplejpeg, or None for tifffile's decoder. The level's first
-        chunk is decoded both ways (a race only repeats the check) and decides for the rest."""
+        """The chunk through simplejpeg, or None for tifffile's decoder. Until the level is
+        settled, every chunk is decoded both ways: one that differs settles it on tifffile's
+        decoder; it is settled on simplejpeg by an equal chunk with texture (a flat glass
+        corner, the first chunk an overview reads, cannot show rounding differences) or by
+        ``_CHECKS`` equal chunks."""
         key, decode = self._keys[level], self._fast_decode
-        stream = _one_stream(key.jpegtables, data, rgb=int(key.photometric) == 2)
+        stream = _one_stream(key.jpegtables, data, rgb=self._rgb[level])
         if stream is None or decode is None:
             return None
         try:
@@ -215,11 +246,17 @@ class TiffBackend:
         shape = (int(key.chunks[-3]), int(key.chunks[-2]), 3)
         if arr.shape != shape:   # a short last strip: tifffile knows its rows
             return None
-        if self._fast[level] is None:
+        if self._fast[level] is not True:
             ref = self._slow_chunk(level, index, data)
-            self._fast[level] = bool(np.array_equal(ref, arr))
-            if not self._fast[level]:
-                return ref
+            same = bool(np.array_equal(ref, arr))
+            with self._lock:
+                self._checked[level] += same
+                if not same:
+                    self._fast[level] = False
+                elif self._fast[level] is None and (self._checked[level] >= _CHECKS
+                                                    or float(arr.reshape(-1, 3).std(0).max()) > _TEXTURE_STD):
+                    self._fast[level] = True
+            return ref
         return arr
 
     # reading -------------------------------------------------------------
