@@ -494,7 +494,11 @@ def test_fast_jpeg_path_falls_back_where_it_differs_or_refuses(monkeypatch):
 
 
 def test_one_jpeg_stream_splices_tables_and_marks_rgb():
-    from embedstore.extract.wsi.tiff import _ADOBE_RGB, _one_stream
+    from embedstore.extract.wsi.tiff import _ADOBE_RGB, _stream_head
+    from embedstore.extract.wsi.tiff import _one_stream as one_stream
+
+    def _one_stream(tables, data, rgb):        # the level's head, then the tile
+        return one_stream(_stream_head(tables, rgb), data, rgb)
     tables, tile = b"\xff\xd8TABLES\xff\xd9", b"\xff\xd8SOF-SOS-DATA\xff\xd9"
     assert _one_stream(None, tile, rgb=False) == tile
     assert _one_stream(tables, tile, rgb=False) == b"\xff\xd8TABLESSOF-SOS-DATA\xff\xd9"

@@ -178,14 +178,14 @@ def lower_thread_priority(nice: int = 19) -> None:
     normal thread on wake-up) took decoding ahead from 0.82x to 0.87x the model alone (2 cores,
     bench_bigslide, 2026-12-04); a thread cannot raise itself back without privileges, so only
     threads made for this are lowered."""
+    tid = threading.get_native_id()
     try:
-        tid = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, tid) < nice:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
     except (AttributeError, OSError):
         pass
     try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         pass
 

@@ -74,21 +74,28 @@ def _colour_marker(stream: bytes) -> bool:
     return False
 
 
-def _one_stream(tables: bytes | None, data: bytes, rgb: bool) -> bytes | None:
-    """A tile's JPEG as one stream TurboJPEG reads: the level's shared tables spliced in (TIFF
-    ``JPEGTables`` is an abbreviated stream, SOI tables EOI; the tile starts with its own SOI)
-    and, with ``rgb`` (where tifffile reads the samples as RGB: photometric RGB without JFIF,
-    as Aperio writes them, untransformed and without a marker saying so), an Adobe APP14
-    marker with transform 0, so the decoder does not convert from YCbCr. None when the markers
-    are not where a splice expects them, or when such a tile carries its own JFIF or Adobe
-    marker (libjpeg would follow it, tifffile does not)."""
-    if data[:2] != b"\xff\xd8":
-        return None
+def _stream_head(tables: bytes | None, rgb: bool) -> bytes | None:
+    """What goes before a tile's own segments (its SOI dropped) to make one stream TurboJPEG
+    reads, the same for every tile of a level: SOI, for ``rgb`` (where tifffile reads the
+    samples as RGB: photometric RGB without JFIF, as Aperio writes them, untransformed and
+    without a marker saying so) an Adobe APP14 marker with transform 0, so the decoder does
+    not convert from YCbCr, then the level's shared tables (TIFF ``JPEGTables`` is an
+    abbreviated stream, SOI tables EOI). None when the tables are not such a stream, or carry
+    a colour marker of their own where ``rgb``."""
     if tables and (tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9"):
         return None
-    if rgb and (_colour_marker(data) or (tables is not None and _colour_marker(tables))):
+    if rgb and tables and _colour_marker(tables):
         return None
-    head = b"\xff\xd8" + (_ADOBE_RGB if rgb else b"") + (tables[2:-2] if tables else b"")
+    return b"\xff\xd8" + (_ADOBE_RGB if rgb else b"") + (tables[2:-2] if tables else b"")
+
+
+def _one_stream(head: bytes | None, data: bytes, rgb: bool) -> bytes | None:
+    """A tile's JPEG as one stream: ``head`` (`_stream_head` of its level) and the tile from
+    its SOI on. None without a head, when the tile does not start with SOI, or, where ``rgb``,
+    when the tile carries its own JFIF or Adobe marker (libjpeg would follow it, tifffile
+    does not)."""
+    if head is None or data[:2] != b"\xff\xd8" or (rgb and _colour_marker(data)):
+        return None
     return head + data[2:]
 
 
@@ -162,15 +169,17 @@ class TiffBackend:
             _ = k.decode
         fast = fast_jpeg_decoder()
         self._fast_decode = fast
+        usable = [fast is not None and k.compression == 7 and k.bitspersample == 8
+                  and k.samplesperpixel == 3 and not k.jpegheader for k in self._keys]
+        # as tifffile decides, once per level from its first chunk: samples read as RGB
+        self._rgb = [u and int(k.photometric) == 2 and not k.is_jfif for u, k in zip(usable, self._keys)]
+        # per level, what goes before each tile's segments (None: tifffile's decoder only)
+        self._head = [_stream_head(k.jpegtables, rgb) if u else None
+                      for u, k, rgb in zip(usable, self._keys, self._rgb)]
         # per level: None unchecked, True same bytes as tifffile, False tifffile's decoder;
         # only ever None -> True or -> False (under the cache lock)
-        self._fast: list[bool | None] = [
-            None if fast is not None and k.compression == 7 and k.bitspersample == 8
-            and k.samplesperpixel == 3 and not k.jpegheader else False for k in self._keys]
+        self._fast: list[bool | None] = [None if h is not None else False for h in self._head]
         self._checked = [0] * len(self._keys)   # equal chunks seen while unchecked
-        # as tifffile decides, once per level from its first chunk: samples read as RGB
-        self._rgb = [f is None and int(k.photometric) == 2 and not k.is_jfif
-                     for f, k in zip(self._fast, self._keys)]
 
     # cache ---------------------------------------------------------------
     def _cached(self, key: tuple[int, int], make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -236,7 +245,7 @@ class TiffBackend:
         corner, the first chunk an overview reads, cannot show rounding differences) or by
         ``_CHECKS`` equal chunks."""
         key, decode = self._keys[level], self._fast_decode
-        stream = _one_stream(key.jpegtables, data, rgb=self._rgb[level])
+        stream = _one_stream(self._head[level], data, rgb=self._rgb[level])
         if stream is None or decode is None:
             return None
         try:
